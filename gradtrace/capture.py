@@ -1,0 +1,233 @@
+"""Finding every nested layer, naming it by its path, and recording its calls.
+
+Keras 3 has no layer hooks, but ``Operation.__call__`` looks ``self.call`` up on
+the instance at call time, so an instance attribute ``call`` wins. gradtrace
+installs one small wrapper per layer for the duration of a fit and removes it
+in a ``finally`` block. The wrapper does nothing unless a :class:`Recorder` is
+active on this thread, which only happens inside gradtrace's own training step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from dataclasses import dataclass, field
+
+import keras
+import tensorflow as tf
+
+from gradtrace import _keras_compat as compat
+
+_STATE = threading.local()
+
+RELU_FAMILY = ("relu", "relu6")
+
+
+def _active_recorder():
+    return getattr(_STATE, "recorder", None)
+
+
+@dataclass
+class Call:
+    """One recorded call of a layer inside a training step."""
+
+    path: str
+    layer: object
+    outputs: list  # float output tensors, one per flat output
+    output_paths: list
+    ids: object = None  # integer ids for Embedding layers (before the lookup)
+    relu: bool = False
+    shapes: list = field(default_factory=list)
+
+
+def is_relu_family(layer) -> bool:
+    if isinstance(layer, keras.layers.ReLU):
+        return getattr(layer, "negative_slope", 0.0) == 0.0 and getattr(layer, "threshold", 0.0) == 0.0
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return False
+    name = getattr(act, "__name__", "")
+    return name in RELU_FAMILY
+
+
+def layer_paths(model) -> dict:
+    """Map ``id(layer) -> path`` for every layer reachable from ``model``.
+
+    Paths start with the model's own name (``outer/inner/user_emb``); a layer
+    reachable along several routes keeps the first path found (breadth first).
+    """
+    paths = {id(model): model.name}
+    queue = [model]
+    while queue:
+        parent = queue.pop(0)
+        for child in compat.sublayers(parent):
+            if id(child) in paths:
+                continue
+            paths[id(child)] = f"{paths[id(parent)]}/{child.name}"
+            queue.append(child)
+    return paths
+
+
+class LayerTap:
+    """Installs call wrappers on every layer of a model and always removes them."""
+
+    def __init__(self, model):
+        self.model = model
+        self.paths: dict = {}
+        self.layers: dict = {}
+        self._saved: dict = {}  # id(layer) -> (layer, had_instance_call, previous)
+
+    def install(self):
+        self.refresh()
+        return self
+
+    def refresh(self):
+        """Wrap any layer not yet wrapped (sublayers created in ``build`` appear late)."""
+        for lid, path in layer_paths(self.model).items():
+            if lid in self._saved:
+                continue
+            layer = self.layers.get(lid)
+            if layer is None:
+                layer = _find_layer(self.model, lid)
+            if layer is None or layer is self.model:
+                self.paths.setdefault(lid, path)
+                continue
+            self.paths[lid] = path
+            self.layers[lid] = layer
+            self._wrap(layer)
+
+    def _wrap(self, layer):
+        had = "call" in layer.__dict__
+        previous = layer.__dict__.get("call")
+        original = layer.call
+        tap = self
+
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            rec = _active_recorder()
+            if rec is None:
+                return original(*args, **kwargs)
+            return rec.layer_call(tap, layer, original, args, kwargs)
+
+        call.__gradtrace_wrapper__ = True
+        object.__setattr__(layer, "call", call)
+        self._saved[id(layer)] = (layer, had, previous)
+
+    def uninstall(self):
+        for layer, had, previous in self._saved.values():
+            try:
+                if had:
+                    object.__setattr__(layer, "call", previous)
+                elif "call" in layer.__dict__:
+                    object.__delattr__(layer, "call")
+            except Exception:  # pragma: no cover - never leave the rest patched
+                pass
+        self._saved.clear()
+
+    def path_of(self, layer) -> str:
+        return self.paths.get(id(layer), layer.name)
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.uninstall()
+        return False
+
+
+def _find_layer(model, lid):
+    for layer in compat.all_layers(model):
+        if id(layer) == lid:
+            return layer
+    return None
+
+
+def is_patched(layer) -> bool:
+    """True when a gradtrace wrapper is still installed on ``layer``."""
+    fn = layer.__dict__.get("call")
+    return bool(getattr(fn, "__gradtrace_wrapper__", False))
+
+
+class Recorder:
+    """Collects the layer calls of one step (one trace, or one eager call).
+
+    ``tape`` is watched on every float output so that gradients with respect
+    to outputs of layers with no trainable weights upstream exist too.
+    ``sanitize_ids`` replaces out-of-range Embedding ids by 0 before the lookup,
+    so the step completes (and the detector reports) instead of aborting on CPU.
+    """
+
+    def __init__(self, tape=None, sanitize_ids=False, keep=True):
+        self.tape = tape
+        self.sanitize_ids = sanitize_ids
+        self.keep = keep
+        self.calls: list[Call] = []
+        self.log: list = []  # (path, class, shapes) of completed calls, for error tables
+        self._counts: dict = {}
+        self._stack: list = []
+        self._refreshed = False
+
+    @contextlib.contextmanager
+    def active(self):
+        previous = _active_recorder()
+        _STATE.recorder = self
+        try:
+            yield self
+        finally:
+            _STATE.recorder = previous
+
+    def layer_call(self, tap, layer, original, args, kwargs):
+        if not self._refreshed:
+            tap.refresh()
+            self._refreshed = True
+        base = tap.path_of(layer)
+        n = self._counts.get(id(layer), 0) + 1
+        self._counts[id(layer)] = n
+        path = base if n == 1 else f"{base}#{n}"
+        ids = None
+        if isinstance(layer, keras.layers.Embedding) and args:
+            ids = tf.convert_to_tensor(args[0])
+            if self.sanitize_ids:
+                bad = tf.logical_or(ids < 0, ids >= layer.input_dim)
+                args = (tf.where(bad, tf.zeros_like(ids), ids),) + tuple(args[1:])
+        self._stack.append(path)
+        try:
+            out = original(*args, **kwargs)
+        except Exception as e:
+            if not hasattr(e, "_gradtrace_failed_path"):
+                try:
+                    e._gradtrace_failed_path = path
+                    e._gradtrace_failed_class = type(layer).__name__
+                    e._gradtrace_log = list(self.log)
+                except Exception:  # pragma: no cover - exceptions without __dict__
+                    pass
+            raise
+        finally:
+            self._stack.pop()
+        flat = tf.nest.flatten(out)
+        shapes = [tuple(getattr(t, "shape", ())) for t in flat]
+        self.log.append((path, type(layer).__name__, shapes))
+        outputs, out_paths = [], []
+        for i, t in enumerate(flat if self.keep else ()):
+            if not isinstance(t, (tf.Tensor, tf.Variable)) or not t.dtype.is_floating:
+                continue
+            if self.tape is not None:
+                self.tape.watch(t)
+            outputs.append(t)
+            out_paths.append(path if len(flat) == 1 else f"{path}:{i}")
+        if not self.keep and ids is None:
+            return out
+        self.calls.append(
+            Call(path, layer, outputs, out_paths, ids=ids, relu=is_relu_family(layer), shapes=shapes)
+        )
+        return out
+
+
+def format_call_log(log, failed_path=None, failed_class=None) -> str:
+    from tabulate import tabulate
+
+    rows = [(p, c, ", ".join(str(tuple(s)) for s in shapes)) for p, c, shapes in log]
+    if failed_path:
+        rows.append((failed_path, failed_class or "", "<- failed here"))
+    return tabulate(rows, headers=["layer path", "class", "output shape"])

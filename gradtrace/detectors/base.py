@@ -1,0 +1,100 @@
+"""The detector protocol: what a detector needs, how it checks, what it says.
+
+A detector is a small object with
+
+- ``name`` (the ``Anomaly.detector`` value) and ``default_action``,
+- ``needs``: the statistic columns its check reads (validated before training),
+- ``check(view)``: an in-graph function of the packed statistics returning
+  ``(fired, value)``, two ``[rows]`` tensors. It runs inside the compiled step,
+  before the optimizer update, so a blocking action can hold the update back,
+- ``explain(...)`` (host side, only on steps where it fired): which rows to
+  blame and the sentence to print,
+- ``epoch_end(ctx)`` (host side, optional): checks that need a whole epoch.
+
+Thresholds are constructor arguments validated in ``__init__``; state that
+must persist across steps (patience counters, running averages) lives in
+variables made with :meth:`Detector.state`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from gradtrace.anomaly import check_action
+from gradtrace.stats import COLUMNS
+
+
+class Detector:
+    name = "detector"
+    default_action = "warn"
+    needs: tuple = ()
+    # Runs on untraced steps too (trace_every > 1), where only the loss row exists.
+    every_step = False
+    # Sees Embedding ids (rows of kind "ids") and wants them sanitised before the lookup.
+    wants_ids = False
+
+    def __init__(self, action=None):
+        self.action = check_action(action, f"{type(self).__name__}(action=...)") if action else self.default_action
+        self._state: dict = {}
+
+    # -- validation helpers ---------------------------------------------------------
+    @staticmethod
+    def _check_range(name, value, low, high, low_open=False, high_open=False):
+        ok_low = value > low if low_open else value >= low
+        ok_high = value < high if high_open else value <= high
+        if not (isinstance(value, (int, float, np.floating, np.integer)) and ok_low and ok_high):
+            lo = "(" if low_open else "["
+            hi = ")" if high_open else "]"
+            raise ValueError(f"{name}={value!r} is out of range: it must be a number in {lo}{low}, {high}{hi}.")
+        return value
+
+    @staticmethod
+    def _check_int(name, value, low):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}={value!r} is out of range: it must be an integer >= {low}.")
+        return int(value)
+
+    def validate(self):
+        unknown = [c for c in self.needs if c not in COLUMNS]
+        if unknown:
+            raise ValueError(
+                f"Detector {self.name!r} needs statistic(s) {unknown} that gradtrace does not compute. "
+                f"Available statistics: {', '.join(COLUMNS)}."
+            )
+
+    # -- in-graph -------------------------------------------------------------------
+    def state(self, view, name, initial=0.0, dtype=tf.float32):
+        """A ``[rows]`` variable kept across steps, created once per table layout."""
+        key = (name, tuple((r.kind, r.path) for r in view.table.rows))
+        var = self._state.get(key)
+        if var is None:
+            with tf.init_scope():
+                var = tf.Variable(
+                    tf.fill([len(view.table)], tf.cast(initial, dtype)),
+                    trainable=False,
+                    name=f"gradtrace_{self.name}_{name}",
+                )
+            self._state[key] = var
+        return var
+
+    def check(self, view):
+        """Return ``(fired, value)``: a ``[rows]`` bool tensor and a ``[rows]`` float tensor."""
+        raise NotImplementedError
+
+    # -- host side ------------------------------------------------------------------
+    def explain(self, rows, fired, values, matrix, table):
+        """Yield ``(row, value, message)`` for the findings to report (default: every fired row)."""
+        for i in np.flatnonzero(fired):
+            row = table.rows[i]
+            yield row, float(values[i]), self.message(row, float(values[i]), matrix[i])
+
+    def message(self, row, value, stats_row) -> str:
+        return f"{self.name} fired on {row.kind} of {row.path} (value {value:.4g})."
+
+    def epoch_end(self, ctx):
+        """Host-side checks at the end of an epoch; return a list of ``(layer, tensor, value, message)``."""
+        return []
+
+    def __repr__(self):
+        return f"{type(self).__name__}(action={self.action!r})"

@@ -1,0 +1,69 @@
+"""``nan``: any NaN or Inf in the batch, a layer output, a gradient, a weight or the loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from gradtrace.detectors.base import Detector
+from gradtrace.stats import COL
+
+# Where to look for the origin, in order: the data, the forward pass in execution
+# order, the loss, the backward pass in backward order, and the weights.
+_ORIGIN_ORDER = ("input", "target", "output", "loss", "gradient", "weight_gradient", "weight")
+_DATA_NAMES = {"input": "inputs", "target": "targets"}
+
+
+class NaN(Detector):
+    """Fires on the first non-finite value of a step and blames where it came from.
+
+    Forward values: the first layer in execution order whose output is
+    non-finite (all layers before it were finite, so its inputs were).
+    Non-finite inputs or targets blame the data, not a layer. Backward values:
+    the first layer in backward order.
+    """
+
+    name = "nan"
+    default_action = "halt"
+    needs = ("nan", "inf")
+    every_step = True
+
+    def check(self, view):
+        bad = view["nan"] + view["inf"]
+        return bad > 0, bad
+
+    def explain(self, rows, fired, values, matrix, table):
+        idx = np.flatnonzero(fired)
+        if not len(idx):
+            return
+
+        def rank(i):
+            r = table.rows[i]
+            k = _ORIGIN_ORDER.index(r.kind) if r.kind in _ORIGIN_ORDER else len(_ORIGIN_ORDER)
+            # backward order is the reverse of execution order
+            order = -r.order if r.kind in ("gradient", "weight_gradient") else r.order
+            return (k, order, i)
+
+        origin = min(idx, key=rank)
+        row = table.rows[origin]
+        others = len(idx) - 1
+        yield row, float(values[origin]), self.message(row, float(values[origin]), matrix[origin], others)
+
+    def message(self, row, value, stats_row, others=0):
+        n_nan, n_inf = int(stats_row[COL["nan"]]), int(stats_row[COL["inf"]])
+        what = " and ".join(p for p in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if p)
+        size = int(stats_row[COL["size"]])
+        tail = f"; {others} other tensor(s) of this step are non-finite downstream of it" if others else ""
+        if row.kind in _DATA_NAMES:
+            src = f"the batch's {_DATA_NAMES[row.kind]}" + (f" ({row.name})" if row.name else "")
+            return f"{what} of {size} values in {src}: the data is to blame, not a layer{tail}."
+        if row.kind == "loss":
+            return f"the loss is {what.split()[-1]} while every layer output was finite{tail}."
+        part = {
+            "output": "output",
+            "gradient": "output gradient",
+            "weight_gradient": f"gradient of weight {row.name}",
+            "weight": f"weight {row.name}",
+        }[row.kind]
+        first = " first" if row.kind == "output" else ""
+        return f"{row.path} ({row.layer_class}){first} produced {what} of {size} values in its {part}{tail}."

@@ -1,0 +1,343 @@
+"""``gradtrace.fit``: a drop-in ``model.fit`` that watches every nested layer.
+
+Keras' own ``fit`` drives the run (data adapters, callbacks, validation, the
+progress bar, History), so every argument means what it means in Keras. For
+the duration of the call gradtrace installs three things on the model and
+removes them in a ``finally`` block: a wrapper on each layer's ``call``, its
+own ``train_step``, and a ``train_function`` that, after each compiled step,
+reads one boolean and, only when a detector fired, turns the packed
+statistics into :class:`~gradtrace.Anomaly` records and acts on them.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import keras
+import numpy as np
+
+from gradtrace import _keras_compat as compat
+from gradtrace import detectors as detectors_module
+from gradtrace.anomaly import Anomaly, AnomalyError, AnomalyLog, check_action, strongest
+from gradtrace.capture import LayerTap, format_call_log
+from gradtrace.stats import row_dict
+from gradtrace.step import KEY, Engine
+
+_TENSOR_NAMES = {"ids": "input"}
+
+
+class StepRecord:
+    """The statistics of one step at which something fired (kept for the report)."""
+
+    def __init__(self, step, epoch, table, matrix, anomalies):
+        self.step = step
+        self.epoch = epoch
+        self.table = table
+        self.matrix = matrix
+        self.anomalies = anomalies
+
+
+class Run:
+    """Host-side state of one ``gradtrace.fit`` call."""
+
+    def __init__(self, model, engine, trace_every, verbose, keep_records=20):
+        self.model = model
+        self.engine = engine
+        self.trace_every = trace_every
+        self.verbose = verbose
+        self.log = AnomalyLog()
+        self.records: list[StepRecord] = []
+        self.keep_records = keep_records
+        self.calls = 0
+        self.epoch = 0
+        self.halted = False
+        self.last_stats = None
+
+    # -- the train_function Keras calls ----------------------------------------
+    def train_function(self, traced_fn, plain_fn):
+        def function(iterator):
+            traced = plain_fn is None or self.calls % self.trace_every == 0
+            out = (traced_fn if traced else plain_fn)(iterator)
+            self.calls += 1
+            extra = out.pop(KEY)
+            if traced:
+                self.last_stats = extra["stats"]
+            if bool(extra["any"]):
+                self._handle(extra, traced)
+            return out
+
+        return function
+
+    def _handle(self, extra, traced):
+        engine = self.engine
+        table = engine.tables[traced]
+        detectors = engine.active[traced]
+        fired = extra["fired"].numpy()
+        values = extra["values"].numpy()
+        matrix = extra["stats"].numpy()
+        step = int(extra["step"])
+        found = []
+        for d_i, d in enumerate(detectors):
+            if not fired[d_i].any():
+                continue
+            for row, value, message in d.explain(table.rows, fired[d_i], values[d_i], matrix, table):
+                found.append(
+                    Anomaly(
+                        detector=d.name,
+                        layer=row.path,
+                        tensor=_TENSOR_NAMES.get(row.kind, row.kind),
+                        step=step,
+                        epoch=self.epoch,
+                        value=value,
+                        message=message,
+                        action=engine.actions[d.name],
+                        stats=row_dict(matrix[row.index]),
+                    )
+                )
+        if not found:
+            return
+        self._act(found, StepRecord(step, self.epoch, table, matrix, found))
+
+    def _act(self, found, record):
+        for a in found:
+            self.log.add(a)
+        if len(self.records) < self.keep_records:
+            self.records.append(record)
+        action = strongest([a.action for a in found])
+        if self.verbose:
+            for a in found:
+                print(f"\ngradtrace: {a}", file=sys.stdout, flush=True)
+        if action == "raise":
+            self.halted = True
+            raise AnomalyError(found)
+        if action == "halt":
+            self.halted = True
+            self.model.stop_training = True
+            if self.verbose:
+                from gradtrace.report import format_report
+
+                print(
+                    f"gradtrace: halted at step {record.step}; the step's update was not applied.\n"
+                    + format_report(self, steps=[record.step]),
+                    flush=True,
+                )
+
+    def epoch_end_checks(self, epoch):
+        found = []
+        for d in self.engine.detectors:
+            for layer, tensor, value, message in d.epoch_end(self) or ():
+                found.append(
+                    Anomaly(d.name, layer, tensor, int(self.model.optimizer.iterations.numpy()), epoch,
+                            float(value), message, action=self.engine.actions[d.name])
+                )
+        if found:
+            self._act(found, StepRecord(found[0].step, epoch, None, None, found))
+
+    @property
+    def anomalies(self):
+        return self.log.as_list()
+
+
+class _RunCallback(keras.callbacks.Callback):
+    """Tells the run which epoch it is in and runs the epoch-end checks."""
+
+    def __init__(self, run):
+        super().__init__()
+        self.run = run
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.run.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.run.epoch_end_checks(epoch)
+
+
+class _Installed:
+    """Installs gradtrace on a model for one fit and always leaves it plain again."""
+
+    def __init__(self, model, engine, run, trace_every):
+        self.model = model
+        self.engine = engine
+        self.run = run
+        self.trace_every = trace_every
+
+    def __enter__(self):
+        m = self.model
+        self._saved_function = m.train_function
+        self._saved_spe = None
+        try:
+            self.engine.tap.install()
+            object.__setattr__(m, "train_step", self.engine.make_step(traced=True))
+            m.make_train_function(force=True)
+            traced_fn = m.train_function
+            plain_fn = None
+            if self.trace_every > 1:
+                object.__setattr__(m, "train_step", self.engine.make_step(traced=False))
+                m.make_train_function(force=True)
+                plain_fn = m.train_function
+            m.train_function = self.run.train_function(traced_fn, plain_fn)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        m = self.model
+        try:
+            if "train_step" in m.__dict__:
+                object.__delattr__(m, "train_step")
+            m.train_function = self._saved_function
+        finally:
+            self.engine.tap.uninstall()
+        return False
+
+
+def _check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"gradtrace.fit expects a keras.Model as its first argument, got {type(model).__name__}. "
+            "Call it as gradtrace.fit(model, x, y, ...)."
+        )
+    if not compat.is_compiled(model):
+        raise ValueError(
+            f"Model {model.name!r} is not compiled. Call model.compile(optimizer=..., loss=...) "
+            "before gradtrace.fit(model, ...), exactly as before model.fit(...)."
+        )
+    if model.built and not model.trainable_weights:
+        raise ValueError(
+            f"Model {model.name!r} has no trainable weights, so there is nothing to train or debug. "
+            "Check that its layers are trainable (layer.trainable = True)."
+        )
+
+
+def fit(
+    model,
+    x=None,
+    y=None,
+    batch_size=None,
+    epochs=1,
+    verbose="auto",
+    callbacks=None,
+    validation_split=0.0,
+    validation_data=None,
+    shuffle=True,
+    class_weight=None,
+    sample_weight=None,
+    initial_epoch=0,
+    steps_per_epoch=None,
+    validation_steps=None,
+    validation_batch_size=None,
+    validation_freq=1,
+    *,
+    detectors=None,
+    on_anomaly=None,
+    snapshot_dir=None,
+    trace_every=1,
+):
+    """Train ``model`` exactly as ``model.fit`` would, watching every nested layer.
+
+    Arguments up to ``validation_freq`` are ``model.fit``'s. gradtrace adds:
+
+    - ``detectors``: ``None`` for every built-in detector with its defaults, or
+      a list of names (``"nan"``) and :class:`~gradtrace.Detector` instances.
+    - ``on_anomaly``: one action for every detector, overriding their defaults:
+      ``"halt"`` (stop; the step's update is not applied), ``"warn"`` (record,
+      print, go on), ``"raise"`` (raise :class:`~gradtrace.AnomalyError`; the
+      update is not applied), ``"snapshot"``.
+    - ``snapshot_dir``: where snapshots of failing steps are written.
+    - ``trace_every``: capture and check every layer every N steps; the steps
+      in between check the loss only (and Embedding ids).
+
+    Returns the ``keras.callbacks.History`` with one more attribute,
+    ``anomalies`` (a list of :class:`~gradtrace.Anomaly`), and ``gradtrace``
+    (the run, for :func:`gradtrace.report`).
+    """
+    _check_model(model)
+    if on_anomaly is not None:
+        check_action(on_anomaly)
+    if isinstance(trace_every, bool) or not isinstance(trace_every, (int, np.integer)) or trace_every < 1:
+        raise ValueError(
+            f"trace_every={trace_every!r} is not allowed: it must be an integer >= 1 "
+            "(1 checks every step, 16 checks one step in 16)."
+        )
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} is not allowed: it must be a positive integer or None.")
+    dets = detectors_module.resolve(detectors)
+    actions = {d.name: on_anomaly or d.action for d in dets}
+
+    if compat.overrides_train_step(model):
+        warnings.warn(
+            f"{type(model).__name__} overrides train_step, so gradtrace cannot instrument its step; "
+            "running plain model.fit without detectors. Move custom loss logic to compute_loss to use gradtrace.",
+            stacklevel=2,
+        )
+        history = model.fit(x, y, batch_size, epochs, verbose, callbacks, validation_split, validation_data,
+                            shuffle, class_weight, sample_weight, initial_epoch, steps_per_epoch,
+                            validation_steps, validation_batch_size, validation_freq)
+        history.anomalies = []
+        history.gradtrace = None
+        return history
+
+    engine = Engine(model, dets, actions, LayerTap(model))
+    resolved_verbose = 1 if verbose == "auto" else verbose
+    run = Run(model, engine, int(trace_every), resolved_verbose)
+    cb = _RunCallback(run)
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks.append(cb)
+        cb.set_model(model)
+        cb_arg = callbacks
+    else:
+        cb_arg = [cb] + list(callbacks or [])
+
+    spe = getattr(model, "steps_per_execution", 1)
+    if spe and spe > 1:
+        warnings.warn(
+            f"steps_per_execution={spe} runs several steps in one call; gradtrace checks every step, "
+            "so it trains with steps_per_execution=1 for this fit (the result is the same).",
+            stacklevel=2,
+        )
+    try:
+        if spe and spe > 1:
+            model.steps_per_execution = 1
+        with _Installed(model, engine, run, int(trace_every)):
+            try:
+                history = model.fit(
+                    x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=cb_arg,
+                    validation_split=validation_split, validation_data=validation_data, shuffle=shuffle,
+                    class_weight=class_weight, sample_weight=sample_weight, initial_epoch=initial_epoch,
+                    steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
+                    validation_batch_size=validation_batch_size, validation_freq=validation_freq,
+                )
+            except AnomalyError as e:
+                e.history = getattr(model, "history", None)
+                e.run = run
+                raise
+            except Exception as e:
+                _reraise_with_layer_table(e)
+                raise
+    finally:
+        if spe and spe > 1:
+            model.steps_per_execution = spe
+    history.anomalies = run.anomalies
+    history.gradtrace = run
+    return history
+
+
+def _reraise_with_layer_table(e):
+    path = getattr(e, "_gradtrace_failed_path", None)
+    if path is None:
+        return
+    table = format_call_log(getattr(e, "_gradtrace_log", []), path, getattr(e, "_gradtrace_failed_class", ""))
+    msg = (
+        f"{e}\n\ngradtrace: the model call failed in layer {path!r} "
+        f"({getattr(e, '_gradtrace_failed_class', '')}). Layers that ran before it:\n{table}"
+    )
+    try:
+        new = type(e)(msg)
+    except Exception:
+        new = None
+    if new is not None and str(new) == msg:
+        raise new from e
+    if hasattr(e, "add_note"):
+        e.add_note(msg)

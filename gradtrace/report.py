@@ -1,0 +1,100 @@
+"""Tables of anomalies and of per-layer statistics at an anomaly step."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from tabulate import tabulate
+
+from gradtrace.stats import COL
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        return f"{v:.4g}"
+    return str(v)
+
+
+def anomaly_table(anomalies) -> str:
+    rows = [
+        (a.step, a.epoch, a.detector, a.layer, a.tensor, _fmt(a.value), a.action, a.message)
+        for a in anomalies
+    ]
+    return tabulate(rows, headers=["step", "epoch", "detector", "layer", "tensor", "value", "action", "message"])
+
+
+def layer_table(table, matrix, blamed=()) -> str:
+    """Per-layer statistics of one step: one line per captured layer output."""
+    by_path = {}
+    for r in table.rows:
+        by_path.setdefault(r.path, {})
+        by_path[r.path].setdefault(r.kind, []).append(r)
+    lines = []
+    for r in table.rows:
+        if r.kind != "output":
+            continue
+        o = matrix[r.index]
+        entry = by_path.get(r.path, {})
+        g = entry.get("gradient", [])
+        w = entry.get("weight_gradient", [])
+        gnorm = float(matrix[g[0].index][COL["norm"]]) if g else None
+        wnorm = math.sqrt(sum(float(matrix[x.index][COL["norm"]]) ** 2 for x in w)) if w else None
+        flags = []
+        bad = [x for rows in entry.values() for x in rows if matrix[x.index][COL["nan"]] + matrix[x.index][COL["inf"]] > 0]
+        if bad:
+            flags.append("non-finite:" + ",".join(sorted({x.kind for x in bad})))
+        if r.path in blamed:
+            flags.append("<- blamed")
+        lines.append(
+            (
+                r.path,
+                r.layer_class,
+                str(r.shape),
+                _fmt(float(o[COL["mean"]])),
+                _fmt(float(o[COL["std"]])),
+                _fmt(float(o[COL["max"]])),
+                _fmt(float(o[COL["dead_frac"]])) if r.relu else "",
+                _fmt(gnorm),
+                _fmt(wnorm),
+                " ".join(flags),
+            )
+        )
+    return tabulate(
+        lines,
+        headers=["layer path", "class", "output shape", "out mean", "out std", "out max", "dead frac",
+                 "out-grad norm", "weight-grad norm", "flags"],
+    )
+
+
+def format_report(run, steps=None) -> str:
+    parts = []
+    anomalies = run.anomalies
+    if not anomalies:
+        return "gradtrace: no anomalies."
+    dropped = run.log.dropped
+    parts.append(f"gradtrace: {run.log.total} anomal{'y' if run.log.total == 1 else 'ies'}"
+                 + (f" ({dropped} not kept; counts by detector: {dict(run.log.counts)})" if dropped else ""))
+    parts.append(anomaly_table(anomalies if steps is None else [a for a in anomalies if a.step in steps]))
+    for rec in run.records:
+        if rec.table is None or (steps is not None and rec.step not in steps):
+            continue
+        parts.append(f"\nPer-layer statistics at step {rec.step} (epoch {rec.epoch}):")
+        parts.append(layer_table(rec.table, rec.matrix, blamed={a.layer for a in rec.anomalies}))
+        if steps is None:
+            break
+    return "\n".join(parts)
+
+
+def report(history_or_run, file=None) -> str:
+    """Print (and return) the anomalies of a run and the per-layer table at the first anomaly step."""
+    run = getattr(history_or_run, "gradtrace", history_or_run)
+    if run is None or not hasattr(run, "anomalies"):
+        raise TypeError("gradtrace.report expects the History returned by gradtrace.fit (or its .gradtrace run).")
+    text = format_report(run)
+    print(text, file=file or sys.stdout)
+    return text
