@@ -77,6 +77,9 @@ class LayerTap:
         self.paths: dict = {}
         self.layers: dict = {}
         self._saved: dict = {}  # id(layer) -> (layer, had_instance_call, previous)
+        self._stack: list = []
+        self.log: list = []  # (path, class, output shapes) of the calls of the current model call
+        self.failure = None  # (path, class, log) of the innermost layer whose call raised
 
     def install(self):
         self.refresh()
@@ -90,8 +93,9 @@ class LayerTap:
             layer = self.layers.get(lid)
             if layer is None:
                 layer = _find_layer(self.model, lid)
-            if layer is None or layer is self.model:
-                self.paths.setdefault(lid, path)
+            if lid == id(self.model):
+                layer = self.model
+            if layer is None:
                 continue
             self.paths[lid] = path
             self.layers[lid] = layer
@@ -105,14 +109,38 @@ class LayerTap:
 
         @functools.wraps(original)
         def call(*args, **kwargs):
-            rec = _active_recorder()
-            if rec is None:
-                return original(*args, **kwargs)
-            return rec.layer_call(tap, layer, original, args, kwargs)
+            return tap.run(layer, original, args, kwargs)
 
         call.__gradtrace_wrapper__ = True
         object.__setattr__(layer, "call", call)
         self._saved[id(layer)] = (layer, had, previous)
+
+    def run(self, layer, original, args, kwargs):
+        """Every wrapped call goes through here: keep a short call log, find the failing layer."""
+        rec = _active_recorder()
+        if rec is not None and _current_graph() is not rec.graph:
+            # inside a control-flow body (an RNN cell in tf.while_loop) or a scratch graph
+            # of shape inference: nothing there can be captured by the step
+            return original(*args, **kwargs)
+        if not self._stack:
+            self.log = []
+            self.failure = None
+        self._stack.append(layer)
+        try:
+            if rec is not None and layer is not self.model:
+                out = rec.layer_call(self, layer, original, args, kwargs)
+            else:
+                out = original(*args, **kwargs)
+        except Exception:
+            if self.failure is None:
+                self.failure = (self.path_of(layer), type(layer).__name__, list(self.log))
+            raise
+        finally:
+            self._stack.pop()
+        if len(self.log) < 10000:
+            shapes = [tuple(getattr(t, "shape", ())) for t in tf.nest.flatten(out)]
+            self.log.append((self.path_of(layer), type(layer).__name__, shapes))
+        return out
 
     def uninstall(self):
         for layer, had, previous in self._saved.values():
@@ -134,6 +162,10 @@ class LayerTap:
     def __exit__(self, *exc):
         self.uninstall()
         return False
+
+
+def _current_graph():
+    return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
 
 
 def _find_layer(model, lid):
@@ -163,13 +195,15 @@ class Recorder:
         self.sanitize_ids = sanitize_ids
         self.keep = keep
         self.calls: list[Call] = []
-        self.log: list = []  # (path, class, shapes) of completed calls, for error tables
         self._counts: dict = {}
-        self._stack: list = []
         self._refreshed = False
+        self.graph = None
 
     @contextlib.contextmanager
     def active(self):
+        # Only tensors of the step's own graph can be captured: calls inside a
+        # control-flow body (an RNN cell inside tf.while_loop) pass through.
+        self.graph = _current_graph()
         previous = _active_recorder()
         _STATE.recorder = self
         try:
@@ -191,23 +225,8 @@ class Recorder:
             if self.sanitize_ids:
                 bad = tf.logical_or(ids < 0, ids >= layer.input_dim)
                 args = (tf.where(bad, tf.zeros_like(ids), ids),) + tuple(args[1:])
-        self._stack.append(path)
-        try:
-            out = original(*args, **kwargs)
-        except Exception as e:
-            if not hasattr(e, "_gradtrace_failed_path"):
-                try:
-                    e._gradtrace_failed_path = path
-                    e._gradtrace_failed_class = type(layer).__name__
-                    e._gradtrace_log = list(self.log)
-                except Exception:  # pragma: no cover - exceptions without __dict__
-                    pass
-            raise
-        finally:
-            self._stack.pop()
+        out = original(*args, **kwargs)
         flat = tf.nest.flatten(out)
-        shapes = [tuple(getattr(t, "shape", ())) for t in flat]
-        self.log.append((path, type(layer).__name__, shapes))
         outputs, out_paths = [], []
         for i, t in enumerate(flat if self.keep else ()):
             if not isinstance(t, (tf.Tensor, tf.Variable)) or not t.dtype.is_floating:
@@ -216,11 +235,11 @@ class Recorder:
                 self.tape.watch(t)
             outputs.append(t)
             out_paths.append(path if len(flat) == 1 else f"{path}:{i}")
-        if not self.keep and ids is None:
-            return out
-        self.calls.append(
-            Call(path, layer, outputs, out_paths, ids=ids, relu=is_relu_family(layer), shapes=shapes)
-        )
+        if self.keep or ids is not None:
+            self.calls.append(
+                Call(path, layer, outputs, out_paths, ids=ids, relu=is_relu_family(layer),
+                     shapes=[tuple(getattr(t, "shape", ())) for t in flat])
+            )
         return out
 
 

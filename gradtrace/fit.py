@@ -314,7 +314,7 @@ def fit(
                 e.run = run
                 raise
             except Exception as e:
-                _reraise_with_layer_table(e)
+                _reraise_with_layer_table(e, engine.tap.failure)
                 raise
     finally:
         if spe and spe > 1:
@@ -324,15 +324,12 @@ def fit(
     return history
 
 
-def _reraise_with_layer_table(e):
-    path = getattr(e, "_gradtrace_failed_path", None)
-    if path is None:
+def _reraise_with_layer_table(e, failure):
+    if failure is None:
         return
-    table = format_call_log(getattr(e, "_gradtrace_log", []), path, getattr(e, "_gradtrace_failed_class", ""))
-    msg = (
-        f"{e}\n\ngradtrace: the model call failed in layer {path!r} "
-        f"({getattr(e, '_gradtrace_failed_class', '')}). Layers that ran before it:\n{table}"
-    )
+    path, cls, log = failure
+    table = format_call_log(log, path, cls)
+    msg = f"{e}\n\ngradtrace: the model call failed in layer {path!r} ({cls}). Layers that ran before it:\n{table}"
     try:
         new = type(e)(msg)
     except Exception:

@@ -189,10 +189,20 @@ class Engine:
             for p, t in zip(c.output_paths, c.outputs):
                 add("output", p, st.float_stats(t, relu=c.relu), t, layer_class=type(c.layer).__name__,
                     shape=tuple(t.shape), relu=c.relu, order=i)
-        if not traced:
-            add("loss", "loss", st.float_stats(loss), loss, layer_class="loss", order=len(recorder.calls))
-            return st.Table(rows), entries
         add("loss", "loss", st.float_stats(loss), loss, layer_class="loss", order=len(recorder.calls))
+        owners = self._weight_owners()
+        if not traced:
+            # Untraced steps (trace_every > 1) still refuse a non-finite update: one sum
+            # per weight gradient; NaN/Inf counts only on the step where a sum is not finite.
+            for v, g in zip(tvars, wgrads):
+                if g is None:
+                    continue
+                g_t = g.values if isinstance(g, tf.IndexedSlices) else g
+                path, cls, layer = owners.get(id(v), (self.model.name, type(self.model).__name__, None))
+                add("weight_gradient", path, {"_s": tf.reduce_sum(tf.cast(g_t, tf.float32)),
+                                              "size": tf.cast(tf.size(g_t), tf.float32)},
+                    g_t, layer_class=cls, name=v.name, shape=tuple(v.shape), order=order.get(id(layer), 0))
+            return st.Table(rows), entries
         k = 0
         for c_i, c in enumerate(recorder.calls):
             for p, t in zip(c.output_paths, c.outputs):
@@ -203,7 +213,6 @@ class Engine:
                 g = tf.convert_to_tensor(g) * unscale
                 add("gradient", p, st.float_stats(g), g, layer_class=type(c.layer).__name__,
                     shape=tuple(t.shape), order=c_i)
-        owners = self._weight_owners()
         lr = tf.cast(compat.current_learning_rate(self.model.optimizer), tf.float32)
         for v, g in zip(tvars, wgrads):
             path, cls, layer = owners.get(id(v), (self.model.name, type(self.model).__name__, None))

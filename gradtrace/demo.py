@@ -1,0 +1,84 @@
+"""A real fault, caught and explained: ``python -m gradtrace.demo``.
+
+A recommender in the style of the mission: an outer model wraps an "inner"
+model with two Embedding layers (users and items) and a numeric ``price``
+feature that a custom layer log-scales. One batch holds an item priced 0
+(a free item: perfectly valid data), ``log(0)`` is ``-inf``, and from there
+the loss becomes NaN. ``model.fit`` would silently write NaN into every
+weight; ``gradtrace.fit`` halts at that step before the update, names the
+layer inside the inner model, and leaves the weights finite.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+import gradtrace  # noqa: E402
+
+N_USERS, N_ITEMS, BATCH = 2000, 500, 64
+
+
+@keras.saving.register_keras_serializable(package="gradtrace_demo")
+class LogPrice(keras.layers.Layer):
+    """log-scales a positive price feature (the bug: price 0 is allowed by the data)."""
+
+    def call(self, price):
+        return ops.log(price)
+
+
+def build_model():
+    user = keras.Input((1,), dtype="int32", name="user")
+    item = keras.Input((1,), dtype="int32", name="item")
+    price = keras.Input((1,), name="price")
+    u = keras.layers.Flatten(name="user_vec")(keras.layers.Embedding(N_USERS, 16, name="user_emb")(user))
+    i = keras.layers.Flatten(name="item_vec")(keras.layers.Embedding(N_ITEMS, 8, name="item_emb")(item))
+    p = LogPrice(name="log_price")(price)
+    h = keras.layers.Concatenate(name="features")([u, i, p])
+    inner = keras.Model([user, item, price], h, name="inner")
+
+    user2 = keras.Input((1,), dtype="int32", name="user")
+    item2 = keras.Input((1,), dtype="int32", name="item")
+    price2 = keras.Input((1,), name="price")
+    z = inner([user2, item2, price2])
+    z = keras.layers.Dense(64, activation="relu", name="hidden")(z)
+    out = keras.layers.Dense(1, activation="sigmoid", name="click")(z)
+    model = keras.Model([user2, item2, price2], out, name="recommender")
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def make_data(n=64 * 40, free_item_at=37 * 64 + 5, seed=0):
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, N_USERS, (n, 1)).astype("int32")
+    item = rng.integers(0, N_ITEMS, (n, 1)).astype("int32")
+    price = rng.uniform(1.0, 100.0, (n, 1)).astype("float32")
+    price[free_item_at] = 0.0  # one free item, in the batch of step 37
+    y = (rng.random((n, 1)) < 0.3).astype("float32")
+    return [user, item, price], y
+
+
+def main():
+    keras.utils.set_random_seed(0)
+    model = build_model()
+    x, y = make_data()
+    print("Training a two-embedding inner model with gradtrace.fit (one batch holds a free item, price 0)...\n")
+    history = gradtrace.fit(model, x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=1)
+    weights_finite = all(np.isfinite(w).all() for w in model.get_weights())
+    print()
+    if not history.anomalies:
+        raise SystemExit("demo failed: gradtrace found nothing")
+    a = history.anomalies[0]
+    print(f"Caught: {a.detector} at step {a.step}, in layer {a.layer!r}.")
+    print(f"optimizer.iterations = {int(model.optimizer.iterations)} (the bad step was not applied); "
+          f"all weights finite: {weights_finite}.")
+    return 0 if weights_finite and a.layer == "recommender/inner/log_price" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
