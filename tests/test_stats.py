@@ -202,9 +202,9 @@ def test_float_stats_of_empty_tensor_are_zero_and_finite(mode, shape):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="gradtrace bug: one-pass std sqrt(E[t^2] - mean^2) in float32 cancels to 0 when "
-    "|mean| >> std (activations offset by 1000 with std 0.01), contrary to the "
-    "'exact to float32 round-off' claim in the stats module docstring.",
+    reason="gradtrace bug: the one-pass float32 std sqrt(E[t^2] - mean^2) loses all precision "
+    "when |mean| >> std (values 1000 +- 0.01 give std 0.35 instead of 0.010), contrary to "
+    "the 'exact to float32 round-off' claim in the stats module docstring.",
 )
 def test_std_of_offset_tensor_matches_numpy():
     a = (1000.0 + 0.01 * _rng().normal(size=1000)).astype(np.float32)
