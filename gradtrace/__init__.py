@@ -7,7 +7,19 @@ bad step.
 
 from gradtrace.anomaly import ACTIONS, Anomaly, AnomalyError
 from gradtrace.capture import is_patched, layer_paths
-from gradtrace.detectors import BUILTINS, Detector
+from gradtrace.detectors import (
+    BUILTINS,
+    DEFAULT,
+    DeadReLU,
+    Detector,
+    EmbeddingOutOfRange,
+    Exploding,
+    LossPlateau,
+    NaN,
+    Saturation,
+    UnusedEmbedding,
+    Vanishing,
+)
 from gradtrace.fit import fit
 from gradtrace.report import report
 
@@ -18,7 +30,16 @@ __all__ = [
     "Anomaly",
     "AnomalyError",
     "BUILTINS",
+    "DEFAULT",
+    "DeadReLU",
     "Detector",
+    "EmbeddingOutOfRange",
+    "Exploding",
+    "LossPlateau",
+    "NaN",
+    "Saturation",
+    "UnusedEmbedding",
+    "Vanishing",
     "fit",
     "is_patched",
     "layer_paths",

@@ -39,16 +39,23 @@ class Call:
     ids: object = None  # integer ids for Embedding layers (before the lookup)
     relu: bool = False
     shapes: list = field(default_factory=list)
+    activation: str = ""
+
+
+SATURATING = ("sigmoid", "tanh", "hard_sigmoid")
+
+
+def activation_name(layer) -> str:
+    """The name of the activation applied last by ``layer`` (``""`` when none is known)."""
+    if isinstance(layer, keras.layers.ReLU):
+        plain = getattr(layer, "negative_slope", 0.0) == 0.0 and getattr(layer, "threshold", 0.0) == 0.0
+        return "relu" if plain else "leaky_relu"
+    act = getattr(layer, "activation", None)
+    return getattr(act, "__name__", "") if act is not None else ""
 
 
 def is_relu_family(layer) -> bool:
-    if isinstance(layer, keras.layers.ReLU):
-        return getattr(layer, "negative_slope", 0.0) == 0.0 and getattr(layer, "threshold", 0.0) == 0.0
-    act = getattr(layer, "activation", None)
-    if act is None:
-        return False
-    name = getattr(act, "__name__", "")
-    return name in RELU_FAMILY
+    return activation_name(layer) in RELU_FAMILY
 
 
 def layer_paths(model) -> dict:
@@ -238,7 +245,7 @@ class Recorder:
         if self.keep or ids is not None:
             self.calls.append(
                 Call(path, layer, outputs, out_paths, ids=ids, relu=is_relu_family(layer),
-                     shapes=[tuple(getattr(t, "shape", ())) for t in flat])
+                     shapes=[tuple(getattr(t, "shape", ())) for t in flat], activation=activation_name(layer))
             )
         return out
 

@@ -148,6 +148,8 @@ class _RunCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.run.epoch = epoch
+        for d in self.run.engine.detectors:
+            d.epoch_begin(self.run)
 
     def on_epoch_end(self, epoch, logs=None):
         self.run.epoch_end_checks(epoch)

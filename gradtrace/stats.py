@@ -7,15 +7,20 @@ detector can select rows by kind or layer without any per-step Python work.
 
 Statistics of a float tensor ``t`` with ``n`` elements:
 
-- ``mean = sum(t) / n``, ``std = sqrt(max(sum(t*t)/n - mean**2, 0))``
-  (one pass; exact to float32 round-off for activations and gradients),
+- ``mean = sum(t) / n``, ``std = sqrt(sum((t - mean)**2) / n)`` (two passes,
+  so a large mean does not swallow a small spread),
 - ``min``, ``max``, ``norm = sqrt(sum(t*t))``,
 - ``nan``, ``inf``: counts. They are only computed when some row's sum or
   sum of squares is not finite (one ``tf.cond`` per step), otherwise 0,
 - ``zero_frac``: share of elements exactly 0,
 - ``dead_frac`` (ReLU-family outputs): share of units (last axis) that are 0
   for every example and position in the batch,
-- ``update_ratio`` (weight gradients): ``lr * |g| / |w|``.
+- ``update_ratio`` (weight gradients): ``lr * |g| / |w|``,
+- ``saturated`` (sigmoid/tanh outputs): share of elements within 1% of the
+  activation's limits,
+- for Embedding ids (rows of kind ``ids``, taken before the lookup): ``min``,
+  ``max``, ``size``, ``bad`` (ids < 0 or >= input_dim), ``bad_value`` and
+  ``bad_index`` (flat position) of the first bad id.
 
 Embedding gradients arrive as ``tf.IndexedSlices``: their statistics are over
 the looked-up slices (one per lookup, never the densified table), and the
@@ -44,6 +49,7 @@ COLUMNS = (
     "bad",
     "bad_value",
     "bad_index",
+    "saturated",
 )
 COL = {name: i for i, name in enumerate(COLUMNS)}
 
@@ -62,6 +68,7 @@ class Row:
     layer_class: str = ""
     shape: tuple = ()
     relu: bool = False
+    activation: str = ""
     order: int = 0  # execution order of the layer call (forward)
     name: str = ""  # variable name for weight rows, input name for data rows
     input_dim: int = 0  # Embedding ids rows
@@ -104,11 +111,12 @@ class Table:
 class StatsView:
     """What a detector's in-graph check sees: columns of the packed matrix, by name."""
 
-    def __init__(self, table: Table, matrix, step, lr=None):
+    def __init__(self, table: Table, matrix, step, ids=None):
         self.table = table
         self.matrix = matrix
         self.step = step
-        self.lr = lr
+        # row index of each ``ids`` row -> the int ids tensor (before the lookup)
+        self.ids = ids or {}
 
     def __getitem__(self, name):
         return self.matrix[:, COL[name]]
@@ -117,11 +125,14 @@ class StatsView:
         return tf.constant(self.table.mask(**kw))
 
 
+SATURATION_LIMITS = {"sigmoid": (0.0, 1.0), "hard_sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
+
+
 def _f32(t):
     return tf.cast(t, tf.float32)
 
 
-def float_stats(t, relu=False):
+def float_stats(t, relu=False, activation=""):
     """Statistics of one dense float tensor, as a dict of float32 scalars."""
     t = _f32(t)
     n = tf.cast(tf.size(t), tf.float32)
@@ -132,7 +143,8 @@ def float_stats(t, relu=False):
     mn = tf.where(nonempty, tf.reduce_min(t), 0.0)
     mx = tf.where(nonempty, tf.reduce_max(t), 0.0)
     mean = s / safe_n
-    var = tf.maximum(ss / safe_n - tf.square(mean), 0.0)
+    # two passes: the one-pass E[t^2] - mean^2 loses all precision when |mean| >> std
+    var = tf.reduce_sum(tf.square(t - mean)) / safe_n
     zeros = tf.reduce_sum(tf.cast(tf.equal(t, 0.0), tf.float32))
     out = {
         "mean": mean,
@@ -148,7 +160,13 @@ def float_stats(t, relu=False):
     if relu and t.shape.rank is not None and t.shape.rank >= 2:
         axes = list(range(t.shape.rank - 1))
         unit_max = tf.reduce_max(tf.abs(t), axis=axes)
-        out["dead_frac"] = tf.reduce_mean(tf.cast(tf.equal(unit_max, 0.0), tf.float32))
+        dead = tf.reduce_sum(tf.cast(tf.equal(unit_max, 0.0), tf.float32))
+        out["dead_frac"] = dead / tf.maximum(tf.cast(tf.size(unit_max), tf.float32), 1.0)
+    if activation in SATURATION_LIMITS:
+        low, high = SATURATION_LIMITS[activation]
+        margin = 0.01 * (high - low)
+        pinned = tf.logical_or(t <= low + margin, t >= high - margin)
+        out["saturated"] = tf.reduce_sum(tf.cast(pinned, tf.float32)) / safe_n
     return out
 
 
@@ -158,9 +176,10 @@ def ids_stats(ids, input_dim):
     n = tf.size(flat)
     nonempty = n > 0
     bad = tf.logical_or(flat < 0, flat >= input_dim)
-    first = tf.cast(tf.argmax(tf.cast(bad, tf.int32)), tf.int32)
     any_bad = tf.reduce_any(bad)
-    bad_value = tf.where(any_bad, tf.gather(flat, tf.minimum(first, tf.maximum(n - 1, 0))), 0)
+    # a sentinel keeps argmax and gather defined for zero ids (length-0 sequences)
+    first = tf.cast(tf.argmax(tf.cast(tf.concat([bad, [True]], 0), tf.int32)), tf.int32)
+    bad_value = tf.where(any_bad, tf.gather(tf.concat([flat, [0]], 0), first), 0)
     return {
         "min": tf.where(nonempty, _f32(tf.reduce_min(flat)), 0.0),
         "max": tf.where(nonempty, _f32(tf.reduce_max(flat)), 0.0),

@@ -118,9 +118,9 @@ class Engine:
         if getattr(optimizer, "loss_scale_factor", None) is not None:
             unscale = 1.0 / float(optimizer.loss_scale_factor)
 
-        table, entries = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale)
+        table, entries, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale)
         matrix = st.pack(entries)
-        view = st.StatsView(table, matrix, step)
+        view = st.StatsView(table, matrix, step, ids)
         fired, values = [], []
         for d in detectors:
             f, v = d.check(view)
@@ -168,7 +168,7 @@ class Engine:
         return logs
 
     def _rows(self, x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale):
-        rows, entries = [], []
+        rows, entries, ids = [], [], {}
 
         def add(kind, path, stats_dict, counted, **meta):
             rows.append(st.Row(index=len(rows), kind=kind, path=path, **meta))
@@ -184,11 +184,13 @@ class Engine:
             order.setdefault(id(c.layer), i)
             if c.ids is not None:
                 dim = int(c.layer.input_dim)
+                ids[len(rows)] = c.ids
                 add("ids", c.path, st.ids_stats(c.ids, dim), None, layer_class=type(c.layer).__name__,
                     order=i, input_dim=dim, shape=tuple(c.ids.shape))
             for p, t in zip(c.output_paths, c.outputs):
-                add("output", p, st.float_stats(t, relu=c.relu), t, layer_class=type(c.layer).__name__,
-                    shape=tuple(t.shape), relu=c.relu, order=i)
+                add("output", p, st.float_stats(t, relu=c.relu, activation=c.activation), t,
+                    layer_class=type(c.layer).__name__, shape=tuple(t.shape), relu=c.relu,
+                    activation=c.activation, order=i)
         add("loss", "loss", st.float_stats(loss), loss, layer_class="loss", order=len(recorder.calls))
         owners = self._weight_owners()
         if not traced:
@@ -202,7 +204,7 @@ class Engine:
                 add("weight_gradient", path, {"_s": tf.reduce_sum(tf.cast(g_t, tf.float32)),
                                               "size": tf.cast(tf.size(g_t), tf.float32)},
                     g_t, layer_class=cls, name=v.name, shape=tuple(v.shape), order=order.get(id(layer), 0))
-            return st.Table(rows), entries
+            return st.Table(rows), entries, ids
         k = 0
         for c_i, c in enumerate(recorder.calls):
             for p, t in zip(c.output_paths, c.outputs):
@@ -233,4 +235,4 @@ class Engine:
             g_stats = st.float_stats(g_t)
             g_stats["update_ratio"] = lr * g_stats["norm"] / (w_stats["norm"] + 1e-12)
             add("weight_gradient", path, g_stats, g_t, layer_class=cls, name=name, shape=tuple(v.shape), order=o)
-        return st.Table(rows), entries
+        return st.Table(rows), entries, ids

@@ -613,13 +613,6 @@ def empty_sequence_model():
     return model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=tf.errors.InvalidArgumentError,
-    reason="gradtrace bug: stats.ids_stats runs tf.argmax on the flattened ids, which fails "
-    "('Reduction axis 0 is empty') when an Embedding sees zero ids, so gradtrace.fit crashes "
-    "where model.fit trains.",
-)
 def test_embedding_on_empty_sequences_trains():
     rng = np.random.default_rng(9)
     x = [np.zeros((4, 0), np.int32), rng.normal(size=(4, 2)).astype("float32")]
@@ -629,4 +622,4 @@ def test_embedding_on_empty_sequences_trains():
     model = empty_sequence_model()
     rows = table(fit(model, x, y))
     r = one_row(rows, "ids", "m/emb")
-    assert r.shape == (4, 0)
+    assert tuple(r.shape)[1:] == (0,)  # the batch dim may be unknown at trace time

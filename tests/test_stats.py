@@ -177,14 +177,7 @@ def test_float_stats_in_graph_with_unknown_batch_and_time():
     [
         (0,),
         (0, 3),
-        pytest.param(
-            (4, 0),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="gradtrace bug: with zero units, dead_frac = reduce_mean of an empty "
-                "vector = NaN (0/0), which then sits in the packed matrix.",
-            ),
-        ),
+        (4, 0),
         (2, 0, 5),
     ],
 )
@@ -200,12 +193,6 @@ def test_float_stats_of_empty_tensor_are_zero_and_finite(mode, shape):
         assert 0.0 <= got["dead_frac"] <= 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gradtrace bug: the one-pass float32 std sqrt(E[t^2] - mean^2) loses all precision "
-    "when |mean| >> std (values 1000 +- 0.01 give std 0.35 instead of 0.010), contrary to "
-    "the 'exact to float32 round-off' claim in the stats module docstring.",
-)
 def test_std_of_offset_tensor_matches_numpy():
     a = (1000.0 + 0.01 * _rng().normal(size=1000)).astype(np.float32)
     got = run("eager", lambda t: st.float_stats(t), a)
@@ -256,12 +243,6 @@ def test_ids_stats_in_graph_with_unknown_shape():
         assert got == np_ids_stats(ids, 10)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=tf.errors.InvalidArgumentError,
-    reason="gradtrace bug: ids_stats calls tf.argmax on the flattened ids, which raises "
-    "'Reduction axis 0 is empty' for an Embedding called on zero ids (e.g. length-0 sequences).",
-)
 @pytest.mark.parametrize("mode", MODES)
 def test_ids_stats_of_empty_ids(mode):
     ids = np.zeros((4, 0), np.int32)

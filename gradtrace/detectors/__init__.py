@@ -1,16 +1,31 @@
-"""Built-in detectors and the rules that turn ``detectors=`` into instances."""
+"""Built-in detectors and the rules that turn ``detectors=`` into instances.
+
+One file per detector; a new detector is a subclass of
+:class:`~gradtrace.detectors.base.Detector` and needs no engine change.
+"""
 
 from __future__ import annotations
 
 from gradtrace.detectors.base import Detector
+from gradtrace.detectors.dead_relu import DeadReLU
+from gradtrace.detectors.embedding_out_of_range import EmbeddingOutOfRange
+from gradtrace.detectors.exploding import Exploding
+from gradtrace.detectors.loss_plateau import LossPlateau
 from gradtrace.detectors.nan import NaN
+from gradtrace.detectors.saturation import Saturation
+from gradtrace.detectors.unused_embedding import UnusedEmbedding
+from gradtrace.detectors.vanishing import Vanishing
 
-BUILTINS = {cls.name: cls for cls in (NaN,)}
-DEFAULT = ("nan",)
+BUILTINS = {
+    cls.name: cls
+    for cls in (NaN, Exploding, Vanishing, DeadReLU, UnusedEmbedding, EmbeddingOutOfRange, Saturation, LossPlateau)
+}
+# Used when detectors=None. saturation and loss_plateau are off by default.
+DEFAULT = ("nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding")
 
 
 def resolve(detectors) -> list[Detector]:
-    """``None`` -> every default detector; otherwise a list of names or instances."""
+    """``None`` -> every default detector; otherwise a list of names, classes or instances."""
     if detectors is None:
         detectors = list(DEFAULT)
     if isinstance(detectors, (str, Detector)):
@@ -34,8 +49,22 @@ def resolve(detectors) -> list[Detector]:
             raise ValueError(f"Detector {d.name!r} is listed twice; configure it once.")
         seen.add(d.name)
         d.validate()
+        d.reset()
         out.append(d)
     return out
 
 
-__all__ = ["Detector", "NaN", "BUILTINS", "DEFAULT", "resolve"]
+__all__ = [
+    "BUILTINS",
+    "DEFAULT",
+    "DeadReLU",
+    "Detector",
+    "EmbeddingOutOfRange",
+    "Exploding",
+    "LossPlateau",
+    "NaN",
+    "Saturation",
+    "UnusedEmbedding",
+    "Vanishing",
+    "resolve",
+]

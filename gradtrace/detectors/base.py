@@ -78,6 +78,15 @@ class Detector:
             self._state[key] = var
         return var
 
+    def reset(self):
+        """Forget all state (called at the start of every fit)."""
+        self._state = {}
+
+    def update(self, var, value):
+        """Assign ``value`` to a state variable (inside the step) and return it."""
+        var.assign(tf.cast(value, var.dtype))
+        return value
+
     def check(self, view):
         """Return ``(fired, value)``: a ``[rows]`` bool tensor and a ``[rows]`` float tensor."""
         raise NotImplementedError
@@ -91,6 +100,9 @@ class Detector:
 
     def message(self, row, value, stats_row) -> str:
         return f"{self.name} fired on {row.kind} of {row.path} (value {value:.4g})."
+
+    def epoch_begin(self, ctx):
+        """Host-side hook at the start of an epoch (reset per-epoch state here)."""
 
     def epoch_end(self, ctx):
         """Host-side checks at the end of an epoch; return a list of ``(layer, tensor, value, message)``."""

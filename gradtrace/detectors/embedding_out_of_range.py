@@ -1,0 +1,52 @@
+"""``embedding_out_of_range``: an id < 0 or >= input_dim reaching an Embedding layer."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradtrace.detectors.base import Detector
+from gradtrace.stats import COL
+
+
+class EmbeddingOutOfRange(Detector):
+    """Fires at the exact step where an Embedding receives an id outside ``[0, input_dim)``.
+
+    The ids are checked in-graph before the lookup and replaced by 0 for the
+    lookup itself, so the step completes on every device: on CPU TensorFlow
+    would abort it with an opaque ``GatherV2`` error, on GPU it would silently
+    read a zero row, under XLA it would clamp, and ``-1`` would silently read
+    the last row. Default action: halt (the step's update is not applied).
+    """
+
+    name = "embedding_out_of_range"
+    default_action = "halt"
+    needs = ("bad", "bad_value", "bad_index")
+    every_step = True
+    wants_ids = True
+
+    def check(self, view):
+        mask = view.mask(kinds=("ids",))
+        return mask & (view["bad"] > 0), view["bad_value"]
+
+    def explain(self, rows, fired, values, matrix, table):
+        for i in np.flatnonzero(fired):
+            row = table.rows[i]
+            st = matrix[i]
+            bad_id = int(st[COL["bad_value"]])
+            flat = int(st[COL["bad_index"]])
+            yield row, float(bad_id), (
+                f"{row.path} ({row.layer_class}) got id {bad_id}, outside [0, input_dim={row.input_dim}), "
+                f"at {_where(flat, row.shape)}; {int(st[COL['bad']])} bad id(s) in this batch "
+                f"(ids seen: min {int(st[COL['min']])}, max {int(st[COL['max']])}). "
+                f"Raise input_dim to at least {max(bad_id + 1, row.input_dim)} or fix the id mapping."
+            )
+
+
+def _where(flat, shape):
+    inner = shape[1:] if len(shape) > 1 else ()
+    if inner and all(isinstance(d, int) for d in inner):
+        per = int(np.prod(inner))
+        example, rest = divmod(flat, per)
+        pos = np.unravel_index(rest, inner)
+        return f"batch example {example}, position {tuple(int(p) for p in pos)}"
+    return f"flat position {flat} of the batch's ids"

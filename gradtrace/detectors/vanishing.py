@@ -1,0 +1,74 @@
+"""``vanishing``: the gradient reaching a layer's weights is (near) zero relative to the layers above it."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from gradtrace.detectors.base import Detector
+
+
+class Vanishing(Detector):
+    """Fires when a layer's weight gradients vanish for ``patience`` traced steps in a row.
+
+    Per layer, all its weight gradients together: ``rms = |g| / sqrt(n)``. The
+    layer's gradient has vanished when ``rms < ratio * max(rms of the layers
+    above it)`` and ``rms < max_rms``. Defaults follow AUTOTRAINER (ICSE 2021:
+    first/last-layer norm ratio < 1e-3 with first-layer norm < 1e-4), made
+    stricter (``ratio=1e-4``, ``max_rms=1e-5``) because it is checked per layer
+    and at every step; ``patience=5``. Taking a layer's weights together keeps
+    a Dense bias before BatchNorm (whose gradient is 0 by construction) from
+    firing. It blames the earliest layer affected and counts the others.
+    """
+
+    name = "vanishing"
+    default_action = "warn"
+    needs = ("norm", "size")
+
+    def __init__(self, ratio=1e-4, max_rms=1e-5, patience=5, action=None):
+        super().__init__(action)
+        self.ratio = self._check_range("ratio", ratio, 0.0, 1.0, low_open=True)
+        self.max_rms = self._check_range("max_rms", max_rms, 0.0, float("inf"), low_open=True)
+        self.patience = self._check_int("patience", patience, 1)
+
+    def _layers(self, table):
+        rows = [r for r in table.rows if r.kind == "weight_gradient"]
+        paths = sorted({r.path for r in rows}, key=lambda p: min(r.order for r in rows if r.path == p))
+        seg = np.array([paths.index(r.path) if r.kind == "weight_gradient" and r.path in paths else len(paths)
+                        for r in table.rows], dtype=np.int32)
+        order = np.array([min(r.order for r in rows if r.path == p) for p in paths] + [-1])
+        above = (order[None, :] > order[:, None]).astype(np.float32)  # above[i, j]: layer j is above layer i
+        return len(paths), seg, above
+
+    def check(self, view):
+        n_layers, seg, above = self._layers(view.table)
+        if n_layers < 2:
+            z = tf.zeros([len(view.table)], tf.bool)
+            return z, tf.zeros([len(view.table)])
+        k = n_layers + 1
+        norm2 = tf.math.unsorted_segment_sum(tf.square(view["norm"]), seg, k)
+        size = tf.math.unsorted_segment_sum(view["size"], seg, k)
+        rms = tf.sqrt(norm2 / tf.maximum(size, 1.0))
+        top = tf.reduce_max(above * rms[None, :], axis=1)
+        vanished = (rms < self.ratio * top) & (rms < self.max_rms) & (size > 0)
+        vanished = tf.concat([vanished[:-1], [False]], 0)
+        count = self.state(view, "count")  # per row; rows of one layer move together
+        per_row = tf.gather(vanished, seg)
+        new = tf.where(per_row, count + 1.0, 0.0)
+        self.update(count, new)
+        rel = tf.gather(rms / tf.maximum(top, 1e-30), seg)
+        return per_row & tf.equal(new, float(self.patience)), rel  # once per episode
+
+    def explain(self, rows, fired, values, matrix, table):
+        idx = np.flatnonzero(fired)
+        layers = {}
+        for i in idx:
+            layers.setdefault(table.rows[i].path, i)
+        first = min(layers.values(), key=lambda i: table.rows[i].order)
+        row = table.rows[first]
+        others = len(layers) - 1
+        tail = f"; {others} more layer(s) affected" if others else ""
+        yield row, float(values[first]), (
+            f"{row.path} ({row.layer_class}): its weight gradients are {float(values[first]):.3g}x "
+            f"the largest of the layers above it, for {self.patience} steps in a row (vanishing gradient){tail}."
+        )
