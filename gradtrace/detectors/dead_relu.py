@@ -12,7 +12,9 @@ class DeadReLU(Detector):
     """Fires when a ReLU layer's dead fraction exceeds ``threshold`` for ``patience`` steps.
 
     A unit (last axis) is dead in a step when it is 0 for every example and
-    position of the batch. ``threshold=0.5`` follows SageMaker Debugger's
+    position of the batch. When several ReLU layers die at the same step, the
+    first in execution order is blamed and the later ones are named in the
+    message (they usually die of its zeros). ``threshold=0.5`` follows SageMaker Debugger's
     DeadRelu rule (over 50% of units dead); ``patience=20`` traced steps in a
     row, so that a small batch that happens to miss a unit does not count.
     """
@@ -35,10 +37,14 @@ class DeadReLU(Detector):
         return tf.equal(new, float(self.patience)), dead  # once per episode, not every step after
 
     def explain(self, rows, fired, values, matrix, table):
-        for i in np.flatnonzero(fired):
-            row = table.rows[i]
-            units = row.shape[-1] if row.shape else "?"
-            yield row, float(values[i]), (
-                f"{row.path} ({row.layer_class}): {float(values[i]):.0%} of its {units} units output 0 for the "
-                f"whole batch, for {self.patience} steps in a row (threshold {self.threshold:.0%}: dead ReLU)."
-            )
+        # ReLU layers after a dead one often die of it (their input is all zeros):
+        # blame the first in execution order and name the others.
+        idx = sorted(np.flatnonzero(fired), key=lambda i: table.rows[i].order)
+        row = table.rows[idx[0]]
+        units = row.shape[-1] if row.shape else "?"
+        later = [table.rows[i].path for i in idx[1:]]
+        tail = f"; ReLU layer(s) after it also dead: {', '.join(later)}" if later else ""
+        yield row, float(values[idx[0]]), (
+            f"{row.path} ({row.layer_class}): {float(values[idx[0]]):.0%} of its {units} units output 0 for the "
+            f"whole batch, for {self.patience} steps in a row (threshold {self.threshold:.0%}: dead ReLU){tail}."
+        )

@@ -26,7 +26,7 @@ class Exploding(Detector):
 
     name = "exploding"
     default_action = "halt"
-    needs = ("norm", "size")
+    needs = ("norm", "size", "nan", "inf")
 
     def __init__(self, max_norm=1e6, factor=100.0, warmup=10, floor=1.0, decay=0.9, action=None):
         super().__init__(action)
@@ -39,12 +39,14 @@ class Exploding(Detector):
     def check(self, view):
         mask = view.mask(kinds=("gradient", "weight_gradient")) & (view["size"] > 0)
         norm = view["norm"]
-        finite = tf.math.is_finite(norm)
+        # values finite (NaN/Inf values are the nan detector's); a norm that overflowed
+        # from finite values (above ~1e19) still counts as exploded
+        finite = tf.equal(view["nan"] + view["inf"], 0.0)
         ema = self.state(view, "ema")
         seen = self.state(view, "seen")
         jump = (seen >= self.warmup) & (norm > self.floor) & (norm > self.factor * ema)
         fired = mask & finite & ((norm > self.max_norm) | jump)
-        ok = mask & finite & ~fired
+        ok = mask & finite & ~fired & tf.math.is_finite(norm)
         self.update(ema, tf.where(ok, tf.where(seen > 0, self.decay * ema + (1 - self.decay) * norm, norm), ema))
         self.update(seen, seen + tf.cast(ok, tf.float32))
         ratio = norm / tf.maximum(ema, 1e-30)

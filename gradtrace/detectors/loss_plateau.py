@@ -33,7 +33,7 @@ class LossPlateau(Detector):
         best = self.state(view, "best", np.inf)
         since = self.state(view, "since")
         new_ema = tf.where(tf.math.is_nan(ema), loss, 0.9 * ema + 0.1 * loss)
-        improved = new_ema < best - self.min_delta * tf.abs(best)
+        improved = tf.math.is_inf(best) | (new_ema < best - self.min_delta * tf.abs(best))
         self.update(best, tf.where(mask & improved, new_ema, best))
         new_since = tf.where(mask & ~improved, since + 1.0, 0.0)
         self.update(since, new_since)
