@@ -111,7 +111,7 @@ class Table:
 class StatsView:
     """What a detector's in-graph check sees: columns of the packed matrix, by name."""
 
-    def __init__(self, table: Table, matrix, step, ids=None):
+    def __init__(self, table: Table, matrix, step=None, ids=None):
         self.table = table
         self.matrix = matrix
         self.step = step
@@ -132,46 +132,66 @@ def _f32(t):
     return tf.cast(t, tf.float32)
 
 
-def float_stats(t, relu=False, activation=""):
-    """Statistics of one dense float tensor, as a dict of float32 scalars."""
+# The per-tensor quantities everything else is derived from, one small vector per row.
+BASE = ("s", "ss", "min", "max", "zeros", "sqdev", "size", "dead_frac", "saturated",
+        "bad", "bad_value", "bad_index")
+_B = {name: i for i, name in enumerate(BASE)}
+
+
+def base_stats(t, relu=False, activation="", which=None):
+    """The base quantities of one dense float tensor, as a ``[len(BASE)]`` float32 vector.
+
+    ``which`` limits the work to some of them (the others are 0); each costs
+    about one pass over the tensor.
+    """
+    which = ALL_BASE if which is None else which
     t = _f32(t)
     n = tf.cast(tf.size(t), tf.float32)
     safe_n = tf.maximum(n, 1.0)
     s = tf.reduce_sum(t)
-    ss = tf.reduce_sum(tf.square(t))
     nonempty = n > 0
-    mn = tf.where(nonempty, tf.reduce_min(t), 0.0)
-    mx = tf.where(nonempty, tf.reduce_max(t), 0.0)
-    mean = s / safe_n
-    # two passes: the one-pass E[t^2] - mean^2 loses all precision when |mean| >> std
-    var = tf.reduce_sum(tf.square(t - mean)) / safe_n
-    zeros = tf.reduce_sum(tf.cast(tf.equal(t, 0.0), tf.float32))
-    out = {
-        "mean": mean,
-        "std": tf.sqrt(var),
-        "min": mn,
-        "max": mx,
-        "norm": tf.sqrt(ss),
-        "zero_frac": zeros / safe_n,
-        "size": n,
-        "_s": s,
-        "_ss": ss,
-    }
-    if relu and t.shape.rank is not None and t.shape.rank >= 2:
-        axes = list(range(t.shape.rank - 1))
-        unit_max = tf.reduce_max(tf.abs(t), axis=axes)
+    out = {"s": s, "ss": 2.0 * tf.nn.l2_loss(t), "size": n}
+    if "min" in which:
+        out["min"] = tf.where(nonempty, tf.reduce_min(t), 0.0)
+    if "max" in which:
+        out["max"] = tf.where(nonempty, tf.reduce_max(t), 0.0)
+    if "zeros" in which:
+        out["zeros"] = tf.reduce_sum(tf.cast(tf.equal(t, 0.0), tf.float32))
+    if "sqdev" in which:
+        # two passes: the one-pass E[t^2] - mean^2 loses all precision when |mean| >> std
+        out["sqdev"] = 2.0 * tf.nn.l2_loss(t - s / safe_n)
+    if "dead_frac" in which and relu and t.shape.rank is not None and t.shape.rank >= 2:
+        unit_max = tf.reduce_max(tf.abs(t), axis=list(range(t.shape.rank - 1)))
         dead = tf.reduce_sum(tf.cast(tf.equal(unit_max, 0.0), tf.float32))
         out["dead_frac"] = dead / tf.maximum(tf.cast(tf.size(unit_max), tf.float32), 1.0)
-    if activation in SATURATION_LIMITS:
+    if "saturated" in which and activation in SATURATION_LIMITS:
         low, high = SATURATION_LIMITS[activation]
         margin = 0.01 * (high - low)
         pinned = tf.logical_or(t <= low + margin, t >= high - margin)
         out["saturated"] = tf.reduce_sum(tf.cast(pinned, tf.float32)) / safe_n
+    return _vector(out)
+
+
+def _vector(d):
+    zero = tf.constant(0.0)
+    return tf.stack([tf.cast(d.get(k, zero), tf.float32) for k in BASE])
+
+
+def float_stats(t, relu=False, activation=""):
+    """Statistics of one dense float tensor, as a dict of float32 scalars (see module docstring)."""
+    v = base_stats(t, relu, activation)
+    m = derive(v[None, :])[0]
+    out = {c: m[COL[c]] for c in COLUMNS if c not in ("nan", "inf", "update_ratio", "bad", "bad_value", "bad_index")}
+    if not relu or t.shape.rank is None or t.shape.rank < 2:
+        out.pop("dead_frac")
+    if activation not in SATURATION_LIMITS:
+        out.pop("saturated")
+    out["_s"], out["_ss"] = v[_B["s"]], v[_B["ss"]]
     return out
 
 
 def ids_stats(ids, input_dim):
-    """Range statistics of Embedding ids, taken before the lookup."""
+    """Range statistics of Embedding ids, taken before the lookup (a dict of float32 scalars)."""
     flat = tf.reshape(tf.cast(ids, tf.int64), [-1])
     n = tf.size(flat)
     nonempty = n > 0
@@ -198,51 +218,123 @@ def nonfinite_counts(t):
     )
 
 
-def pack(entries):
-    """Pack ``[(stats_dict, tensor_for_counts_or_None)]`` into a ``[rows, columns]`` matrix.
+def derive(base, nan=None, inf=None, update_ratio=None):
+    """Turn a ``[rows, len(BASE)]`` matrix of base quantities into the ``[rows, columns]`` statistics."""
+    b = {k: base[:, i] for i, k in enumerate(BASE)}
+    n = tf.maximum(b["size"], 1.0)
+    zero = tf.zeros_like(b["s"])
+    cols = {
+        "mean": b["s"] / n,
+        "std": tf.sqrt(tf.maximum(b["sqdev"], 0.0) / n),
+        "min": b["min"],
+        "max": b["max"],
+        "norm": tf.sqrt(b["ss"]),
+        "nan": zero if nan is None else nan,
+        "inf": zero if inf is None else inf,
+        "zero_frac": b["zeros"] / n,
+        "dead_frac": b["dead_frac"],
+        "update_ratio": zero if update_ratio is None else update_ratio,
+        "size": b["size"],
+        "bad": b["bad"],
+        "bad_value": b["bad_value"],
+        "bad_index": b["bad_index"],
+        "saturated": b["saturated"],
+    }
+    return tf.stack([cols[c] for c in COLUMNS], axis=1)
 
-    NaN/Inf counts are computed in one ``tf.cond``: only when some row's sum or
-    sum of squares is not finite, which is the rare faulty step.
+
+_SAME = object()
+# The base quantities behind each column. s, ss and size are always computed (the
+# NaN/Inf gate and the norm need them); the rest only when a detector needs them,
+# and all of them on a step where a detector fired (for the report).
+ALWAYS = ("s", "ss", "size")
+COLUMN_BASE = {
+    "mean": ("s",), "std": ("s", "sqdev"), "min": ("min",), "max": ("max",), "norm": ("ss",),
+    "zero_frac": ("zeros",), "dead_frac": ("dead_frac",), "saturated": ("saturated",),
+    "update_ratio": ("ss",),
+}
+
+
+def base_needs(columns) -> frozenset:
+    """The base quantities that statistics ``columns`` are derived from."""
+    out = set(ALWAYS)
+    for c in columns:
+        out.update(COLUMN_BASE.get(c, ()))
+    return frozenset(out)
+
+
+ALL_BASE = frozenset(BASE)
+
+
+class Collector:
+    """Collects the rows of one step and computes all their statistics at once.
+
+    ``add`` registers a row with either a float tensor (its statistics are
+    computed) or a dict of ready-made values (Embedding ids, the sums of
+    untraced steps). ``build`` returns the :class:`Table` and the packed
+    ``[rows, columns]`` matrix. NaN/Inf counts are computed in one ``tf.cond``,
+    only when some row's sum or sum of squares is not finite.
     """
-    zero = tf.constant(0.0)
-    cols = {c: [] for c in COLUMNS}
-    sums = []
-    for st, _ in entries:
-        for c in COLUMNS:
-            cols[c].append(st.get(c, zero))
-        sums.append(st.get("_s", zero))
-        sums.append(st.get("_ss", zero))
-    if not entries:
-        return tf.zeros([0, len(COLUMNS)], tf.float32)
-    all_finite = tf.reduce_all(tf.math.is_finite(tf.stack(sums)))
-    counted = [t for _, t in entries]
 
-    def no_counts():
-        z = tf.zeros([len(entries)], tf.float32)
-        return z, z
+    def __init__(self):
+        self.rows: list[Row] = []
+        self._vectors = []
+        self._counted = []
+        self._ratios = []  # (weight_gradient row, weight row)
 
-    def counts():
-        nans, infs = [], []
-        for t in counted:
-            if t is None:
-                nans.append(zero)
-                infs.append(zero)
-            else:
-                a, b = nonfinite_counts(t)
-                nans.append(a)
-                infs.append(b)
-        return tf.stack(nans), tf.stack(infs)
-
-    nan, inf = tf.cond(all_finite, no_counts, counts)
-    columns = []
-    for c in COLUMNS:
-        if c == "nan":
-            columns.append(nan)
-        elif c == "inf":
-            columns.append(inf)
+    def add(self, kind, path, tensor=None, values=None, counted=_SAME, relu=False, activation="", **meta) -> int:
+        """Register a row; ``counted`` is the tensor whose NaN/Inf are counted (default: ``tensor``)."""
+        index = len(self.rows)
+        self.rows.append(Row(index=index, kind=kind, path=path, relu=relu, activation=activation, **meta))
+        if values is not None:
+            self._vectors.append(_vector(values))
         else:
-            columns.append(tf.stack(cols[c]))
-    return tf.stack(columns, axis=1)
+            self._vectors.append((tensor, relu, activation))
+        self._counted.append(tensor if counted is _SAME else counted)
+        return index
+
+    def ratio(self, grad_row, weight_row):
+        self._ratios.append((grad_row, weight_row))
+
+    def build(self, lr=None, needs=ALL_BASE):
+        """Return ``(table, matrix, full)``.
+
+        ``matrix`` holds the columns whose base quantities are in ``needs``
+        (the others are 0); ``full()`` builds the matrix with every column, for
+        use inside a ``tf.cond`` on the rare step that gets reported.
+        """
+        table = Table(self.rows)
+        if not self.rows:
+            empty = tf.zeros([0, len(COLUMNS)], tf.float32)
+            return table, empty, lambda: empty
+        matrix = self._matrix(lr, needs)
+        return table, matrix, (lambda: matrix) if needs >= ALL_BASE else (lambda: self._matrix(lr, ALL_BASE))
+
+    def _matrix(self, lr, which):
+        vectors = [base_stats(v[0], v[1], v[2], which) if isinstance(v, tuple) else v for v in self._vectors]
+        base = tf.stack(vectors)
+        counted = self._counted
+        all_finite = tf.reduce_all(tf.math.is_finite(base[:, _B["s"]])) & tf.reduce_all(
+            tf.math.is_finite(base[:, _B["ss"]]))
+
+        def no_counts():
+            z = tf.zeros([len(counted)], tf.float32)
+            return z, z
+
+        def counts():
+            pairs = [nonfinite_counts(t) if t is not None else (0.0, 0.0) for t in counted]
+            return (tf.stack([tf.cast(a, tf.float32) for a, _ in pairs]),
+                    tf.stack([tf.cast(b, tf.float32) for _, b in pairs]))
+
+        nan, inf = tf.cond(all_finite, no_counts, counts)
+        ratio = None
+        if self._ratios and lr is not None:
+            g_idx = [g for g, _ in self._ratios]
+            w_idx = [w for _, w in self._ratios]
+            norms = tf.sqrt(base[:, _B["ss"]])
+            values = lr * tf.gather(norms, g_idx) / (tf.gather(norms, w_idx) + 1e-12)
+            ratio = tf.scatter_nd(tf.constant(g_idx, tf.int32)[:, None], values, [len(self.rows)])
+        return derive(base, nan, inf, ratio)
 
 
 def row_dict(matrix_row) -> dict:

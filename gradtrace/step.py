@@ -65,6 +65,8 @@ class Engine:
         self.tables = {}  # traced (bool) -> stats.Table of the latest trace
         self.active = {}  # traced (bool) -> detectors run in that variant
         self.sanitize_ids = any(d.wants_ids for d in self.detectors)
+        # the base quantities computed at every step: the union of what the detectors need
+        self.needs = st.base_needs(c for d in self.detectors for c in d.needs)
 
     def make_step(self, traced: bool):
         def train_step(data):
@@ -118,8 +120,7 @@ class Engine:
         if getattr(optimizer, "loss_scale_factor", None) is not None:
             unscale = 1.0 / float(optimizer.loss_scale_factor)
 
-        table, entries, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale)
-        matrix = st.pack(entries)
+        table, matrix, full, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale)
         view = st.StatsView(table, matrix, step, ids)
         fired, values = [], []
         for d in detectors:
@@ -156,11 +157,13 @@ class Engine:
         else:
             committed = commit()
         logs = dict(model.get_metrics_result())
+        any_fired = tf.reduce_any(per_detector)
         logs[KEY] = {
-            "any": tf.reduce_any(per_detector),
+            "any": any_fired,
             "fired": fired_m,
             "values": values_m,
-            "stats": matrix,
+            # every statistic on a step that gets reported; only what detectors need otherwise
+            "stats": tf.cond(any_fired, full, lambda: matrix) if self.needs < st.ALL_BASE else matrix,
             "step": step,
             "committed": committed,
             "data": data,
@@ -168,31 +171,35 @@ class Engine:
         return logs
 
     def _rows(self, x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale):
-        rows, entries, ids = [], [], {}
-
-        def add(kind, path, stats_dict, counted, **meta):
-            rows.append(st.Row(index=len(rows), kind=kind, path=path, **meta))
-            entries.append((stats_dict, counted))
-
+        """Register every captured tensor of the step with a stats Collector (in a fixed order)."""
+        c = st.Collector()
+        ids = {}
         if traced:
             for name, t in _float_tensors(x, ""):
-                add("input", "inputs", st.float_stats(t), t, name=name, shape=tuple(t.shape))
+                c.add("input", "inputs", t, name=name, shape=tuple(t.shape))
             for name, t in _float_tensors(y, ""):
-                add("target", "targets", st.float_stats(t), t, name=name, shape=tuple(t.shape))
+                c.add("target", "targets", t, name=name, shape=tuple(t.shape))
         order = {}
-        for i, c in enumerate(recorder.calls):
-            order.setdefault(id(c.layer), i)
-            if c.ids is not None:
-                dim = int(c.layer.input_dim)
-                ids[len(rows)] = c.ids
-                add("ids", c.path, st.ids_stats(c.ids, dim), None, layer_class=type(c.layer).__name__,
-                    order=i, input_dim=dim, shape=tuple(c.ids.shape))
-            for p, t in zip(c.output_paths, c.outputs):
-                add("output", p, st.float_stats(t, relu=c.relu, activation=c.activation), t,
-                    layer_class=type(c.layer).__name__, shape=tuple(t.shape), relu=c.relu,
-                    activation=c.activation, order=i)
-        add("loss", "loss", st.float_stats(loss), loss, layer_class="loss", order=len(recorder.calls))
+        for i, call in enumerate(recorder.calls):
+            order.setdefault(id(call.layer), i)
+            cls = type(call.layer).__name__
+            if call.ids is not None:
+                dim = int(call.layer.input_dim)
+                ids[c.add("ids", call.path, values=st.ids_stats(call.ids, dim), counted=None, layer_class=cls,
+                          order=i, input_dim=dim, shape=tuple(call.ids.shape))] = call.ids
+            for p, t in zip(call.output_paths, call.outputs):
+                c.add("output", p, t, relu=call.relu, activation=call.activation, layer_class=cls,
+                      shape=tuple(t.shape), order=i)
+        c.add("loss", "loss", loss, layer_class="loss", order=len(recorder.calls))
         owners = self._weight_owners()
+
+        def owner(v):
+            path, cls, layer = owners.get(id(v), (self.model.name, type(self.model).__name__, None))
+            return path, cls, order.get(id(layer), len(recorder.calls))
+
+        def scaled(g):
+            return g if unscale == 1.0 else g * unscale
+
         if not traced:
             # Untraced steps (trace_every > 1) still refuse a non-finite update: one sum
             # per weight gradient; NaN/Inf counts only on the step where a sum is not finite.
@@ -200,39 +207,32 @@ class Engine:
                 if g is None:
                     continue
                 g_t = g.values if isinstance(g, tf.IndexedSlices) else g
-                path, cls, layer = owners.get(id(v), (self.model.name, type(self.model).__name__, None))
-                add("weight_gradient", path, {"_s": tf.reduce_sum(tf.cast(g_t, tf.float32)),
-                                              "size": tf.cast(tf.size(g_t), tf.float32)},
-                    g_t, layer_class=cls, name=v.name, shape=tuple(v.shape), order=order.get(id(layer), 0))
-            return st.Table(rows), entries, ids
+                path, cls, o = owner(v)
+                c.add("weight_gradient", path, values={"s": tf.reduce_sum(tf.cast(g_t, tf.float32)),
+                                                       "size": tf.cast(tf.size(g_t), tf.float32)},
+                      counted=g_t, layer_class=cls, name=v.name, shape=tuple(v.shape), order=o)
+            table, matrix, full = c.build(needs=self.needs)
+            return table, matrix, full, ids
         k = 0
-        for c_i, c in enumerate(recorder.calls):
-            for p, t in zip(c.output_paths, c.outputs):
+        for c_i, call in enumerate(recorder.calls):
+            for p, t in zip(call.output_paths, call.outputs):
                 g = ograds[k]
                 k += 1
-                if g is None:
-                    continue
-                g = tf.convert_to_tensor(g) * unscale
-                add("gradient", p, st.float_stats(g), g, layer_class=type(c.layer).__name__,
-                    shape=tuple(t.shape), order=c_i)
-        lr = tf.cast(compat.current_learning_rate(self.model.optimizer), tf.float32)
+                if g is not None:
+                    c.add("gradient", p, scaled(tf.convert_to_tensor(g)), layer_class=type(call.layer).__name__,
+                          shape=tuple(t.shape), order=c_i)
         for v, g in zip(tvars, wgrads):
-            path, cls, layer = owners.get(id(v), (self.model.name, type(self.model).__name__, None))
-            o = order.get(id(layer), len(recorder.calls))
-            name = v.name
+            path, cls, o = owner(v)
+            meta = dict(layer_class=cls, name=v.name, shape=tuple(v.shape), order=o)
             if isinstance(g, tf.IndexedSlices):
-                rows_w = tf.gather(v.value, g.indices)
-                w_stats = st.float_stats(rows_w)
-                g_t = g.values * unscale
+                # never densify an embedding table: the looked-up rows and their gradient slices
+                w_row = c.add("weight", path, tf.gather(v.value, g.indices), **meta)
+                g_t = scaled(g.values)
             else:
-                w_stats = st.float_stats(v.value)
-                g_t = None if g is None else g * unscale
-            add("weight", path, w_stats,
-                v.value if not isinstance(g, tf.IndexedSlices) else rows_w,
-                layer_class=cls, name=name, shape=tuple(v.shape), order=o)
-            if g_t is None:
-                continue
-            g_stats = st.float_stats(g_t)
-            g_stats["update_ratio"] = lr * g_stats["norm"] / (w_stats["norm"] + 1e-12)
-            add("weight_gradient", path, g_stats, g_t, layer_class=cls, name=name, shape=tuple(v.shape), order=o)
-        return st.Table(rows), entries, ids
+                w_row = c.add("weight", path, v.value, **meta)
+                g_t = None if g is None else scaled(g)
+            if g_t is not None:
+                c.ratio(c.add("weight_gradient", path, g_t, **meta), w_row)
+        lr = tf.cast(compat.current_learning_rate(self.model.optimizer), tf.float32)
+        table, matrix, full = c.build(lr=lr, needs=self.needs)
+        return table, matrix, full, ids

@@ -250,12 +250,23 @@ def test_ids_stats_of_empty_ids(mode):
     assert got == np_ids_stats(ids, 10)
 
 
-# -- pack ---------------------------------------------------------------------------
+# -- Collector: many rows at once, packed into one matrix ---------------------------
+def _pack(entries, lr=None):
+    """Build ``[(tensor, counted)]`` rows with a Collector and return the full matrix."""
+    c = st.Collector()
+    for t, counted in entries:
+        c.add("output", "r", t, counted=counted)
+    return c.build(lr=lr)[1]
+
+
 def _pack_rows(mode, arrays, relu=False, counted=True):
-    """pack([(float_stats(t), t)]) for NumPy arrays, eagerly or in a tf.function."""
+    """Every statistic of ``arrays`` as Collector rows, eagerly or in a tf.function."""
 
     def fn(*ts):
-        return st.pack([(st.float_stats(t, relu=relu), t if counted else None) for t in ts])
+        c = st.Collector()
+        for t in ts:
+            c.add("output", "r", t, counted=t if counted else None, relu=relu)
+        return c.build()[1]
 
     return run(mode, fn, *arrays)
 
@@ -338,10 +349,10 @@ def test_pack_counts_are_only_computed_when_some_sum_is_not_finite(mode):
     with_inf[0, 0] = np.inf
 
     def only_finite(a, b):
-        return st.pack([(st.float_stats(a), b)])
+        return _pack([(a, b)])
 
     def one_nonfinite(a, b, c):
-        return st.pack([(st.float_stats(a), b), (st.float_stats(c), c)])
+        return _pack([(a, b), (c, c)])
 
     m1 = run(mode, only_finite, finite, with_nan)
     assert m1[0, st.COL["nan"]] == 0.0  # all sums finite: counting skipped
@@ -356,7 +367,7 @@ def test_pack_row_without_counted_tensor_has_zero_counts(mode):
     bad = np.array([np.nan, 1.0, np.inf], np.float32)
 
     def fn(t):
-        return st.pack([(st.float_stats(t), None), (st.float_stats(t), t)])
+        return _pack([(t, None), (t, t)])
 
     m = run(mode, fn, bad)
     assert m[0, st.COL["nan"]] == 0.0 and m[0, st.COL["inf"]] == 0.0
@@ -383,7 +394,7 @@ def test_pack_empty_tensor_next_to_nonfinite_one(mode):
 
 
 def test_pack_of_nothing():
-    m = st.pack([]).numpy()
+    m = st.Collector().build()[1].numpy()
     assert m.shape == (0, len(st.COLUMNS))
     assert m.dtype == np.float32
 
@@ -396,13 +407,15 @@ def test_pack_mixes_float_ids_and_update_ratio_rows(mode):
     lr = 0.5
 
     def fn(a, i):
-        g = st.float_stats(a)
-        w = st.float_stats(2.0 * a)
-        g["update_ratio"] = lr * g["norm"] / (w["norm"] + 1e-12)
-        return st.pack([(st.float_stats(a), a), (st.ids_stats(i, dim), None), (g, a)])
+        c = st.Collector()
+        c.add("output", "a", a)
+        c.add("ids", "e", values=st.ids_stats(i, dim), counted=None)
+        g = c.add("weight_gradient", "d", a)
+        c.ratio(g, c.add("weight", "d", 2.0 * a))
+        return c.build(lr=tf.constant(lr))[1]
 
     m = run(mode, fn, acts, ids)
-    assert m.shape == (3, len(st.COLUMNS))
+    assert m.shape == (4, len(st.COLUMNS))
     ref_f = np_float_stats(acts)
     for k, v in ref_f.items():
         np.testing.assert_allclose(m[0, st.COL[k]], v, rtol=RTOL, atol=ATOL, err_msg=k)
@@ -422,3 +435,24 @@ def test_row_dict_reads_columns_by_name():
     d = st.row_dict(row)
     assert list(d) == list(st.COLUMNS)
     assert all(d[c] == float(st.COL[c]) for c in st.COLUMNS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_collector_computes_only_the_needed_columns_until_asked_for_all(mode):
+    a = _relu_with_dead_units()
+
+    def fn(t):
+        c = st.Collector()
+        c.add("output", "r", t, relu=True)
+        needs = st.base_needs(["dead_frac"])
+        _, cheap, full = c.build(needs=needs)
+        return tf.stack([cheap, full()])
+
+    cheap, full = run(mode, fn, a)
+    ref = np_float_stats(a, relu=True)
+    # always: sums (for the NaN/Inf gate and the norm), size; plus what was asked for
+    for k in ("mean", "norm", "size", "dead_frac"):
+        np.testing.assert_allclose(cheap[0, st.COL[k]], ref[k], rtol=RTOL, atol=ATOL, err_msg=k)
+    assert cheap[0, st.COL["max"]] == 0.0 and cheap[0, st.COL["std"]] == 0.0  # not computed
+    for k, v in ref.items():
+        np.testing.assert_allclose(full[0, st.COL[k]], v, rtol=RTOL, atol=ATOL, err_msg=k)

@@ -1,0 +1,320 @@
+"""Overhead of gradtrace against plain ``model.fit`` and the debugging tools people use today.
+
+    python benchmarks/overhead.py                       # every model, default settings (< 10 min on 2 cores)
+    python benchmarks/overhead.py --models two_embedding --steps 30 --rounds 3
+    python benchmarks/overhead.py --smoke                # a few steps of one model (what the tests run)
+
+Step time: every in-process contender trains the same model architecture
+(same seed, same data, same ``jit_compile``) in rounds, interleaved
+A, B, C, A, B, C, ... so that drift of this shared machine hits all alike; a
+callback times every step; the first step of each ``fit`` call is reported
+apart (tracing and compilation) and the median of the others is the step
+time. Ratios are to plain ``model.fit`` measured in the same process.
+``tf.debugging.enable_check_numerics`` and Debugger V2's dump modes change
+TensorFlow globally, so each runs in a subprocess with its own interleaved
+baseline. Peak memory: each contender trains in a fresh subprocess and reports
+its peak RSS above the RSS it had once the model was built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+IN_PROCESS = ["keras", "gradtrace", "gradtrace_every16", "terminate_on_nan", "tensorboard_hist"]
+SUBPROCESS = ["check_numerics", "dump_curt_health", "dump_full_health"]
+MODELS = ["two_embedding", "deep_mlp", "cnn_bn", "transformer", "depth_10", "depth_50", "depth_200"]
+
+
+# -- models and data ------------------------------------------------------------------------
+
+def build(name):
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    if name == "two_embedding":
+        n_users, n_items, batch = 20000, 5000, 256
+        user, item = keras.Input((1,), dtype="int32", name="user"), keras.Input((1,), dtype="int32", name="item")
+        u = layers.Flatten()(layers.Embedding(n_users, 64, name="user_emb")(user))
+        i = layers.Flatten()(layers.Embedding(n_items, 32, name="item_emb")(item))
+        inner = keras.Model([user, item], layers.Concatenate()([u, i]), name="inner")
+        user2, item2 = keras.Input((1,), dtype="int32", name="user"), keras.Input((1,), dtype="int32", name="item")
+        h = inner([user2, item2])
+        for k in range(4):
+            h = layers.Dense(256, activation="relu", name=f"hidden_{k}")(h)
+        model = keras.Model([user2, item2], layers.Dense(1, activation="sigmoid", name="head")(h), name="outer")
+        n = batch * 8
+        x = [rng.integers(0, n_users, (n, 1)).astype("int32"), rng.integers(0, n_items, (n, 1)).astype("int32")]
+        y = (rng.random((n, 1)) < 0.3).astype("float32")
+        loss = "binary_crossentropy"
+    elif name == "deep_mlp" or name.startswith("depth_"):
+        depth, width, batch = (24, 128, 128) if name == "deep_mlp" else (int(name.split("_")[1]), 64, 128)
+        inp = keras.Input((32,))
+        h = inp
+        for k in range(depth):
+            h = layers.Dense(width, activation="relu", kernel_initializer="he_normal", name=f"d{k}")(h)
+        model = keras.Model(inp, layers.Dense(10, activation="softmax")(h), name=name)
+        n = batch * 8
+        x = rng.normal(size=(n, 32)).astype("float32")
+        y = rng.integers(0, 10, n).astype("int32")
+        loss = "sparse_categorical_crossentropy"
+    elif name == "cnn_bn":
+        batch = 64
+        inp = keras.Input((32, 32, 3))
+        h = inp
+        for k, f in enumerate((16, 32, 64)):
+            h = layers.Conv2D(f, 3, padding="same", name=f"conv{k}")(h)
+            h = layers.BatchNormalization(name=f"bn{k}")(h)
+            h = layers.ReLU(name=f"relu{k}")(h)
+            h = layers.MaxPooling2D(name=f"pool{k}")(h)
+        h = layers.Dropout(0.2)(layers.GlobalAveragePooling2D()(h))
+        model = keras.Model(inp, layers.Dense(10, activation="softmax")(h), name=name)
+        n = batch * 8
+        x = rng.normal(size=(n, 32, 32, 3)).astype("float32")
+        y = rng.integers(0, 10, n).astype("int32")
+        loss = "sparse_categorical_crossentropy"
+    elif name == "transformer":
+        batch, seq, vocab, dim = 64, 32, 5000, 64
+        tok = keras.Input((seq,), dtype="int32")
+        h = layers.Embedding(vocab, dim, name="tok_emb")(tok)
+        pos = layers.Embedding(seq, dim, name="pos_emb")(keras.ops.arange(seq)[None, :] * keras.ops.ones_like(tok))
+        h = layers.Add()([h, pos])
+        for k in range(4):
+            a = layers.MultiHeadAttention(4, dim // 4, name=f"mha{k}")(h, h)
+            h = layers.LayerNormalization(name=f"ln{k}a")(layers.Add()([h, a]))
+            f = layers.Dense(dim * 2, activation="relu", name=f"ff{k}a")(h)
+            f = layers.Dense(dim, name=f"ff{k}b")(f)
+            h = layers.LayerNormalization(name=f"ln{k}b")(layers.Add()([h, f]))
+        out = layers.Dense(2, activation="softmax")(layers.GlobalAveragePooling1D()(h))
+        model = keras.Model(tok, out, name=name)
+        n = batch * 8
+        x = rng.integers(0, vocab, (n, seq)).astype("int32")
+        y = rng.integers(0, 2, n).astype("int32")
+        loss = "sparse_categorical_crossentropy"
+    else:
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    model.compile(optimizer="adam", loss=loss, jit_compile=False)
+    return model, x, y, batch
+
+
+# -- running one contender ---------------------------------------------------------------------
+
+class StepTimer:
+    def __init__(self):
+        import keras
+
+        class CB(keras.callbacks.Callback):
+            def on_train_batch_begin(cb, batch, logs=None):
+                self._t = time.perf_counter()
+
+            def on_train_batch_end(cb, batch, logs=None):
+                self.times.append(time.perf_counter() - self._t)
+
+        self.times = []
+        self.callback = CB()
+
+
+def run_fit(contender, model, x, y, batch, steps, logdir):
+    import keras
+
+    import gradtrace
+
+    timer = StepTimer()
+    cbs = [timer.callback]
+    kw = dict(batch_size=batch, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+    if contender == "terminate_on_nan":
+        cbs.append(keras.callbacks.TerminateOnNaN())
+    if contender == "tensorboard_hist":
+        cbs.append(keras.callbacks.TensorBoard(log_dir=logdir, histogram_freq=1, write_graph=False))
+    if contender.startswith("gradtrace"):
+        every = 16 if contender == "gradtrace_every16" else 1
+        h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, **kw)
+        if h.anomalies:
+            print(f"  note: {contender} reported {len(h.anomalies)} anomalies, first: {h.anomalies[0]}", file=sys.stderr)
+    else:
+        model.fit(x, y, callbacks=cbs, **kw)
+    return timer.times
+
+
+def _repeat(x, steps, batch):
+    """Enough rows for ``steps`` batches (the data is tiled, never resampled)."""
+    need = steps * batch
+
+    def tile(a):
+        reps = -(-need // len(a))
+        return np.concatenate([a] * reps)[:need]
+
+    return [tile(a) for a in x] if isinstance(x, list) else tile(x)
+
+
+def interleaved(model_name, contenders, steps, rounds, logdir):
+    models = {}
+    data = None
+    for c in contenders:
+        models[c], x, y, batch = build(model_name)
+        data = (x, y, batch)
+    x, y, batch = data
+    x, y = _repeat(x, steps, batch), _repeat(y, steps, batch)
+    first = {c: [] for c in contenders}
+    steady = {c: [] for c in contenders}
+    for r in range(rounds):
+        for c in contenders:
+            t = run_fit(c, models[c], x, y, batch, steps, logdir)
+            first[c].append(t[0])
+            steady[c].extend(t[2:])  # the second step may still finish tracing a partial path
+    return {
+        c: {"step_ms": 1e3 * float(np.median(steady[c])), "first_step_s": float(first[c][0]),
+            "first_step_refit_s": float(np.median(first[c][1:])) if rounds > 1 else None,
+            "steps_timed": len(steady[c])}
+        for c in contenders
+    }
+
+
+def subprocess_contender(model_name, contender, steps, rounds):
+    """Debugger modes that change TensorFlow globally: their own process, interleaved with a baseline."""
+    code = f"""
+import sys, json, os, tempfile
+sys.path.insert(0, {os.path.dirname(HERE)!r}); sys.path.insert(0, {HERE!r})
+import overhead as O, tensorflow as tf
+models = {{c: O.build({model_name!r}) for c in ("keras", {contender!r})}}
+x, y, batch = models["keras"][1:]
+x, y = O._repeat(x, {steps}, batch), O._repeat(y, {steps}, batch)
+tmp = tempfile.mkdtemp()
+first = {{"keras": [], {contender!r}: []}}; steady = {{"keras": [], {contender!r}: []}}
+for r in range({rounds}):
+    for c in ("keras", {contender!r}):
+        if c == "check_numerics": tf.debugging.enable_check_numerics()
+        if c.startswith("dump_"):
+            mode = "CURT_HEALTH" if c == "dump_curt_health" else "FULL_HEALTH"
+            tf.debugging.experimental.enable_dump_debug_info(os.path.join(tmp, "dump"), tensor_debug_mode=mode, circular_buffer_size=1000)
+        t = O.run_fit("keras", models[c][0], x, y, batch, {steps}, tmp)
+        if c == "check_numerics": tf.debugging.disable_check_numerics()
+        if c.startswith("dump_"): tf.debugging.experimental.disable_dump_debug_info()
+        first[c].append(t[0]); steady[c].extend(t[2:])
+import numpy as np
+print("RESULT" + json.dumps({{c: {{"step_ms": 1e3*float(np.median(steady[c])), "first_step_s": first[c][0]}} for c in steady}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[6:])
+    raise RuntimeError(f"{contender} on {model_name} failed:\n{out.stderr[-3000:]}")
+
+
+def peak_memory(model_name, contender, steps):
+    code = f"""
+import sys, resource, tempfile, os
+sys.path.insert(0, {os.path.dirname(HERE)!r}); sys.path.insert(0, {HERE!r})
+import overhead as O
+model, x, y, batch = O.build({model_name!r})
+x, y = O._repeat(x, {steps}, batch), O._repeat(y, {steps}, batch)
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+base = rss_kb()
+O.run_fit({contender!r}, model, x, y, batch, {steps}, tempfile.mkdtemp())
+print("RESULT", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return float(line.split()[1]) / 1024.0
+    raise RuntimeError(f"memory of {contender} on {model_name} failed:\n{out.stderr[-3000:]}")
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--contenders", default=",".join(IN_PROCESS + SUBPROCESS))
+    p.add_argument("--steps", type=int, default=24, help="steps per fit call")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "overhead.json"))
+    p.add_argument("--smoke", action="store_true", help="a few steps of one small model, no subprocesses")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.models, args.steps, args.rounds, args.no_memory = "depth_10", 4, 1, True
+        args.contenders = "keras,gradtrace,gradtrace_every16,terminate_on_nan"
+    models = args.models.split(",")
+    contenders = args.contenders.split(",")
+    local = [c for c in contenders if c in IN_PROCESS]
+    remote = [c for c in contenders if c in SUBPROCESS]
+    unknown = [c for c in contenders if c not in IN_PROCESS + SUBPROCESS]
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {unknown}; choose from {', '.join(IN_PROCESS + SUBPROCESS)}")
+    if "keras" not in local:
+        local.insert(0, "keras")
+
+    import keras
+    import tensorflow as tf
+
+    import gradtrace
+
+    logdir = tempfile.mkdtemp(prefix="gradtrace_bench_")
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                           "cpus": os.cpu_count(), "python": platform.python_version(),
+                           "tensorflow": tf.__version__, "keras": keras.__version__,
+                           "gradtrace": gradtrace.__version__},
+               "settings": {"steps": args.steps, "rounds": args.rounds}, "models": {}}
+    t0 = time.time()
+    for m in models:
+        print(f"[{time.time() - t0:6.0f}s] {m}: {', '.join(local)} interleaved", file=sys.stderr, flush=True)
+        res = interleaved(m, local, args.steps, args.rounds, logdir)
+        base = res["keras"]
+        for c in remote:
+            print(f"[{time.time() - t0:6.0f}s] {m}: {c} (subprocess)", file=sys.stderr, flush=True)
+            sub = subprocess_contender(m, c, max(8, args.steps // 2), max(1, args.rounds - 1))
+            # ratio against the baseline of its own process, scaled to this process's baseline
+            res[c] = {"step_ms": base["step_ms"] * sub[c]["step_ms"] / sub["keras"]["step_ms"],
+                      "first_step_s": base["first_step_s"] * sub[c]["first_step_s"] / sub["keras"]["first_step_s"],
+                      "own_baseline_ratio": sub[c]["step_ms"] / sub["keras"]["step_ms"]}
+        if not args.no_memory:
+            for c in local:
+                print(f"[{time.time() - t0:6.0f}s] {m}: peak memory of {c}", file=sys.stderr, flush=True)
+                res[c]["peak_mb"] = peak_memory(m, c, min(args.steps, 12))
+        for c, r in res.items():
+            r["step_ratio"] = r["step_ms"] / base["step_ms"]
+            r["first_ratio"] = r["first_step_s"] / base["first_step_s"]
+            if "peak_mb" in r and base.get("peak_mb"):
+                r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
+        results["models"][m] = res
+    shutil.rmtree(logdir, ignore_errors=True)
+
+    from tabulate import tabulate
+
+    rows = []
+    for m, res in results["models"].items():
+        for c, r in res.items():
+            rows.append((m, c, f"{r['step_ms']:.2f}", f"{r['step_ratio']:.2f}x", f"{r['first_ratio']:.2f}x",
+                         f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""))
+    table = tabulate(rows, headers=["model", "contender", "step ms", "step / fit", "first step / fit", "peak mem / fit"])
+    print(table)
+    print(f"\n{results['machine']}; {args.steps} steps x {args.rounds} interleaved rounds; total {time.time() - t0:.0f}s")
+    results["table"] = table
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
