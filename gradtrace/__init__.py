@@ -21,7 +21,10 @@ from gradtrace.detectors import (
     Vanishing,
 )
 from gradtrace.fit import fit
+from gradtrace.inspection import capture, summary
+from gradtrace.replay import Replay, replay
 from gradtrace.report import report
+from gradtrace.snapshot import SnapshotError
 
 __version__ = "0.1.0"
 
@@ -40,9 +43,14 @@ __all__ = [
     "Saturation",
     "UnusedEmbedding",
     "Vanishing",
+    "capture",
     "fit",
+    "summary",
     "is_patched",
     "layer_paths",
+    "Replay",
+    "replay",
     "report",
+    "SnapshotError",
     "__version__",
 ]

@@ -43,6 +43,7 @@ class Anomaly:
     message: str
     snapshot: str | None = None
     action: str = "warn"
+    snapshot_error: str | None = None
     stats: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:

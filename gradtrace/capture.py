@@ -76,6 +76,24 @@ def layer_paths(model) -> dict:
     return paths
 
 
+def variable_paths(model) -> list:
+    """``[(path, variable)]`` for ``model.variables``, each named by the deepest layer that
+    owns it (``outer/inner/drop/seed_generator_state``): stable across processes,
+    unlike Keras' auto-numbered variable paths."""
+    paths = layer_paths(model)
+    layers = [model] + compat.all_layers(model)
+    owner = {}
+    for layer in sorted(layers, key=lambda l: paths.get(id(l), "").count("/")):
+        for v in layer.variables:
+            owner[id(v)] = paths.get(id(layer), layer.name)
+    out, seen = [], {}
+    for v in model.variables:
+        name = f"{owner.get(id(v), model.name)}/{v.name}"
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name}#{seen[name]}", v))
+    return out
+
+
 class LayerTap:
     """Installs call wrappers on every layer of a model and always removes them."""
 

@@ -1,21 +1,96 @@
-"""The ``gradtrace`` command: ``gradtrace demo``."""
+"""The ``gradtrace`` command.
+
+    gradtrace demo                     a real fault, caught and explained
+    gradtrace replay PATH [--json]     replay a snapshot: anomalies, first bad op, per-layer table
+    gradtrace show PATH [--json]       a snapshot's manifest and the shapes of its batch
+
+``--import MODULE`` (repeatable) imports the module that defines and registers
+custom layers before the model is rebuilt.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _shapes(value):
+    import numpy as np
+
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: _shapes(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shapes(v) for v in value]
+    if hasattr(value, "shape"):
+        return f"{value.dtype.name if hasattr(value.dtype, 'name') else value.dtype}{list(value.shape)}"
+    return str(np.asarray(value).shape)
+
+
+def _show(path, as_json):
+    from gradtrace import snapshot
+
+    snap = snapshot.load(path)
+    m = dict(snap.manifest)
+    batch = _shapes(snap.data)
+    if as_json:
+        print(json.dumps({"manifest": m, "batch_shapes": batch}, indent=1))
+        return 0
+    print(f"snapshot {snap.path}")
+    print(f"  step {m['step']}, epoch {m['epoch']}, model {m['model']!r}")
+    print(f"  written by gradtrace {m['gradtrace']} (TensorFlow {m['tensorflow']}, Keras {m['keras']}), "
+          f"format {m['format_version']}")
+    print(f"  detectors: {', '.join(m['detectors'])}")
+    print(f"  batch: {batch}")
+    print(f"  {len(m['variables'])} model variables, {len(m['optimizer_variables'])} optimizer variables")
+    for a in m["anomalies"]:
+        print(f"  [{a['detector']}] {a['layer']} ({a['tensor']}): {a['message']}")
+    return 0
+
+
+def _replay(path, as_json):
+    from gradtrace.replay import replay
+
+    r = replay(path)
+    if as_json:
+        print(json.dumps(r.to_dict(), indent=1, default=float))
+    else:
+        print(r)
+    return 0
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="gradtrace", description="Keras training-loop debugger.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="train a two-embedding inner model with a real fault and watch gradtrace catch it")
+    for name, text in (("replay", "replay a snapshotted step and explain it"),
+                       ("show", "print a snapshot's manifest and batch shapes")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("path", help="a snapshot directory (gradtrace_snapshots/step_00000037)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import MODULE first (where custom layers are defined and registered)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from gradtrace import demo
 
         return demo.main()
-    return 2  # pragma: no cover
+    from gradtrace.snapshot import SnapshotError
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        for module in args.imports:
+            importlib.import_module(module)
+        return (_replay if args.command == "replay" else _show)(args.path, args.json)
+    except (SnapshotError, ImportError, TypeError) as e:
+        print(f"gradtrace {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ statistics into :class:`~gradtrace.Anomaly` records and acts on them.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -19,7 +20,8 @@ import numpy as np
 
 from gradtrace import _keras_compat as compat
 from gradtrace import detectors as detectors_module
-from gradtrace.anomaly import Anomaly, AnomalyError, AnomalyLog, check_action, strongest
+from gradtrace import snapshot as snapshot_module
+from gradtrace.anomaly import BLOCKING, Anomaly, AnomalyError, AnomalyLog, check_action, strongest
 from gradtrace.capture import LayerTap, format_call_log
 from gradtrace.stats import row_dict
 from gradtrace.step import KEY, Engine
@@ -41,9 +43,13 @@ class StepRecord:
 class Run:
     """Host-side state of one ``gradtrace.fit`` call."""
 
-    def __init__(self, model, engine, trace_every, verbose, keep_records=20):
+    def __init__(self, model, engine, trace_every, verbose, keep_records=20, snapshot_dir=None, max_snapshots=5):
         self.model = model
         self.engine = engine
+        self.snapshot_dir = snapshot_dir
+        self.max_snapshots = max_snapshots
+        self.snapshots: list[str] = []
+        self._forced = None
         self.trace_every = trace_every
         self.verbose = verbose
         self.log = AnomalyLog()
@@ -64,7 +70,9 @@ class Run:
             if traced:
                 self.last_stats = extra["stats"]
             if bool(extra["any"]):
-                self._handle(extra, traced)
+                redone = self._handle(extra, traced)
+                if redone is not None:
+                    return redone
             return out
 
         return function
@@ -96,21 +104,30 @@ class Run:
                     )
                 )
         if not found:
-            return
-        self._act(found, StepRecord(step, self.epoch, table, matrix, found))
+            return None
+        return self._act(found, StepRecord(step, self.epoch, table, matrix, found), extra.get("data"))
 
-    def _act(self, found, record):
+    def _act(self, found, record, data=None):
         for a in found:
             self.log.add(a)
         if len(self.records) < self.keep_records:
             self.records.append(record)
         action = strongest([a.action for a in found])
+        if action in BLOCKING and data is not None and self.snapshot_dir is not None:
+            self._snapshot(found, record, data)
         if self.verbose:
             for a in found:
                 print(f"\ngradtrace: {a}", file=sys.stdout, flush=True)
         if action == "raise":
             self.halted = True
             raise AnomalyError(found)
+        if action == "snapshot":
+            # the step was held so the snapshot has its pre-step state; now redo it, committed
+            if self._forced is None:
+                self._forced = self.engine.make_forced_step()
+            out = dict(self._forced(data))
+            out.pop(KEY, None)
+            return out
         if action == "halt":
             self.halted = True
             self.model.stop_training = True
@@ -122,6 +139,34 @@ class Run:
                     + format_report(self, steps=[record.step]),
                     flush=True,
                 )
+
+    def _snapshot(self, found, record, data):
+        if len(self.snapshots) >= self.max_snapshots:
+            for a in found:
+                a.snapshot_error = f"not written: the cap of {self.max_snapshots} snapshots per fit was reached"
+            return
+        try:
+            path = snapshot_module.write(
+                self.snapshot_dir, model=self.model, data=data, step=record.step, epoch=record.epoch,
+                anomalies=found, detectors=[d.name for d in self.engine.detectors],
+                table=record.table, matrix=record.matrix,
+            )
+        except Exception as e:  # a snapshot must never crash training silently: say why on the anomaly
+            for a in found:
+                a.snapshot_error = f"{type(e).__name__}: {e}"
+            if self.verbose:
+                print(f"gradtrace: snapshot of step {record.step} failed ({type(e).__name__}: {e}); nothing was left behind",
+                      flush=True)
+            return
+        self.snapshots.append(path)
+        from gradtrace.replay import remember_classes
+
+        remember_classes(path, self.model)
+        for a in found:
+            a.snapshot = path
+        if self.verbose:
+            print(f"gradtrace: snapshot of step {record.step} written to {path}\n"
+                  f"           replay it with: gradtrace replay {path}", flush=True)
 
     def epoch_end_checks(self, epoch):
         found = []
@@ -236,6 +281,7 @@ def fit(
     on_anomaly=None,
     snapshot_dir=None,
     trace_every=1,
+    max_snapshots=5,
 ):
     """Train ``model`` exactly as ``model.fit`` would, watching every nested layer.
 
@@ -247,7 +293,10 @@ def fit(
       ``"halt"`` (stop; the step's update is not applied), ``"warn"`` (record,
       print, go on), ``"raise"`` (raise :class:`~gradtrace.AnomalyError`; the
       update is not applied), ``"snapshot"``.
-    - ``snapshot_dir``: where snapshots of failing steps are written.
+    - ``snapshot_dir``: where snapshots of failing steps are written (for the
+      actions halt, raise and snapshot). Defaults to ``./gradtrace_snapshots``
+      when some detector's action is ``"snapshot"``; otherwise no snapshot.
+    - ``max_snapshots``: at most this many snapshots per fit (default 5).
     - ``trace_every``: capture and check every layer every N steps; the steps
       in between check the loss only (and Embedding ids).
 
@@ -267,6 +316,17 @@ def fit(
         raise ValueError(f"batch_size={batch_size!r} is not allowed: it must be a positive integer or None.")
     dets = detectors_module.resolve(detectors)
     actions = {d.name: on_anomaly or d.action for d in dets}
+    if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, (int, np.integer)) or max_snapshots < 0:
+        raise ValueError(f"max_snapshots={max_snapshots!r} is not allowed: it must be an integer >= 0.")
+    if snapshot_dir is None and "snapshot" in actions.values():
+        snapshot_dir = snapshot_module.DEFAULT_DIR
+    if snapshot_dir is not None:
+        snapshot_dir = os.fspath(snapshot_dir)
+        if os.path.exists(snapshot_dir) and not os.path.isdir(snapshot_dir):
+            raise ValueError(
+                f"snapshot_dir={snapshot_dir!r} exists and is not a directory. "
+                "Pass a directory path (it is created if missing)."
+            )
 
     if compat.overrides_train_step(model):
         warnings.warn(
@@ -283,7 +343,8 @@ def fit(
 
     engine = Engine(model, dets, actions, LayerTap(model))
     resolved_verbose = 1 if verbose == "auto" else verbose
-    run = Run(model, engine, int(trace_every), resolved_verbose)
+    run = Run(model, engine, int(trace_every), resolved_verbose, snapshot_dir=snapshot_dir,
+              max_snapshots=int(max_snapshots))
     cb = _RunCallback(run)
     if isinstance(callbacks, keras.callbacks.CallbackList):
         callbacks.append(cb)

@@ -74,6 +74,22 @@ class Engine:
 
         return train_step
 
+    def make_forced_step(self):
+        """The step that commits whatever the detectors say: used to redo a snapshotted step.
+
+        It runs no detector (their state was already updated by the held run),
+        and is compiled as Keras compiles its own step.
+        """
+        model = self.model
+
+        def forced(data):
+            return self._step(data, traced=False, mode="force")
+
+        if model.run_eagerly:
+            return forced
+        return tf.function(tf.autograph.experimental.do_not_convert(forced), reduce_retracing=True,
+                           jit_compile=bool(model.jit_compile))
+
     # ------------------------------------------------------------------------------
     def _weight_owners(self):
         """``id(variable) -> (layer path, layer class, first-call order)``, deepest layer wins."""
@@ -84,17 +100,22 @@ class Engine:
                 owners[id(v)] = (self.tap.path_of(layer), type(layer).__name__, layer)
         return owners
 
-    def _step(self, data, traced):
+    def _step(self, data, traced, mode="train"):
+        """One step. ``mode``: ``"train"`` (commit unless a blocking detector fired),
+        ``"force"`` (commit, no detectors), ``"inspect"`` (never commit; keep every
+        tensor in ``self.inspected``, for replay)."""
         model = self.model
         optimizer = model.optimizer
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         step = tf.identity(optimizer.iterations)
         detectors = [d for d in self.detectors if traced or d.every_step or d.wants_ids]
+        if mode == "force":
+            detectors = []
         blocking = [i for i, d in enumerate(detectors) if self.actions[d.name] in BLOCKING]
         rollback_vars = list(model.non_trainable_variables) if blocking else []
         saved = [tf.identity(v.value) for v in rollback_vars]
 
-        recorder = Recorder(sanitize_ids=self.sanitize_ids, keep=traced)
+        recorder = Recorder(sanitize_ids=self.sanitize_ids or mode == "force", keep=traced)
         with tf.GradientTape() as tape:
             recorder.tape = tape
             with recorder.active():
@@ -151,12 +172,25 @@ class Engine:
                 v.assign(old)
             return tf.constant(False)
 
-        if blocking:
+        if mode == "inspect":
+            self.inspected = {
+                "loss": loss, "y_pred": y_pred,
+                "outputs": {p: t for c in recorder.calls for p, t in zip(c.output_paths, c.outputs)},
+                "gradients": {p: g for c in recorder.calls for p in c.output_paths for g in [None]},
+                "weight_gradients": list(zip(tvars, wgrads)),
+            }
+            k = 0
+            for c in recorder.calls:
+                for p in c.output_paths:
+                    self.inspected["gradients"][p] = ograds[k]
+                    k += 1
+            committed = tf.constant(False)
+        elif blocking:
             block = tf.reduce_any(tf.gather(per_detector, blocking))
             committed = tf.cond(block, hold, commit)
         else:
             committed = commit()
-        logs = dict(model.get_metrics_result())
+        logs = {} if mode == "inspect" else dict(model.get_metrics_result())
         any_fired = tf.reduce_any(per_detector)
         logs[KEY] = {
             "any": any_fired,

@@ -35,6 +35,9 @@ class GradBoostAtStep(layers.Layer):
 
         return boost(x)
 
+    def get_config(self):
+        return {**super().get_config(), "at": self.at, "factor": self.factor}
+
 
 class Scale(layers.Layer):
     def __init__(self, factor, **kw):

@@ -1,0 +1,318 @@
+"""Replay a snapshotted step eagerly, every tensor kept, and find the first bad op.
+
+``gradtrace.replay(path)`` rebuilds the model (from the snapshot's
+architecture, or onto the ``model`` given), restores every variable (weights,
+BatchNorm statistics, seed generator states) and the optimizer state, and runs
+the step again, eagerly, through the same engine as ``gradtrace.fit``: same
+capture, same statistics, same detectors, but nothing is applied and every
+layer's output and gradient is kept in full.
+
+If a value is not finite it then reruns the forward and backward pass once
+more with ``tf.debugging.enable_check_numerics()`` (here only: it is slow) to
+name the first operation that produced NaN or Inf, the layer it ran in, and
+the line of the user's code that created it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import traceback
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradtrace import detectors as detectors_module
+from gradtrace import snapshot as snapshot_module
+from gradtrace.anomaly import Anomaly
+from gradtrace.capture import LayerTap
+from gradtrace.snapshot import SnapshotError
+from gradtrace.stats import ALL_BASE, COL, row_dict
+
+# classes of the live models whose snapshots were written in this process, so that
+# replay works without custom_objects in the same process (custom layers included)
+_LIVE_CLASSES: dict = {}
+
+
+def remember_classes(path, model):
+    classes = {type(model).__name__: type(model)}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        classes[type(layer).__name__] = type(layer)
+    _LIVE_CLASSES[os.path.abspath(path)] = classes
+
+
+class Replay:
+    """What a replayed step holds: ``loss``, ``outputs``/``gradients`` by layer path,
+    ``weight_gradients`` by variable path, ``anomalies``, ``origin`` and ``table()``."""
+
+    def __init__(self, snapshot, model, loss, outputs, gradients, weight_gradients, table, matrix, anomalies, origin):
+        self.snapshot = snapshot
+        self.path = snapshot.path
+        self.step = snapshot.step
+        self.model = model
+        self.loss = loss
+        self.outputs = outputs
+        self.gradients = gradients
+        self.weight_gradients = weight_gradients
+        self.rows = table
+        self.matrix = matrix
+        self.anomalies = anomalies
+        self.origin = origin
+
+    @property
+    def recorded_loss(self) -> float:
+        i = next(r["index"] for r in self.snapshot.rows if r["kind"] == "loss")
+        return float(self.snapshot.matrix[i][COL["mean"]])
+
+    def stats(self, kind, path) -> dict:
+        """The replayed statistics of one row, e.g. ``stats("output", "outer/inner/user_emb")``."""
+        i = self.rows.index(kind, path)
+        if i is None:
+            raise KeyError(f"no {kind} row for {path!r}")
+        return row_dict(self.matrix[i])
+
+    def max_difference(self) -> float:
+        """Largest relative difference between the recorded and the replayed statistics."""
+        rec = self.snapshot.matrix
+        if rec.shape != self.matrix.shape:
+            return float("inf")
+        a, b = rec.astype(np.float64), self.matrix.astype(np.float64)
+        both_nan = np.isnan(a) & np.isnan(b)
+        same_inf = np.isinf(a) & (a == b)
+        diff = np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-6)
+        diff[both_nan | same_inf] = 0.0
+        return float(np.nanmax(np.where(np.isnan(diff), np.inf, diff))) if diff.size else 0.0
+
+    def table(self) -> str:
+        from gradtrace.report import layer_table
+
+        return layer_table(self.rows, self.matrix, blamed={a.layer for a in self.anomalies})
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "step": self.step,
+            "loss": self.loss,
+            "recorded_loss": self.recorded_loss,
+            "max_stat_difference": self.max_difference(),
+            "anomalies": [a.to_dict() for a in self.anomalies],
+            "origin": self.origin,
+            "layers": [
+                {"path": r.path, "kind": r.kind, "class": r.layer_class, **row_dict(self.matrix[r.index])}
+                for r in self.rows.rows
+            ],
+        }
+
+    def __str__(self):
+        from gradtrace.report import anomaly_table
+
+        lines = [f"gradtrace replay of {self.path} (step {self.step}): loss {self.loss:.6g} "
+                 f"(recorded {self.recorded_loss:.6g})"]
+        lines.append(anomaly_table(self.anomalies) if self.anomalies else "no anomaly in the replayed step")
+        if self.origin:
+            o = self.origin
+            lines.append(f"\nFirst non-finite value: op {o['op_type']!r} ({o['op_name']}) in layer {o['layer']!r}, "
+                         f"{o['pass']} pass")
+            if o.get("source"):
+                lines.append(f"  created at {o['source']}")
+                if o.get("code"):
+                    lines.append(f"    {o['code']}")
+        lines.append("\n" + self.table())
+        return "\n".join(lines)
+
+
+def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
+    """Replay the step of the snapshot at ``path``; see the module docstring."""
+    snap = snapshot_module.load(path)
+    model = _model_for(snap, model, custom_objects, safe_mode)
+    _restore(snap, model)
+    data = tf.nest.map_structure(lambda a: None if a is None else tf.convert_to_tensor(a), snap.data)
+
+    from gradtrace.step import Engine
+
+    names = [n for n in snap.manifest["detectors"] if n in detectors_module.BUILTINS]
+    dets = detectors_module.resolve(names or None)
+    tap = LayerTap(model)
+    engine = Engine(model, dets, {d.name: "warn" for d in dets}, tap)
+    engine.needs = ALL_BASE
+    def inspect(batch):
+        out = engine._step(batch, traced=True, mode="inspect")
+        ins = engine.inspected
+        return out["__gradtrace__"], {k: ins[k] for k in ("loss", "outputs", "gradients")}, \
+            [g for _, g in ins["weight_gradients"]]
+
+    # Compiled as the recorded step was (same graph rewrites, so NaN propagates through
+    # fused ops exactly as it did in training), unless the model trains eagerly.
+    if not model.run_eagerly:
+        inspect = tf.function(tf.autograph.experimental.do_not_convert(inspect), jit_compile=bool(model.jit_compile))
+    with tap:
+        extra, ins, wgrads = inspect(data)
+        _restore(snap, model)  # the step ran in training mode: put BatchNorm and seed states back
+        table = engine.tables[True]
+        matrix = extra["stats"].numpy()
+        fired, values = extra["fired"].numpy(), extra["values"].numpy()
+        anomalies = []
+        for d_i, d in enumerate(engine.active[True]):
+            if fired[d_i].any():
+                for row, value, message in d.explain(table.rows, fired[d_i], values[d_i], matrix, table):
+                    anomalies.append(Anomaly(d.name, row.path, "input" if row.kind == "ids" else row.kind,
+                                             snap.step, snap.manifest["epoch"], value, message, action="warn",
+                                             stats=row_dict(matrix[row.index])))
+        origin = None
+        if np.any(matrix[:, COL["nan"]] + matrix[:, COL["inf"]] > 0):
+            origin = _origin(model, data, tap)
+    return Replay(
+        snap, model, float(ins["loss"].numpy()),
+        dict(ins["outputs"]),
+        {p: g for p, g in ins["gradients"].items() if g is not None},
+        {v.path: g for v, g in zip(model.trainable_variables, wgrads) if g is not None},
+        table, matrix, anomalies, origin,
+    )
+
+
+def _model_for(snap, model, custom_objects, safe_mode):
+    if model is not None:
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
+        return model
+    m = snap.manifest
+    if not m["has_architecture"]:
+        raise SnapshotError(
+            f"{snap.path}: the model {m['model']!r} could not be serialised when the snapshot was written "
+            "(a subclassed model without get_config); pass the model: gradtrace.replay(path, model=build_model())"
+        )
+    config = json.loads((Path(snap.path) / "model.json").read_text())
+    objects = dict(_LIVE_CLASSES.get(os.path.abspath(snap.path), {}))
+    objects.update(custom_objects or {})
+    try:
+        model = keras.saving.deserialize_keras_object(config, custom_objects=objects, safe_mode=safe_mode)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "safe_mode" in str(e) or "Lambda" in str(e):
+            raise SnapshotError(
+                f"{snap.path}: the architecture holds code (a Lambda layer or a Python function) and "
+                "gradtrace, like Keras, does not run code from a file by default; if you trust this "
+                "snapshot, pass safe_mode=False, or pass model=..."
+            ) from None
+        match = re.search(r"Could not locate class '([^']+)'", str(e))
+        cls = match.group(1) if match else None
+        hint = (f"the class {cls!r} is not known in this process: import the module that defines it "
+                f"(registered with @keras.saving.register_keras_serializable), or pass "
+                f"custom_objects={{'{cls}': {cls}}}, or pass model=build_model()") if cls else (
+                "pass custom_objects={...} for its custom classes, or model=build_model()")
+        raise SnapshotError(f"{snap.path}: cannot rebuild the model ({msg}); {hint}") from None
+    if m["has_compile_config"]:
+        cfg = json.loads((Path(snap.path) / "compile.json").read_text())
+        try:
+            with keras.saving.custom_object_scope(objects):
+                model.compile_from_config(cfg)
+        except Exception as e:
+            raise SnapshotError(f"{snap.path}: cannot recompile the model ({e}); pass model=... compiled") from None
+    return model
+
+
+def _restore(snap, model):
+    if not getattr(model, "compiled", False) or model.optimizer is None:
+        raise SnapshotError(f"{snap.path}: the model is not compiled; compile it as for training, then replay")
+    if not model.built:
+        x = snap.data[0] if isinstance(snap.data, tuple) else snap.data
+        model(tf.nest.map_structure(lambda a: None if a is None else tf.convert_to_tensor(a), x), training=False)
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    from gradtrace.capture import variable_paths
+
+    named = variable_paths(model)
+    have = [(p, list(v.shape)) for p, v in named]
+    want = [tuple(p) if isinstance(p, list) else p for p in snap.manifest["variables"]]
+    want = [(p, list(s)) for p, s in want]
+    if have != want:
+        diff = _diff(have, want)
+        raise SnapshotError(f"{snap.path}: the model's variables do not match the snapshot's:\n{diff}")
+    for (_, v), value in zip(named, snap.variables):
+        v.assign(value)
+    opt = list(model.optimizer.variables)
+    want_opt = [(p, list(s)) for p, s in snap.manifest["optimizer_variables"]]
+    if [list(v.shape) for v in opt] != [s for _, s in want_opt]:
+        diff = _diff([(v.path, list(v.shape)) for v in opt], want_opt)
+        raise SnapshotError(f"{snap.path}: the optimizer's variables do not match the snapshot's:\n{diff}")
+    for v, value in zip(opt, snap.optimizer_variables):
+        v.assign(value)
+
+
+def _diff(have, want):
+    lines = []
+    hd, wd = dict(have), dict(want)
+    for p, s in want:
+        if p not in hd:
+            lines.append(f"  missing in the model: {p} {tuple(s)}")
+        elif hd[p] != s:
+            lines.append(f"  {p}: the model has shape {tuple(hd[p])}, the snapshot {tuple(s)}")
+    for p, s in have:
+        if p not in wd:
+            lines.append(f"  not in the snapshot: {p} {tuple(s)}")
+    if not lines and len(have) != len(want):
+        lines.append(f"  the model has {len(have)} variables, the snapshot {len(want)}")
+    if not lines:
+        lines.append("  the same variables in a different order")
+    return "\n".join(lines)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_LIBS = (os.sep + "tensorflow" + os.sep, os.sep + "keras" + os.sep, os.sep + "absl" + os.sep)
+
+
+def _is_library(filename):
+    if any(s in filename for s in _LIBS) or filename.startswith("<"):
+        return True
+    # gradtrace's own engine, but not its demo (whose layers are user code)
+    return os.path.dirname(os.path.abspath(filename)) == _PACKAGE and not filename.endswith("demo.py")
+
+
+def _origin(model, data, tap):
+    """Rerun forward and backward with numerics checks on; name the first op to produce NaN/Inf."""
+    x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+    from gradtrace import _keras_compat as compat
+
+    tf.debugging.enable_check_numerics()
+    stage = "forward"
+    try:
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True) if compat.call_has_training_arg(model) else model(x)
+            stage = "loss"
+            loss = compat.compute_loss(model, x, y, y_pred, sw)
+        stage = "backward"
+        tape.gradient(loss, model.trainable_variables)
+        return None
+    except (tf.errors.InvalidArgumentError, ValueError) as e:
+        text = str(e)
+        op = re.search(r'op "?([A-Za-z0-9_]+)"? \(# of outputs', text) or re.search(r'op "([^"]+)"', text)
+        name = re.search(r"\(op name: ([^)]+)\)|op name: (\S+)", text)
+        failure = tap.failure if stage == "forward" else None
+        src, code = _user_frame(e)
+        return {
+            "op_type": op.group(1) if op else "unknown",
+            "op_name": (name.group(1) or name.group(2)) if name else (op.group(1) if op else ""),
+            "layer": failure[0] if failure else ("loss" if stage == "loss" else "(backward pass)"),
+            "layer_class": failure[1] if failure else "",
+            "pass": stage,
+            "source": src,
+            "code": code,
+            "message": text.splitlines()[0][:300] if text else "",
+        }
+    finally:
+        tf.debugging.disable_check_numerics()
+
+
+def _user_frame(exc):
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if not _is_library(f.filename)]
+    if not user:
+        return None, None
+    f = user[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}", (f.line or "").strip()
+
+
+__all__ = ["Replay", "replay"]
