@@ -62,3 +62,23 @@ def current_learning_rate(optimizer):
 
 def is_history(cb) -> bool:
     return isinstance(cb, keras.callbacks.History)
+
+
+def compile_step(model, step_function):
+    """Compile ``step_function(data)`` the way Keras' ``make_train_function`` compiles its
+    step (``strategy.run``, replica reduction, ``tf.function`` with ``reduce_retracing``
+    and the model's ``jit_compile``; eager when ``run_eagerly``). Unlike Keras' own train
+    function it takes the batch, not the iterator: gradtrace fetches the batch on the
+    host, so a snapshot has it for free instead of the step returning it."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow.trainer import reduce_per_replica
+
+    @tf.autograph.experimental.do_not_convert
+    def one_step_on_data(data):
+        outputs = model.distribute_strategy.run(step_function, args=(data,))
+        return reduce_per_replica(outputs, model.distribute_strategy, reduction="auto")
+
+    if not model.run_eagerly:
+        one_step_on_data = tf.function(one_step_on_data, reduce_retracing=True, jit_compile=model.jit_compile)
+    autoconvert = getattr(model, "_autoconvert_optionals", None)
+    return autoconvert(one_step_on_data) if autoconvert else one_step_on_data

@@ -64,20 +64,21 @@ class Run:
     def train_function(self, traced_fn, plain_fn):
         def function(iterator):
             traced = plain_fn is None or self.calls % self.trace_every == 0
-            out = (traced_fn if traced else plain_fn)(iterator)
+            data = next(iterator)  # the batch stays on the host: a snapshot needs it, the step does not return it
+            out = (traced_fn if traced else plain_fn)(data)
             self.calls += 1
             extra = out.pop(KEY)
             if traced:
                 self.last_stats = extra["stats"]
             if bool(extra["any"]):
-                redone = self._handle(extra, traced)
+                redone = self._handle(extra, traced, data)
                 if redone is not None:
                     return redone
             return out
 
         return function
 
-    def _handle(self, extra, traced):
+    def _handle(self, extra, traced, data):
         engine = self.engine
         table = engine.tables[traced]
         detectors = engine.active[traced]
@@ -105,7 +106,7 @@ class Run:
                 )
         if not found:
             return None
-        return self._act(found, StepRecord(step, self.epoch, table, matrix, found), extra.get("data"))
+        return self._act(found, StepRecord(step, self.epoch, table, matrix, found), data)
 
     def _act(self, found, record, data=None):
         for a in found:
@@ -215,14 +216,8 @@ class _Installed:
         self._saved_spe = None
         try:
             self.engine.tap.install()
-            object.__setattr__(m, "train_step", self.engine.make_step(traced=True))
-            m.make_train_function(force=True)
-            traced_fn = m.train_function
-            plain_fn = None
-            if self.trace_every > 1:
-                object.__setattr__(m, "train_step", self.engine.make_step(traced=False))
-                m.make_train_function(force=True)
-                plain_fn = m.train_function
+            traced_fn = compat.compile_step(m, self.engine.make_step(traced=True))
+            plain_fn = compat.compile_step(m, self.engine.make_step(traced=False)) if self.trace_every > 1 else None
             m.train_function = self.run.train_function(traced_fn, plain_fn)
         except BaseException:
             self.__exit__(None, None, None)
@@ -232,8 +227,6 @@ class _Installed:
     def __exit__(self, *exc):
         m = self.model
         try:
-            if "train_step" in m.__dict__:
-                object.__delattr__(m, "train_step")
             m.train_function = self._saved_function
         finally:
             self.engine.tap.uninstall()

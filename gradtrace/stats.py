@@ -150,7 +150,9 @@ def base_stats(t, relu=False, activation="", which=None):
     safe_n = tf.maximum(n, 1.0)
     s = tf.reduce_sum(t)
     nonempty = n > 0
-    out = {"s": s, "ss": 2.0 * tf.nn.l2_loss(t), "size": n}
+    out = {"s": s, "size": n}
+    if "ss" in which:
+        out["ss"] = 2.0 * tf.nn.l2_loss(t)
     if "min" in which:
         out["min"] = tf.where(nonempty, tf.reduce_min(t), 0.0)
     if "max" in which:
@@ -282,15 +284,23 @@ class Collector:
         self._counted = []
         self._ratios = []  # (weight_gradient row, weight row)
 
-    def add(self, kind, path, tensor=None, values=None, counted=_SAME, relu=False, activation="", **meta) -> int:
-        """Register a row; ``counted`` is the tensor whose NaN/Inf are counted (default: ``tensor``)."""
+    def add(self, kind, path, tensor=None, values=None, counted=_SAME, relu=False, activation="", deferred=False,
+            **meta) -> int:
+        """Register a row; ``counted`` is the tensor whose NaN/Inf are counted (default: ``tensor``).
+
+        A ``deferred`` row takes ``tensor`` as a function returning the tensor; it is
+        called, and the row measured, only on a reported step (``full()``). Weights
+        are deferred: reading a variable before the optimizer updates it keeps its old
+        buffer alive, and the update then copies the whole variable (measured: the
+        largest single cost of an earlier version).
+        """
         index = len(self.rows)
         self.rows.append(Row(index=index, kind=kind, path=path, relu=relu, activation=activation, **meta))
         if values is not None:
             self._vectors.append(_vector(values))
         else:
-            self._vectors.append((tensor, relu, activation))
-        self._counted.append(tensor if counted is _SAME else counted)
+            self._vectors.append((tensor, relu, activation, deferred))
+        self._counted.append(None if deferred else tensor if counted is _SAME else counted)
         return index
 
     def ratio(self, grad_row, weight_row):
@@ -311,9 +321,21 @@ class Collector:
         return table, matrix, (lambda: matrix) if needs >= ALL_BASE else (lambda: self._matrix(lr, ALL_BASE))
 
     def _matrix(self, lr, which):
-        vectors = [base_stats(v[0], v[1], v[2], which) if isinstance(v, tuple) else v for v in self._vectors]
+        full = which == ALL_BASE
+        vectors, counted = [], list(self._counted)
+        for i, v in enumerate(self._vectors):
+            if not isinstance(v, tuple):
+                vectors.append(v)
+            elif v[3]:  # deferred
+                if full:
+                    t = v[0]()
+                    vectors.append(base_stats(t, v[1], v[2], which))
+                    counted[i] = t
+                else:
+                    vectors.append(tf.zeros([len(BASE)], tf.float32))
+            else:
+                vectors.append(base_stats(v[0], v[1], v[2], which))
         base = tf.stack(vectors)
-        counted = self._counted
         all_finite = tf.reduce_all(tf.math.is_finite(base[:, _B["s"]])) & tf.reduce_all(
             tf.math.is_finite(base[:, _B["ss"]]))
 
@@ -332,7 +354,8 @@ class Collector:
             g_idx = [g for g, _ in self._ratios]
             w_idx = [w for _, w in self._ratios]
             norms = tf.sqrt(base[:, _B["ss"]])
-            values = lr * tf.gather(norms, g_idx) / (tf.gather(norms, w_idx) + 1e-12)
+            w_norms = tf.gather(norms, w_idx)  # 0 where a light weight row was not measured
+            values = tf.where(w_norms > 0, lr * tf.gather(norms, g_idx) / (w_norms + 1e-12), 0.0)
             ratio = tf.scatter_nd(tf.constant(g_idx, tf.int32)[:, None], values, [len(self.rows)])
         return derive(base, nan, inf, ratio)
 

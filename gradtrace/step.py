@@ -66,7 +66,8 @@ class Engine:
         self.active = {}  # traced (bool) -> detectors run in that variant
         self.sanitize_ids = any(d.wants_ids for d in self.detectors)
         # the base quantities computed at every step: the union of what the detectors need
-        self.needs = st.base_needs(c for d in self.detectors for c in d.needs)
+        self.columns = {c for d in self.detectors for c in d.needs}
+        self.needs = st.base_needs(self.columns)
 
     def make_step(self, traced: bool):
         def train_step(data):
@@ -80,15 +81,10 @@ class Engine:
         It runs no detector (their state was already updated by the held run),
         and is compiled as Keras compiles its own step.
         """
-        model = self.model
-
         def forced(data):
             return self._step(data, traced=False, mode="force")
 
-        if model.run_eagerly:
-            return forced
-        return tf.function(tf.autograph.experimental.do_not_convert(forced), reduce_retracing=True,
-                           jit_compile=bool(model.jit_compile))
+        return compat.compile_step(self.model, forced)
 
     # ------------------------------------------------------------------------------
     def _weight_owners(self):
@@ -200,7 +196,6 @@ class Engine:
             "stats": tf.cond(any_fired, full, lambda: matrix) if self.needs < st.ALL_BASE else matrix,
             "step": step,
             "committed": committed,
-            "data": data,
         }
         return logs
 
@@ -255,15 +250,20 @@ class Engine:
                 if g is not None:
                     c.add("gradient", p, scaled(tf.convert_to_tensor(g)), layer_class=type(call.layer).__name__,
                           shape=tuple(t.shape), order=c_i)
+        # Weights only change through (gated) updates, so they are measured on reported
+        # steps only, unless a detector needs their norm every step (update_ratio).
+        deferred = "update_ratio" not in self.columns
         for v, g in zip(tvars, wgrads):
             path, cls, o = owner(v)
             meta = dict(layer_class=cls, name=v.name, shape=tuple(v.shape), order=o)
             if isinstance(g, tf.IndexedSlices):
                 # never densify an embedding table: the looked-up rows and their gradient slices
-                w_row = c.add("weight", path, tf.gather(v.value, g.indices), **meta)
+                rows_of = (lambda v=v, idx=g.indices: tf.gather(v.value, idx))
+                w_row = c.add("weight", path, rows_of if deferred else rows_of(), deferred=deferred, **meta)
                 g_t = scaled(g.values)
             else:
-                w_row = c.add("weight", path, v.value, **meta)
+                value_of = (lambda v=v: v.value)
+                w_row = c.add("weight", path, value_of if deferred else value_of(), deferred=deferred, **meta)
                 g_t = None if g is None else scaled(g)
             if g_t is not None:
                 c.ratio(c.add("weight_gradient", path, g_t, **meta), w_row)

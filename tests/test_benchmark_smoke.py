@@ -1,0 +1,25 @@
+"""The overhead benchmark runs end to end (a few steps of one model), so it cannot rot.
+
+Timings are the benchmark's job, not a test's: nothing here asserts a speed.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import overhead  # noqa: E402
+
+
+def test_benchmark_smoke_writes_a_complete_table(tmp_path, capsys):
+    out = tmp_path / "overhead.json"
+    assert overhead.main(["--smoke", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    res = doc["models"]["depth_10"]
+    assert set(res) == {"keras", "gradtrace", "gradtrace_every16", "terminate_on_nan"}
+    assert res["keras"]["step_ratio"] == 1.0
+    for r in res.values():
+        assert r["step_ms"] > 0 and r["first_step_s"] > 0 and r["steps_timed"] >= 1
+    assert doc["machine"]["tensorflow"] and doc["machine"]["cpus"]
+    assert "gradtrace_every16" in capsys.readouterr().out
