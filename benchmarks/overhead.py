@@ -39,6 +39,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 IN_PROCESS = ["keras", "gradtrace", "gradtrace_every16", "terminate_on_nan", "tensorboard_hist"]
 SUBPROCESS = ["check_numerics", "dump_curt_health", "dump_full_health"]
 MODELS = ["two_embedding", "deep_mlp", "cnn_bn", "transformer", "depth_10", "depth_50", "depth_200"]
+SWEEP = ("depth_10", "depth_50", "depth_200")  # the depth sweep compares gradtrace with model.fit only
+MEMORY = ("keras", "gradtrace", "gradtrace_every16")  # peak memory is measured for these
 
 
 # -- models and data ------------------------------------------------------------------------
@@ -188,34 +190,38 @@ def interleaved(model_name, contenders, steps, rounds, logdir):
 
 
 def subprocess_contender(model_name, contender, steps, rounds):
-    """Debugger modes that change TensorFlow globally: their own process, interleaved with a baseline."""
+    """A debugger mode that changes TensorFlow globally: switched on first thing in a process of its own.
+
+    (Switching Debugger V2 dumping on and off around an interleaved baseline in one
+    process crashed TensorFlow here, so these are measured alone and compared with
+    the baseline of the main process, measured just before.)
+    """
     code = f"""
 import sys, json, os, tempfile
 sys.path.insert(0, {os.path.dirname(HERE)!r}); sys.path.insert(0, {HERE!r})
-import overhead as O, tensorflow as tf
-models = {{c: O.build({model_name!r}) for c in ("keras", {contender!r})}}
-x, y, batch = models["keras"][1:]
-x, y = O._repeat(x, {steps}, batch), O._repeat(y, {steps}, batch)
+import tensorflow as tf
 tmp = tempfile.mkdtemp()
-first = {{"keras": [], {contender!r}: []}}; steady = {{"keras": [], {contender!r}: []}}
+c = {contender!r}
+if c == "check_numerics":
+    tf.debugging.enable_check_numerics()
+else:
+    mode = "CURT_HEALTH" if c == "dump_curt_health" else "FULL_HEALTH"
+    tf.debugging.experimental.enable_dump_debug_info(os.path.join(tmp, "dump"), tensor_debug_mode=mode,
+                                                     circular_buffer_size=-1)
+import overhead as O, numpy as np
+model, x, y, batch = O.build({model_name!r})
+x, y = O._repeat(x, {steps}, batch), O._repeat(y, {steps}, batch)
+first, steady = [], []
 for r in range({rounds}):
-    for c in ("keras", {contender!r}):
-        if c == "check_numerics": tf.debugging.enable_check_numerics()
-        if c.startswith("dump_"):
-            mode = "CURT_HEALTH" if c == "dump_curt_health" else "FULL_HEALTH"
-            tf.debugging.experimental.enable_dump_debug_info(os.path.join(tmp, "dump"), tensor_debug_mode=mode, circular_buffer_size=1000)
-        t = O.run_fit("keras", models[c][0], x, y, batch, {steps}, tmp)
-        if c == "check_numerics": tf.debugging.disable_check_numerics()
-        if c.startswith("dump_"): tf.debugging.experimental.disable_dump_debug_info()
-        first[c].append(t[0]); steady[c].extend(t[2:])
-import numpy as np
-print("RESULT" + json.dumps({{c: {{"step_ms": 1e3*float(np.median(steady[c])), "first_step_s": first[c][0]}} for c in steady}}))
+    t = O.run_fit("keras", model, x, y, batch, {steps}, tmp)
+    first.append(t[0]); steady.extend(t[2:])
+print("RESULT" + json.dumps({{"step_ms": 1e3 * float(np.median(steady)), "first_step_s": first[0]}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT"):
             return json.loads(line[6:])
-    raise RuntimeError(f"{contender} on {model_name} failed:\n{out.stderr[-3000:]}")
+    raise RuntimeError(f"{contender} on {model_name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
 
 
 def peak_memory(model_name, contender, steps):
@@ -248,6 +254,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=24, help="steps per fit call")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--all-contenders", action="store_true", help="every contender on the depth sweep too")
     p.add_argument("--out", default=os.path.join(HERE, "results", "overhead.json"))
     p.add_argument("--smoke", action="store_true", help="a few steps of one small model, no subprocesses")
     args = p.parse_args(argv)
@@ -263,6 +270,13 @@ def main(argv=None):
         raise SystemExit(f"unknown contender(s) {unknown}; choose from {', '.join(IN_PROCESS + SUBPROCESS)}")
     if "keras" not in local:
         local.insert(0, "keras")
+    if "tensorboard_hist" in local:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            print("note: tensorboard is not installed (pip install -e '.[bench]'); skipping tensorboard_hist",
+                  file=sys.stderr)
+            local.remove("tensorboard_hist")
 
     import keras
     import tensorflow as tf
@@ -277,18 +291,19 @@ def main(argv=None):
                "settings": {"steps": args.steps, "rounds": args.rounds}, "models": {}}
     t0 = time.time()
     for m in models:
-        print(f"[{time.time() - t0:6.0f}s] {m}: {', '.join(local)} interleaved", file=sys.stderr, flush=True)
-        res = interleaved(m, local, args.steps, args.rounds, logdir)
+        here = [c for c in local if m not in SWEEP or c in MEMORY or args.all_contenders]
+        print(f"[{time.time() - t0:6.0f}s] {m}: {', '.join(here)} interleaved", file=sys.stderr, flush=True)
+        res = interleaved(m, here, args.steps, args.rounds, logdir)
         base = res["keras"]
-        for c in remote:
+        for c in remote if (m not in SWEEP or args.all_contenders) else ():
             print(f"[{time.time() - t0:6.0f}s] {m}: {c} (subprocess)", file=sys.stderr, flush=True)
-            sub = subprocess_contender(m, c, max(8, args.steps // 2), max(1, args.rounds - 1))
-            # ratio against the baseline of its own process, scaled to this process's baseline
-            res[c] = {"step_ms": base["step_ms"] * sub[c]["step_ms"] / sub["keras"]["step_ms"],
-                      "first_step_s": base["first_step_s"] * sub[c]["first_step_s"] / sub["keras"]["first_step_s"],
-                      "own_baseline_ratio": sub[c]["step_ms"] / sub["keras"]["step_ms"]}
+            try:
+                res[c] = subprocess_contender(m, c, max(8, args.steps // 2), max(1, args.rounds - 1))
+                res[c]["separate_process"] = True
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                print(f"  {c} on {m} failed; left out of the table: {str(e)[:300]}", file=sys.stderr)
         if not args.no_memory:
-            for c in local:
+            for c in [c for c in here if c in MEMORY]:
                 print(f"[{time.time() - t0:6.0f}s] {m}: peak memory of {c}", file=sys.stderr, flush=True)
                 res[c]["peak_mb"] = peak_memory(m, c, min(args.steps, 12))
         for c, r in res.items():
@@ -304,7 +319,8 @@ def main(argv=None):
     rows = []
     for m, res in results["models"].items():
         for c, r in res.items():
-            rows.append((m, c, f"{r['step_ms']:.2f}", f"{r['step_ratio']:.2f}x", f"{r['first_ratio']:.2f}x",
+            star = "*" if r.get("separate_process") else ""
+            rows.append((m, c + star, f"{r['step_ms']:.2f}", f"{r['step_ratio']:.2f}x", f"{r['first_ratio']:.2f}x",
                          f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""))
     table = tabulate(rows, headers=["model", "contender", "step ms", "step / fit", "first step / fit", "peak mem / fit"])
     print(table)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -27,6 +28,21 @@ from gradtrace.stats import row_dict
 from gradtrace.step import KEY, Engine
 
 _TENSOR_NAMES = {"ids": "input"}
+
+
+def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoch):
+    """Host side, on a step where something fired: each detector explains its rows."""
+    found = []
+    for d_i, d in enumerate(detectors):
+        if not fired[d_i].any():
+            continue
+        for row, value, message in d.explain(table.rows, fired[d_i], values[d_i], matrix, table):
+            found.append(Anomaly(
+                detector=d.name, layer=row.path, tensor=_TENSOR_NAMES.get(row.kind, row.kind), step=step,
+                epoch=epoch, value=value, message=message, action=actions[d.name],
+                stats=row_dict(matrix[row.index]),
+            ))
+    return found
 
 
 class StepRecord:
@@ -79,31 +95,11 @@ class Run:
         return function
 
     def _handle(self, extra, traced, data):
-        engine = self.engine
-        table = engine.tables[traced]
-        detectors = engine.active[traced]
-        fired = extra["fired"].numpy()
-        values = extra["values"].numpy()
+        table = self.engine.tables[traced]
         matrix = extra["stats"].numpy()
         step = int(extra["step"])
-        found = []
-        for d_i, d in enumerate(detectors):
-            if not fired[d_i].any():
-                continue
-            for row, value, message in d.explain(table.rows, fired[d_i], values[d_i], matrix, table):
-                found.append(
-                    Anomaly(
-                        detector=d.name,
-                        layer=row.path,
-                        tensor=_TENSOR_NAMES.get(row.kind, row.kind),
-                        step=step,
-                        epoch=self.epoch,
-                        value=value,
-                        message=message,
-                        action=engine.actions[d.name],
-                        stats=row_dict(matrix[row.index]),
-                    )
-                )
+        found = build_anomalies(self.engine.active[traced], self.engine.actions, table, extra["fired"].numpy(),
+                                extra["values"].numpy(), matrix, step, self.epoch)
         if not found:
             return None
         return self._act(found, StepRecord(step, self.epoch, table, matrix, found), data)
@@ -213,11 +209,9 @@ class _Installed:
     def __enter__(self):
         m = self.model
         self._saved_function = m.train_function
-        self._saved_spe = None
         try:
             self.engine.tap.install()
-            traced_fn = compat.compile_step(m, self.engine.make_step(traced=True))
-            plain_fn = compat.compile_step(m, self.engine.make_step(traced=False)) if self.trace_every > 1 else None
+            traced_fn, plain_fn = self.engine.compiled(self.trace_every)
             m.train_function = self.run.train_function(traced_fn, plain_fn)
         except BaseException:
             self.__exit__(None, None, None)
@@ -231,6 +225,29 @@ class _Installed:
         finally:
             self.engine.tap.uninstall()
         return False
+
+
+# Compiled steps are kept per model, like Keras keeps model.train_function: a second
+# gradtrace.fit on the same model with the same detectors and compile state does not
+# trace again (the detectors' state carries over, as training does).
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _engine_for(model, dets, actions):
+    key = (
+        tuple((type(d), d.config()) for d in dets),
+        tuple(sorted(actions.items())),
+        id(model.optimizer),
+        compat.compile_identity(model),
+        bool(model.run_eagerly),
+        bool(model.jit_compile),
+    )
+    cached = _ENGINES.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    engine = Engine(model, dets, actions, LayerTap(model))
+    _ENGINES[model] = (key, engine)
+    return engine
 
 
 def _check_model(model):
@@ -334,7 +351,7 @@ def fit(
         history.gradtrace = None
         return history
 
-    engine = Engine(model, dets, actions, LayerTap(model))
+    engine = _engine_for(model, dets, actions)
     resolved_verbose = 1 if verbose == "auto" else verbose
     run = Run(model, engine, int(trace_every), resolved_verbose, snapshot_dir=snapshot_dir,
               max_snapshots=int(max_snapshots))

@@ -27,7 +27,6 @@ import tensorflow as tf
 
 from gradtrace import detectors as detectors_module
 from gradtrace import snapshot as snapshot_module
-from gradtrace.anomaly import Anomaly
 from gradtrace.capture import LayerTap
 from gradtrace.snapshot import SnapshotError
 from gradtrace.stats import ALL_BASE, COL, row_dict
@@ -131,6 +130,7 @@ def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
     _restore(snap, model)
     data = tf.nest.map_structure(lambda a: None if a is None else tf.convert_to_tensor(a), snap.data)
 
+    from gradtrace.fit import build_anomalies
     from gradtrace.step import Engine
 
     names = [n for n in snap.manifest["detectors"] if n in detectors_module.BUILTINS]
@@ -153,14 +153,8 @@ def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
         _restore(snap, model)  # the step ran in training mode: put BatchNorm and seed states back
         table = engine.tables[True]
         matrix = extra["stats"].numpy()
-        fired, values = extra["fired"].numpy(), extra["values"].numpy()
-        anomalies = []
-        for d_i, d in enumerate(engine.active[True]):
-            if fired[d_i].any():
-                for row, value, message in d.explain(table.rows, fired[d_i], values[d_i], matrix, table):
-                    anomalies.append(Anomaly(d.name, row.path, "input" if row.kind == "ids" else row.kind,
-                                             snap.step, snap.manifest["epoch"], value, message, action="warn",
-                                             stats=row_dict(matrix[row.index])))
+        anomalies = build_anomalies(engine.active[True], engine.actions, table, extra["fired"].numpy(),
+                                    extra["values"].numpy(), matrix, snap.step, snap.manifest["epoch"])
         origin = None
         if np.any(matrix[:, COL["nan"]] + matrix[:, COL["inf"]] > 0):
             origin = _origin(model, data, tap)

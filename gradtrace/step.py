@@ -60,6 +60,8 @@ class Engine:
     def __init__(self, model, detectors, actions, tap):
         self.model = model
         self.detectors = list(detectors)
+        for d in self.detectors:
+            d.reset()  # a new engine traces anew: its detectors start with fresh state
         self.actions = dict(actions)  # detector name -> action
         self.tap = tap
         self.tables = {}  # traced (bool) -> stats.Table of the latest trace
@@ -74,6 +76,16 @@ class Engine:
             return self._step(data, traced)
 
         return train_step
+
+    def compiled(self, trace_every):
+        """The compiled traced step and (for ``trace_every > 1``) the untraced one, made once."""
+        if not hasattr(self, "_compiled"):
+            self._compiled = {}
+        if True not in self._compiled:
+            self._compiled[True] = compat.compile_step(self.model, self.make_step(traced=True))
+        if trace_every > 1 and False not in self._compiled:
+            self._compiled[False] = compat.compile_step(self.model, self.make_step(traced=False))
+        return self._compiled[True], self._compiled.get(False) if trace_every > 1 else None
 
     def make_forced_step(self):
         """The step that commits whatever the detectors say: used to redo a snapshotted step.

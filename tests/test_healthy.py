@@ -258,3 +258,22 @@ def test_tanh_mlp_with_saturation_and_loss_plateau():
         f"tanh_mlp/tanh_{i}" for i in range(3)
     }
     assert [r.path for r in rows if r.kind == "loss"] == ["loss"]
+
+
+def test_small_transformer_encoder():
+    # An attention key projection gets tiny gradients at initialisation (its bias none at all):
+    # a single small layer between healthy ones is not a vanishing gradient.
+    vocab, maxlen, dim = 40, 12, 16
+    x, y = _seq_data(640, vocab, maxlen, seed=5)
+    tok = keras.Input((maxlen,), dtype="int32")
+    h = layers.Embedding(vocab + 1, dim, name="tok_emb")(tok)
+    for k in range(2):
+        a = layers.MultiHeadAttention(2, dim // 2, name=f"mha{k}")(h, h)
+        h = layers.LayerNormalization(name=f"ln{k}a")(layers.Add(name=f"res{k}a")([h, a]))
+        f = layers.Dense(dim * 2, activation="relu", kernel_initializer=HE, name=f"ff{k}a")(h)
+        h = layers.LayerNormalization(name=f"ln{k}b")(layers.Add(name=f"res{k}b")([h, layers.Dense(dim, name=f"ff{k}b")(f)]))
+    out = layers.Dense(1, activation="sigmoid", name="out")(layers.GlobalAveragePooling1D(name="pool")(h))
+    model = keras.Model(tok, out, name="enc")
+    history, steps = _train(model, x, y, "binary_crossentropy", lr=3e-3)
+    rows = _assert_healthy(model, history, steps, min_drop=0.05, ids_paths=["enc/tok_emb"])
+    assert any(r.path == "enc/mha0/key" for r in rows if r.kind == "weight_gradient")

@@ -49,7 +49,6 @@ def resolve(detectors) -> list[Detector]:
             raise ValueError(f"Detector {d.name!r} is listed twice; configure it once.")
         seen.add(d.name)
         d.validate()
-        d.reset()
         out.append(d)
     return out
 

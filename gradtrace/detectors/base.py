@@ -78,6 +78,10 @@ class Detector:
             self._state[key] = var
         return var
 
+    def config(self) -> tuple:
+        """The detector's settings (public attributes), to tell two configurations apart."""
+        return tuple(sorted((k, repr(v)) for k, v in vars(self).items() if not k.startswith("_")))
+
     def reset(self):
         """Forget all state (called at the start of every fit)."""
         self._state = {}

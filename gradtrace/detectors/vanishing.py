@@ -18,7 +18,11 @@ class Vanishing(Detector):
     stricter (``ratio=1e-4``, ``max_rms=1e-5``) because it is checked per layer
     and at every step; ``patience=5``. Taking a layer's weights together keeps
     a Dense bias before BatchNorm (whose gradient is 0 by construction) from
-    firing. It blames the earliest layer affected and counts the others.
+    firing. Only a run of such layers starting at the first layer (in execution
+    order) counts: vanishing starts at the bottom of the network, and a single
+    small layer between healthy ones (measured: an attention key projection of
+    a Transformer at initialisation, 4e-6x the layers above) is not a fault. It
+    blames the earliest layer affected and counts the others.
     """
 
     name = "vanishing"
@@ -51,7 +55,11 @@ class Vanishing(Detector):
         rms = tf.sqrt(norm2 / tf.maximum(size, 1.0))
         top = tf.reduce_max(above * rms[None, :], axis=1)
         vanished = (rms < self.ratio * top) & (rms < self.max_rms) & (size > 0)
-        vanished = tf.concat([vanished[:-1], [False]], 0)
+        # Vanishing is a property of the earliest layers: only a run of vanished layers
+        # starting at the first one counts. A single small layer between healthy ones
+        # (an attention key projection at initialisation, a bias before a norm) does not.
+        prefix = tf.cast(tf.math.cumprod(tf.cast(vanished[:-1], tf.float32)), tf.bool)
+        vanished = tf.concat([prefix, [False]], 0)
         count = self.state(view, "count")  # per row; rows of one layer move together
         per_row = tf.gather(vanished, seg)
         new = tf.where(per_row, count + 1.0, 0.0)
