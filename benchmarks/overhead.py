@@ -259,7 +259,7 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="a few steps of one small model, no subprocesses")
     args = p.parse_args(argv)
     if args.smoke:
-        args.models, args.steps, args.rounds, args.no_memory = "depth_10", 4, 1, True
+        args.models, args.steps, args.rounds, args.no_memory, args.all_contenders = "depth_10", 4, 1, True, True
         args.contenders = "keras,gradtrace,gradtrace_every16,terminate_on_nan"
     models = args.models.split(",")
     contenders = args.contenders.split(",")

@@ -181,17 +181,13 @@ class Engine:
             return tf.constant(False)
 
         if mode == "inspect":
+            paths = [p for c in recorder.calls for p in c.output_paths]
             self.inspected = {
                 "loss": loss, "y_pred": y_pred,
-                "outputs": {p: t for c in recorder.calls for p, t in zip(c.output_paths, c.outputs)},
-                "gradients": {p: g for c in recorder.calls for p in c.output_paths for g in [None]},
+                "outputs": dict(zip(paths, outputs)),
+                "gradients": dict(zip(paths, ograds)),
                 "weight_gradients": list(zip(tvars, wgrads)),
             }
-            k = 0
-            for c in recorder.calls:
-                for p in c.output_paths:
-                    self.inspected["gradients"][p] = ograds[k]
-                    k += 1
             committed = tf.constant(False)
         elif blocking:
             block = tf.reduce_any(tf.gather(per_detector, blocking))
