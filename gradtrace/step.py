@@ -67,6 +67,7 @@ class Engine:
         self.tables = {}  # traced (bool) -> stats.Table of the latest trace
         self.active = {}  # traced (bool) -> detectors run in that variant
         self.sanitize_ids = any(d.wants_ids for d in self.detectors)
+        self._compiled = {}  # traced (bool) -> compiled step, made once per engine
         # the base quantities computed at every step: the union of what the detectors need
         self.columns = {c for d in self.detectors for c in d.needs}
         self.needs = st.base_needs(self.columns)
@@ -79,8 +80,6 @@ class Engine:
 
     def compiled(self, trace_every):
         """The compiled traced step and (for ``trace_every > 1``) the untraced one, made once."""
-        if not hasattr(self, "_compiled"):
-            self._compiled = {}
         if True not in self._compiled:
             self._compiled[True] = compat.compile_step(self.model, self.make_step(traced=True))
         if trace_every > 1 and False not in self._compiled:
