@@ -64,19 +64,32 @@ def is_history(cb) -> bool:
     return isinstance(cb, keras.callbacks.History)
 
 
-def compile_step(model, step_function):
+def compile_step(model, step_function, same_on_every_replica=()):
     """Compile ``step_function(data)`` the way Keras' ``make_train_function`` compiles its
     step (``strategy.run``, replica reduction, ``tf.function`` with ``reduce_retracing``
     and the model's ``jit_compile``; eager when ``run_eagerly``). Unlike Keras' own train
     function it takes the batch, not the iterator: gradtrace fetches the batch on the
-    host, so a snapshot has it for free instead of the step returning it."""
+    host, so a snapshot has it for free instead of the step returning it.
+
+    Outputs named in ``same_on_every_replica`` hold the same values on every
+    replica and are taken from the first; the others are reduced as Keras
+    reduces its logs (``"auto"``)."""
     import tensorflow as tf
     from keras.src.backend.tensorflow.trainer import reduce_per_replica
 
     @tf.autograph.experimental.do_not_convert
     def one_step_on_data(data):
-        outputs = model.distribute_strategy.run(step_function, args=(data,))
-        return reduce_per_replica(outputs, model.distribute_strategy, reduction="auto")
+        strategy = model.distribute_strategy
+        outputs = dict(strategy.run(step_function, args=(data,)))
+        same = {k: outputs.pop(k) for k in same_on_every_replica if k in outputs}
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras' "auto" reduction calls strategy.reduce("MEAN", v, axis=0) on scalar
+            # logs here, which fails (model.fit too, in Keras 3.15): the mean over replicas.
+            logs = tf.nest.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), outputs)
+        else:
+            logs = reduce_per_replica(outputs, strategy, reduction="auto")
+        logs.update(reduce_per_replica(same, strategy, reduction="first"))
+        return logs
 
     if not model.run_eagerly:
         one_step_on_data = tf.function(one_step_on_data, reduce_retracing=True, jit_compile=model.jit_compile)
@@ -87,3 +100,44 @@ def compile_step(model, step_function):
 def compile_identity(model):
     """Changes whenever ``model.compile`` runs again (a new loss container is made)."""
     return id(getattr(model, "_compile_loss", None)), id(getattr(model, "_compile_metrics", None))
+
+
+class first_batch_build_fix:
+    """For one fit: Keras' ``_maybe_symbolic_build`` takes the first batch's shapes with
+    ``strategy.reduce("MEAN", batch)``, which fails eagerly under
+    ``MultiWorkerMirroredStrategy`` (``model.fit`` itself raises "Attempt to convert a
+    value (PerReplica...)" in Keras 3.15). The batch only gives shapes for a symbolic
+    build, so this uses the first local replica's shard instead. Installed on the
+    instance and removed on exit."""
+
+    def __init__(self, model):
+        self.model = model
+        self.active = False
+
+    def __enter__(self):
+        import tensorflow as tf
+
+        model = self.model
+        strategy = getattr(model, "_distribute_strategy", None)
+        original = getattr(type(model), "_maybe_symbolic_build", None)
+        if strategy is None or original is None or "_maybe_symbolic_build" in model.__dict__:
+            return self
+
+        def build(iterator=None, data_batch=None):
+            if iterator is not None and data_batch is None:
+                for _, _, it in iterator:
+                    batch = next(it)
+                    data_batch = tf.nest.map_structure(
+                        lambda v: strategy.experimental_local_results(v)[0]
+                        if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+                    break
+            return original(model, iterator=None, data_batch=data_batch)
+
+        model._maybe_symbolic_build = build
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            del self.model.__dict__["_maybe_symbolic_build"]
+        return False

@@ -32,6 +32,9 @@ class Anomaly:
     ``step`` is ``model.optimizer.iterations`` before the step's update;
     ``layer`` is the layer path (``outer/inner/user_emb``) or ``inputs`` /
     ``targets`` / ``loss`` when the data or the loss is to blame.
+    ``replicas`` (under ``tf.distribute``): the replicas whose shard held the
+    NaN/Inf or bad ids of the blamed row; empty on one device or when the
+    finding is about the combined statistics.
     """
 
     detector: str
@@ -45,12 +48,16 @@ class Anomaly:
     action: str = "warn"
     snapshot_error: str | None = None
     stats: dict = field(default_factory=dict, repr=False)
+    replicas: tuple = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self):
-        return f"[{self.detector}] step {self.step} (epoch {self.epoch}): {self.message}"
+        where = ""
+        if self.replicas:
+            where = f" [replica{'s' if len(self.replicas) > 1 else ''} {', '.join(map(str, self.replicas))}]"
+        return f"[{self.detector}] step {self.step} (epoch {self.epoch}){where}: {self.message}"
 
 
 class AnomalyError(RuntimeError):

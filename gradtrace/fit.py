@@ -18,9 +18,11 @@ import weakref
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace import detectors as detectors_module
+from gradtrace import distribute
 from gradtrace import snapshot as snapshot_module
 from gradtrace.anomaly import BLOCKING, Anomaly, AnomalyError, AnomalyLog, check_action, strongest
 from gradtrace.capture import LayerTap, format_call_log
@@ -30,8 +32,12 @@ from gradtrace.step import KEY, Engine
 _TENSOR_NAMES = {"ids": "input"}
 
 
-def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoch):
-    """Host side, on a step where something fired: each detector explains its rows."""
+def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoch, replica_faults=None):
+    """Host side, on a step where something fired: each detector explains its rows.
+
+    ``replica_faults`` (``[replicas, rows]``, under a strategy) names the
+    replicas whose shard held the blamed row's NaN/Inf or bad ids.
+    """
     found = []
     for d_i, d in enumerate(detectors):
         if not fired[d_i].any():
@@ -41,6 +47,8 @@ def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoc
                 detector=d.name, layer=row.path, tensor=_TENSOR_NAMES.get(row.kind, row.kind), step=step,
                 epoch=epoch, value=value, message=message, action=actions[d.name],
                 stats=row_dict(matrix[row.index]),
+                replicas=() if replica_faults is None else tuple(
+                    int(r) for r in np.flatnonzero(replica_faults[:, row.index])),
             ))
     return found
 
@@ -98,8 +106,10 @@ class Run:
         table = self.engine.tables[traced]
         matrix = extra["stats"].numpy()
         step = int(extra["step"])
+        faults = extra.get("replica_faults")
         found = build_anomalies(self.engine.active[traced], self.engine.actions, table, extra["fired"].numpy(),
-                                extra["values"].numpy(), matrix, step, self.epoch)
+                                extra["values"].numpy(), matrix, step, self.epoch,
+                                None if faults is None else faults.numpy())
         if not found:
             return None
         return self._act(found, StepRecord(step, self.epoch, table, matrix, found), data)
@@ -143,6 +153,8 @@ class Run:
                 a.snapshot_error = f"not written: the cap of {self.max_snapshots} snapshots per fit was reached"
             return
         try:
+            with self.model.distribute_strategy.scope():
+                data = distribute.host_batch(data)
             path = snapshot_module.write(
                 self.snapshot_dir, model=self.model, data=data, step=record.step, epoch=record.epoch,
                 anomalies=found, detectors=[d.name for d in self.engine.detectors],
@@ -261,10 +273,64 @@ def _check_model(model):
             f"Model {model.name!r} is not compiled. Call model.compile(optimizer=..., loss=...) "
             "before gradtrace.fit(model, ...), exactly as before model.fit(...)."
         )
+    if not distribute.built_in_current_scope(model):
+        raise RuntimeError(
+            f"gradtrace.fit is called inside the scope of {type(tf.distribute.get_strategy()).__name__}, but the "
+            f"variables of model {model.name!r} were made outside it. Build and compile the model inside "
+            "`with strategy.scope():` (then call gradtrace.fit inside or outside that scope), as model.fit requires."
+        )
     if model.built and not model.trainable_weights:
         raise ValueError(
             f"Model {model.name!r} has no trainable weights, so there is nothing to train or debug. "
             "Check that its layers are trainable (layer.trainable = True)."
+        )
+
+
+def _data_leaves(value):
+    """The arrays of a (nested) list/tuple/dict of model inputs; a long list is data itself, not a structure."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _data_leaves(v)
+    elif isinstance(value, (list, tuple)) and len(value) <= 64:
+        for v in value:
+            yield from _data_leaves(v)
+    else:
+        yield value
+
+
+def _check_arguments(x, y, detectors):
+    """Refuse, before anything is installed, the inputs Keras would take silently or explain badly."""
+    from gradtrace.detectors.base import Detector
+
+    for name, value in (("x", x), ("y", y)):
+        if isinstance(value, (str, bytes)):
+            raise ValueError(
+                f"{name}={value!r} is a string. gradtrace.fit (like model.fit) takes arrays, lists or dicts of "
+                "arrays, a tf.data.Dataset, a keras.utils.PyDataset or a generator; load the data first."
+            )
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        if int(x.cardinality()) == 0:
+            raise ValueError(
+                "x is an empty tf.data.Dataset (it yields no batch), so there is nothing to train on. "
+                "Check the filters, take() or batch(drop_remainder=True) that built it."
+            )
+    else:
+        for name, value in (("x", x), ("y", y)):
+            for leaf in _data_leaves(value):
+                shape = getattr(leaf, "shape", None)
+                if shape is not None and len(shape) >= 1 and shape[0] == 0:
+                    raise ValueError(
+                        f"{name} holds 0 samples (an array of shape {tuple(shape)}), so there is nothing to train on."
+                    )
+    if detectors is not None and not (
+        isinstance(detectors, (list, tuple, str, Detector))
+        or (isinstance(detectors, type) and issubclass(detectors, Detector))
+    ):
+        raise TypeError(
+            f"detectors={detectors!r} is not allowed: pass None (the default detectors) or a list of detector "
+            "names ('nan') and gradtrace.Detector instances."
         )
 
 
@@ -315,6 +381,7 @@ def fit(
     (the run, for :func:`gradtrace.report`).
     """
     _check_model(model)
+    _check_arguments(x, y, detectors)
     if on_anomaly is not None:
         check_action(on_anomaly)
     if isinstance(trace_every, bool) or not isinstance(trace_every, (int, np.integer)) or trace_every < 1:
@@ -373,7 +440,8 @@ def fit(
     try:
         if spe and spe > 1:
             model.steps_per_execution = 1
-        with _Installed(model, engine, run, int(trace_every)):
+        with _Installed(model, engine, run, int(trace_every)), compat.first_batch_build_fix(model):
+            previous_history = getattr(model, "history", None)
             try:
                 history = model.fit(
                     x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=cb_arg,
@@ -382,12 +450,23 @@ def fit(
                     steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
                     validation_batch_size=validation_batch_size, validation_freq=validation_freq,
                 )
-            except AnomalyError as e:
-                e.history = getattr(model, "history", None)
-                e.run = run
-                raise
-            except Exception as e:
-                _reraise_with_layer_table(e, engine.tap.failure)
+            except BaseException as e:
+                # Whatever stopped the fit (an AnomalyError, a user's callback, Ctrl-C, the data), keep
+                # what was learnt so far reachable: e.history is this fit's History (None when Keras
+                # had not made one yet), with .anomalies and .gradtrace, and e.gradtrace is the run.
+                history = getattr(model, "history", None)
+                if history is previous_history:
+                    history = None  # a History of an earlier fit, not of this one
+                if history is not None:
+                    history.anomalies = run.anomalies
+                    history.gradtrace = run
+                _attach_run(e, history, run)
+                if isinstance(e, Exception) and not isinstance(e, AnomalyError):
+                    try:
+                        _reraise_with_layer_table(e, engine.tap.failure)
+                    except BaseException as new:
+                        _attach_run(new, history, run)
+                        raise
                 raise
     finally:
         if spe and spe > 1:
@@ -395,6 +474,15 @@ def fit(
     history.anomalies = run.anomalies
     history.gradtrace = run
     return history
+
+
+def _attach_run(e, history, run):
+    try:
+        e.history = history
+        e.gradtrace = run
+        e.run = run  # the name AnomalyError has always had
+    except Exception:  # an exception type that takes no attributes: re-raise it as it is
+        pass
 
 
 def _reraise_with_layer_table(e, failure):

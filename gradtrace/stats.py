@@ -306,35 +306,64 @@ class Collector:
     def ratio(self, grad_row, weight_row):
         self._ratios.append((grad_row, weight_row))
 
-    def build(self, lr=None, needs=ALL_BASE):
+    def build(self, lr=None, needs=ALL_BASE, replicas=None):
         """Return ``(table, matrix, full)``.
 
         ``matrix`` holds the columns whose base quantities are in ``needs``
         (the others are 0); ``full()`` builds the matrix with every column, for
         use inside a ``tf.cond`` on the rare step that gets reported.
+
+        With ``replicas`` (a :class:`gradtrace.distribute.Replicas`), every
+        replica's quantities are gathered and combined into global statistics;
+        then use :meth:`report` instead of ``full`` (an all-reduce cannot sit
+        inside a ``tf.cond``).
         """
         table = Table(self.rows)
+        self._lr, self._needs, self._replicas = lr, needs, replicas
         if not self.rows:
             empty = tf.zeros([0, len(COLUMNS)], tf.float32)
+            self._cheap_local = None
             return table, empty, lambda: empty
-        matrix = self._matrix(lr, needs)
-        return table, matrix, (lambda: matrix) if needs >= ALL_BASE else (lambda: self._matrix(lr, ALL_BASE))
+        local = self._local(needs)
+        self._cheap_local = local
+        matrix, _ = self._finish(local)
+        return table, matrix, (lambda: matrix) if needs >= ALL_BASE else (lambda: self._finish(self._local(ALL_BASE))[0])
 
-    def _matrix(self, lr, which):
+    def report(self, matrix, any_fired):
+        """``(stats, faults)`` of the step: every column when ``any_fired``, else ``matrix``.
+
+        ``faults`` is ``[replicas, rows]`` (a replica's row holds NaN/Inf or bad
+        ids) under a strategy, else ``None``.
+        """
+        if self._cheap_local is None:
+            return matrix, None
+        if self._replicas is None:
+            if self._needs >= ALL_BASE:
+                return matrix, None
+            return tf.cond(any_fired, lambda: self._finish(self._local(ALL_BASE))[0], lambda: matrix), None
+        local = self._cheap_local
+        if not self._needs >= ALL_BASE:
+            # only the replica-local work is conditional; the gather runs every step
+            local = tf.cond(any_fired, lambda: self._local(ALL_BASE), lambda: self._cheap_local)
+        return self._finish(local)
+
+    def _local(self, which):
+        """This replica's ``(base [rows, len(BASE)], nan [rows], inf [rows], alive [units])``."""
         full = which == ALL_BASE
-        vectors, counted = [], list(self._counted)
+        vectors, counted, alive = [], list(self._counted), []
         for i, v in enumerate(self._vectors):
             if not isinstance(v, tuple):
                 vectors.append(v)
-            elif v[3]:  # deferred
-                if full:
-                    t = v[0]()
-                    vectors.append(base_stats(t, v[1], v[2], which))
-                    counted[i] = t
-                else:
+                continue
+            tensor, relu, activation, deferred = v
+            if deferred:
+                if not full:
                     vectors.append(tf.zeros([len(BASE)], tf.float32))
-            else:
-                vectors.append(base_stats(v[0], v[1], v[2], which))
+                    continue
+                tensor = counted[i] = tensor()
+            vectors.append(base_stats(tensor, relu, activation, which))
+            if self._replicas is not None and relu and tensor.shape.rank is not None and tensor.shape.rank >= 2:
+                alive.append(_unit_alive(tensor) if "dead_frac" in which else tf.ones([tf.shape(tensor)[-1]]))
         base = tf.stack(vectors)
         all_finite = tf.reduce_all(tf.math.is_finite(base[:, _B["s"]])) & tf.reduce_all(
             tf.math.is_finite(base[:, _B["ss"]]))
@@ -349,15 +378,103 @@ class Collector:
                     tf.stack([tf.cast(b, tf.float32) for _, b in pairs]))
 
         nan, inf = tf.cond(all_finite, no_counts, counts)
+        alive = tf.concat(alive, 0) if alive else tf.zeros([0], tf.float32)
+        return base, nan, inf, alive
+
+    def _finish(self, local):
+        """Combine across replicas (if any) and derive the ``[rows, columns]`` matrix."""
+        base, nan, inf, alive = local
+        faults = None
+        if self._replicas is not None:
+            gathered = self._replicas.gather(tf.concat([base, nan[:, None], inf[:, None]], 1))
+            alive_total = self._replicas.sum(alive)
+            base, nan, inf, faults = combine(gathered, alive_total, self._unit_rows(), self._mirrored())
         ratio = None
-        if self._ratios and lr is not None:
+        if self._ratios and self._lr is not None:
             g_idx = [g for g, _ in self._ratios]
             w_idx = [w for _, w in self._ratios]
             norms = tf.sqrt(base[:, _B["ss"]])
             w_norms = tf.gather(norms, w_idx)  # 0 where a light weight row was not measured
-            values = tf.where(w_norms > 0, lr * tf.gather(norms, g_idx) / (w_norms + 1e-12), 0.0)
+            values = tf.where(w_norms > 0, self._lr * tf.gather(norms, g_idx) / (w_norms + 1e-12), 0.0)
             ratio = tf.scatter_nd(tf.constant(g_idx, tf.int32)[:, None], values, [len(self.rows)])
-        return derive(base, nan, inf, ratio)
+        return derive(base, nan, inf, ratio), faults
+
+    def _unit_rows(self):
+        """Row index of each ``alive`` segment and its length (static shapes) or -1."""
+        out = []
+        for i, v in enumerate(self._vectors):
+            if isinstance(v, tuple) and v[1] and v[0] is not None and not v[3]:
+                t = v[0]
+                if t.shape.rank is not None and t.shape.rank >= 2:
+                    out.append((i, t.shape[-1] if t.shape[-1] is not None else tf.shape(t)[-1]))
+        return out
+
+    def _mirrored(self):
+        """Rows whose tensor is the same on every replica (weights): taken from replica 0."""
+        return np.array([r.kind == "weight" for r in self.rows], dtype=bool)
+
+
+def _unit_alive(t):
+    """``[units]``: 1 where the unit (last axis) is non-zero somewhere in this replica's batch."""
+    unit_max = tf.reduce_max(tf.abs(_f32(t)), axis=list(range(t.shape.rank - 1)))
+    return tf.cast(unit_max > 0, tf.float32)
+
+
+def combine(gathered, alive_total, unit_rows, mirrored):
+    """Global base quantities from every replica's: ``gathered`` is ``[replicas, rows, len(BASE) + 2]``
+    (base quantities, then NaN and Inf counts).
+
+    Sums and counts add up; minima and maxima are taken over replicas whose
+    shard was not empty; the spread is pooled (each replica's sum of squared
+    deviations plus its size times its mean's squared distance to the global
+    mean); the saturated share is weighted by size; a unit is dead only if it
+    is dead on every replica (``alive_total`` sums each replica's per-unit
+    alive flags, in the segments ``unit_rows``); ``bad_value``/``bad_index``
+    come from the first replica with a bad id. Rows in ``mirrored`` hold the
+    same tensor everywhere and are taken from replica 0.
+
+    Returns ``(base, nan, inf, faults)``, ``faults`` ``[replicas, rows]``:
+    that replica's row held NaN/Inf or bad ids.
+    """
+    g = {k: gathered[:, :, i] for i, k in enumerate(BASE)}
+    nan_r, inf_r = gathered[:, :, len(BASE)], gathered[:, :, len(BASE) + 1]
+    n_r = g["size"]
+    n = tf.reduce_sum(n_r, 0)
+    safe_n = tf.maximum(n, 1.0)
+    has = n_r > 0
+    inf = tf.constant(np.inf, tf.float32)
+    s = tf.reduce_sum(g["s"], 0)
+    mean = s / safe_n
+    mean_r = g["s"] / tf.maximum(n_r, 1.0)
+    out = {
+        "s": s, "ss": tf.reduce_sum(g["ss"], 0), "size": n, "zeros": tf.reduce_sum(g["zeros"], 0),
+        "bad": tf.reduce_sum(g["bad"], 0),
+        "min": tf.where(n > 0, tf.reduce_min(tf.where(has, g["min"], inf), 0), 0.0),
+        "max": tf.where(n > 0, tf.reduce_max(tf.where(has, g["max"], -inf), 0), 0.0),
+        "sqdev": tf.reduce_sum(g["sqdev"] + tf.where(has, n_r * tf.square(mean_r - mean), 0.0), 0),
+        "saturated": tf.reduce_sum(g["saturated"] * n_r, 0) / safe_n,
+    }
+    first_bad = tf.argmax(tf.cast(g["bad"] > 0, tf.int32), axis=0, output_type=tf.int32)  # 0 if none
+    pick = tf.stack([first_bad, tf.range(tf.shape(first_bad)[0])], 1)
+    out["bad_value"] = tf.gather_nd(g["bad_value"], pick)
+    out["bad_index"] = tf.gather_nd(g["bad_index"], pick)
+    dead = tf.zeros_like(s)
+    if unit_rows:
+        sizes = tf.stack([tf.cast(u, tf.int32) for _, u in unit_rows])
+        parts = tf.split(alive_total, sizes, num=len(unit_rows))
+        fracs = [tf.reduce_mean(tf.cast(tf.equal(p, 0.0), tf.float32)) for p in parts]
+        rows = tf.constant([[i] for i, _ in unit_rows], tf.int32)
+        dead = tf.tensor_scatter_nd_update(dead, rows, tf.stack(fracs))
+    out["dead_frac"] = dead
+    base = tf.stack([out[k] for k in BASE], 1)
+    nan, inf_count = tf.reduce_sum(nan_r, 0), tf.reduce_sum(inf_r, 0)
+    if mirrored.any():
+        keep = tf.constant(mirrored)[:, None]
+        base = tf.where(keep, gathered[0, :, : len(BASE)], base)
+        nan = tf.where(keep[:, 0], nan_r[0], nan)
+        inf_count = tf.where(keep[:, 0], inf_r[0], inf_count)
+    faults = (nan_r + inf_r + g["bad"]) > 0
+    return base, nan, inf_count, faults
 
 
 def row_dict(matrix_row) -> dict:

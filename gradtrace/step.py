@@ -22,6 +22,7 @@ import keras
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
+from gradtrace import distribute
 from gradtrace import stats as st
 from gradtrace.anomaly import BLOCKING
 from gradtrace.capture import Recorder
@@ -81,9 +82,9 @@ class Engine:
     def compiled(self, trace_every):
         """The compiled traced step and (for ``trace_every > 1``) the untraced one, made once."""
         if True not in self._compiled:
-            self._compiled[True] = compat.compile_step(self.model, self.make_step(traced=True))
+            self._compiled[True] = compat.compile_step(self.model, self.make_step(traced=True), (KEY,))
         if trace_every > 1 and False not in self._compiled:
-            self._compiled[False] = compat.compile_step(self.model, self.make_step(traced=False))
+            self._compiled[False] = compat.compile_step(self.model, self.make_step(traced=False), (KEY,))
         return self._compiled[True], self._compiled.get(False) if trace_every > 1 else None
 
     def make_forced_step(self):
@@ -95,7 +96,7 @@ class Engine:
         def forced(data):
             return self._step(data, traced=False, mode="force")
 
-        return compat.compile_step(self.model, forced)
+        return compat.compile_step(self.model, forced, (KEY,))
 
     # ------------------------------------------------------------------------------
     def _weight_owners(self):
@@ -122,6 +123,7 @@ class Engine:
         rollback_vars = list(model.non_trainable_variables) if blocking else []
         saved = [tf.identity(v.value) for v in rollback_vars]
 
+        replicas = distribute.current()
         recorder = Recorder(sanitize_ids=self.sanitize_ids or mode == "force", keep=traced)
         with tf.GradientTape() as tape:
             recorder.tape = tape
@@ -148,7 +150,8 @@ class Engine:
         if getattr(optimizer, "loss_scale_factor", None) is not None:
             unscale = 1.0 / float(optimizer.loss_scale_factor)
 
-        table, matrix, full, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale)
+        table, matrix, collector, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale,
+                                                   replicas)
         view = st.StatsView(table, matrix, step, ids)
         fired, values = [], []
         for d in detectors:
@@ -168,16 +171,18 @@ class Engine:
 
         batch_size = _batch_size(x)
 
-        def commit():
+        def commit(wgrads, x, y, y_pred, sample_weight, loss, batch_size):
             optimizer.apply_gradients(zip(wgrads, tvars))
             compat.update_loss_tracker(model, loss, batch_size)
             model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
             return tf.constant(True)
 
-        def hold():
+        def hold(saved):
             for v, old in zip(rollback_vars, saved):
                 v.assign(old)
             return tf.constant(False)
+
+        commit_args = (wgrads, x, y, y_pred, sample_weight, loss, batch_size)
 
         if mode == "inspect":
             paths = [p for c in recorder.calls for p in c.output_paths]
@@ -190,23 +195,29 @@ class Engine:
             committed = tf.constant(False)
         elif blocking:
             block = tf.reduce_any(tf.gather(per_detector, blocking))
-            committed = tf.cond(block, hold, commit)
+            if replicas is not None:  # the statistics, and so block, are the same on every replica
+                committed = replicas.gate(block, commit, commit_args, hold, saved)
+            else:
+                committed = tf.cond(block, lambda: hold(saved), lambda: commit(*commit_args))
         else:
-            committed = commit()
+            committed = commit(*commit_args)
         logs = {} if mode == "inspect" else dict(model.get_metrics_result())
         any_fired = tf.reduce_any(per_detector)
+        # every statistic on a step that gets reported; only what detectors need otherwise
+        stats, faults = collector.report(matrix, any_fired)
         logs[KEY] = {
             "any": any_fired,
             "fired": fired_m,
             "values": values_m,
-            # every statistic on a step that gets reported; only what detectors need otherwise
-            "stats": tf.cond(any_fired, full, lambda: matrix) if self.needs < st.ALL_BASE else matrix,
+            "stats": stats,
             "step": step,
             "committed": committed,
         }
+        if faults is not None:
+            logs[KEY]["replica_faults"] = faults  # [replicas, rows]: where NaN/Inf or bad ids were
         return logs
 
-    def _rows(self, x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale):
+    def _rows(self, x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale, replicas=None):
         """Register every captured tensor of the step with a stats Collector (in a fixed order)."""
         c = st.Collector()
         ids = {}
@@ -247,8 +258,8 @@ class Engine:
                 c.add("weight_gradient", path, values={"s": tf.reduce_sum(tf.cast(g_t, tf.float32)),
                                                        "size": tf.cast(tf.size(g_t), tf.float32)},
                       counted=g_t, layer_class=cls, name=v.name, shape=tuple(v.shape), order=o)
-            table, matrix, full = c.build(needs=self.needs)
-            return table, matrix, full, ids
+            table, matrix, _ = c.build(needs=self.needs, replicas=replicas)
+            return table, matrix, c, ids
         k = 0
         for c_i, call in enumerate(recorder.calls):
             for p, t in zip(call.output_paths, call.outputs):
@@ -275,5 +286,5 @@ class Engine:
             if g_t is not None:
                 c.ratio(c.add("weight_gradient", path, g_t, **meta), w_row)
         lr = tf.cast(compat.current_learning_rate(self.model.optimizer), tf.float32)
-        table, matrix, full = c.build(lr=lr, needs=self.needs)
-        return table, matrix, full, ids
+        table, matrix, _ = c.build(lr=lr, needs=self.needs, replicas=replicas)
+        return table, matrix, c, ids

@@ -1,0 +1,115 @@
+"""gradtrace under tf.distribute: MirroredStrategy on 2 logical CPUs and MultiWorkerMirroredStrategy
+with 2 worker processes on 127.0.0.1. Each runs in processes of its own (tests/dist_scenarios.py):
+logical devices and collective ops cannot be set up in a process where TensorFlow already ran."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), **extra)
+    env.pop("TF_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def _read(path, proc_out=""):
+    assert path.exists(), f"the scenario wrote no result; its output:\n{proc_out[-4000:]}"
+    res = json.loads(path.read_text())
+    assert "crash" not in res, res["crash"]
+    return res
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mirrored") / "result.json"
+    p = subprocess.run([sys.executable, "-m", "tests.dist_scenarios", "mirrored", str(out)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=420)
+    return _read(out, p.stdout + p.stderr)
+
+
+def test_mirrored_runs_on_two_replicas_with_the_same_weights_as_model_fit(mirrored):
+    assert mirrored["replicas"] == 2
+    assert mirrored["parity_iterations"][0] == mirrored["parity_iterations"][1] == 16
+    assert mirrored["parity_weight_diff"] < 1e-5
+    keras_loss, gt_loss = mirrored["parity_loss"]
+    assert gt_loss == pytest.approx(keras_loss, rel=1e-5)
+    assert mirrored["parity_anomalies"] == []
+
+
+def test_mirrored_statistics_are_those_of_the_whole_batch(mirrored):
+    checks = mirrored["stats_checks"]
+    assert {"output/hidden", "output/out", "gradient/hidden", "gradient/out"} <= set(checks)
+    for row, cols in checks.items():
+        for col, (got, want) in cols.items():
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-5), f"{row} {col}: {got} != {want}"
+
+
+def test_mirrored_fault_on_one_replica_halts_every_replica_and_names_it(mirrored):
+    fault = mirrored["fault"]
+    assert len(fault["anomalies"]) == 1, fault
+    a = fault["anomalies"][0]
+    assert (a["detector"], a["layer"], a["step"], a["replicas"]) == ("nan", "logmodel/log", 3, [1])
+    assert "[replica 1]" in a["text"]
+    assert fault["iterations"] == 3  # the halted step was not applied ...
+    assert fault["weights_moved_after_halt"] == 0.0  # ... on any replica
+
+
+def test_model_built_outside_the_strategy_scope_is_refused_clearly(mirrored):
+    err = mirrored["outside_scope"]
+    assert err["error"] == "RuntimeError"
+    assert "strategy.scope()" in err["message"] and "MirroredStrategy" in err["message"]
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.multiworker
+def test_multi_worker_both_workers_halt_at_the_same_step(tmp_path):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs, outs = [], []
+    for i in range(2):
+        out = tmp_path / f"worker{i}.json"
+        outs.append(out)
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.dist_scenarios", "worker", str(out)], cwd=ROOT,
+            env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    logs = []
+    deadline = time.monotonic() + 300
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    finally:
+        for p in procs:  # no worker is left behind, whatever happened
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = [_read(o, log) for o, log in zip(outs, logs)]
+    for r in results:
+        assert r["halted"], r
+        assert r["iterations"] == 4, r
+        assert len(r["anomalies"]) == 1, r
+    a0, a1 = (r["anomalies"][0] for r in results)
+    assert a0 == a1  # the same anomaly on both workers
+    assert (a0["detector"], a0["layer"], a0["step"]) == ("nan", "logmodel/log", 4)
+    assert a0["replicas"] == [1]  # worker 1's replica held the fault
+    assert results[0]["weights_sum"] == pytest.approx(results[1]["weights_sum"], rel=1e-6)
