@@ -107,6 +107,8 @@ class LayerTap:
         self.failure = None  # (path, class, log) of the innermost layer whose call raised
 
     def install(self):
+        self.failure = None  # a failure of an earlier fit must not be blamed for this one's errors
+        self.log = []
         self.refresh()
         return self
 

@@ -111,10 +111,13 @@ class Table:
 class StatsView:
     """What a detector's in-graph check sees: columns of the packed matrix, by name."""
 
-    def __init__(self, table: Table, matrix, step=None, ids=None):
+    def __init__(self, table: Table, matrix, step=None, ids=None, loss_scaled=False):
         self.table = table
         self.matrix = matrix
         self.step = step
+        # the optimizer is a LossScaleOptimizer (mixed precision): it skips, on its own,
+        # a step whose scaled gradients overflow, and lowers the scale
+        self.loss_scaled = loss_scaled
         # row index of each ``ids`` row -> the int ids tensor (before the lookup)
         self.ids = ids or {}
 

@@ -146,13 +146,18 @@ class Engine:
             scaled_loss, tvars + outputs, unconnected_gradients=tf.UnconnectedGradients.NONE
         )
         wgrads, ograds = grads[: len(tvars)], grads[len(tvars) :]
-        unscale = 1.0
-        if getattr(optimizer, "loss_scale_factor", None) is not None:
-            unscale = 1.0 / float(optimizer.loss_scale_factor)
+        # statistics are of the true gradients: undo the loss scaling (mixed precision)
+        loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        unscale = None
+        if loss_scaled:
+            scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+            unscale = 1.0 / tf.cast(tf.convert_to_tensor(scale), tf.float32)
+        elif getattr(optimizer, "loss_scale_factor", None) is not None:
+            unscale = tf.constant(1.0 / float(optimizer.loss_scale_factor), tf.float32)
 
         table, matrix, collector, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale,
                                                    replicas)
-        view = st.StatsView(table, matrix, step, ids)
+        view = st.StatsView(table, matrix, step, ids, loss_scaled=loss_scaled)
         fired, values = [], []
         for d in detectors:
             f, v = d.check(view)
@@ -245,7 +250,7 @@ class Engine:
             return path, cls, order.get(id(layer), len(recorder.calls))
 
         def scaled(g):
-            return g if unscale == 1.0 else g * unscale
+            return g if unscale is None else tf.cast(g, tf.float32) * unscale
 
         if not traced:
             # Untraced steps (trace_every > 1) still refuse a non-finite update: one sum
@@ -255,6 +260,7 @@ class Engine:
                     continue
                 g_t = g.values if isinstance(g, tf.IndexedSlices) else g
                 path, cls, o = owner(v)
+                g_t = scaled(g_t)
                 c.add("weight_gradient", path, values={"s": tf.reduce_sum(tf.cast(g_t, tf.float32)),
                                                        "size": tf.cast(tf.size(g_t), tf.float32)},
                       counted=g_t, layer_class=cls, name=v.name, shape=tuple(v.shape), order=o)

@@ -28,9 +28,24 @@ class NaN(Detector):
     needs = ("nan", "inf")
     every_step = True
 
+    def __init__(self, loss_scale_patience=20, action=None):
+        super().__init__(action)
+        self.loss_scale_patience = self._check_int("loss_scale_patience", loss_scale_patience, 1)
+
     def check(self, view):
         bad = view["nan"] + view["inf"]
-        return bad > 0, bad
+        fired = bad > 0
+        self._loss_scaled = view.loss_scaled
+        if view.loss_scaled:
+            # Mixed precision: non-finite gradients after a finite forward pass are a loss-scale
+            # overflow, which the LossScaleOptimizer skips on purpose (and lowers the scale).
+            # Only a run of `loss_scale_patience` such steps in a row is a fault.
+            backward = view.mask(kinds=("gradient", "weight_gradient"))
+            overflow = tf.reduce_any(fired & backward) & ~tf.reduce_any(fired & ~backward)
+            streak = self.state(view, "overflow_streak")
+            new = self.update(streak, tf.where(overflow, streak + 1.0, 0.0))
+            fired = fired & ~(overflow & (new < self.loss_scale_patience))
+        return fired, bad
 
     def explain(self, rows, fired, values, matrix, table):
         idx = np.flatnonzero(fired)
@@ -66,4 +81,8 @@ class NaN(Detector):
             "weight": f"weight {row.name}",
         }[row.kind]
         first = " first" if row.kind == "output" else ""
-        return f"{row.path} ({row.layer_class}){first} produced {what} of {size} values in its {part}{tail}."
+        scaled = ""
+        if getattr(self, "_loss_scaled", False) and row.kind in ("gradient", "weight_gradient"):
+            scaled = (f"; the gradients overflowed on {self.loss_scale_patience} steps in a row although the "
+                      "loss-scale optimizer kept lowering the scale, so this is not an occasional skipped step")
+        return f"{row.path} ({row.layer_class}){first} produced {what} of {size} values in its {part}{tail}{scaled}."
