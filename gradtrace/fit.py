@@ -24,6 +24,7 @@ from gradtrace import _keras_compat as compat
 from gradtrace import detectors as detectors_module
 from gradtrace import distribute
 from gradtrace import snapshot as snapshot_module
+from gradtrace import tensorboard as tb_module
 from gradtrace.anomaly import BLOCKING, Anomaly, AnomalyError, AnomalyLog, check_action, strongest
 from gradtrace.capture import LayerTap, format_call_log
 from gradtrace.stats import row_dict
@@ -83,17 +84,22 @@ class Run:
         self.epoch = 0
         self.halted = False
         self.last_stats = None
+        self.tensorboard = None  # a gradtrace.tensorboard.Writer when fit got tensorboard_dir
 
     # -- the train_function Keras calls ----------------------------------------
-    def train_function(self, traced_fn, plain_fn):
+    def train_function(self, traced_fn, plain_fn, summary_fn=None):
         def function(iterator):
-            traced = plain_fn is None or self.calls % self.trace_every == 0
+            summary = summary_fn is not None and self.calls % self.tensorboard.every == 0
+            traced = summary or plain_fn is None or self.calls % self.trace_every == 0
             data = next(iterator)  # the batch stays on the host: a snapshot needs it, the step does not return it
-            out = (traced_fn if traced else plain_fn)(data)
+            out = (summary_fn if summary else traced_fn if traced else plain_fn)(data)
             self.calls += 1
             extra = out.pop(KEY)
             if traced:
                 self.last_stats = extra["stats"]
+            if summary:
+                self.tensorboard.write_step(int(extra["step"]), self.engine.tables[True], extra["stats"].numpy(),
+                                            self.engine.histogram_rows, extra["histograms"].numpy())
             if bool(extra["any"]):
                 redone = self._handle(extra, traced, data)
                 if redone is not None:
@@ -122,6 +128,8 @@ class Run:
         action = strongest([a.action for a in found])
         if action in BLOCKING and data is not None and self.snapshot_dir is not None:
             self._snapshot(found, record, data)
+        if self.tensorboard is not None:
+            self.tensorboard.write_anomalies(found)
         if self.verbose:
             for a in found:
                 print(f"\ngradtrace: {a}", file=sys.stdout, flush=True)
@@ -224,7 +232,9 @@ class _Installed:
         try:
             self.engine.tap.install()
             traced_fn, plain_fn = self.engine.compiled(self.trace_every)
-            m.train_function = self.run.train_function(traced_fn, plain_fn)
+            tb = self.run.tensorboard
+            summary_fn = self.engine.compiled_summary(tb.bins) if tb is not None else None
+            m.train_function = self.run.train_function(traced_fn, plain_fn, summary_fn)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -358,6 +368,8 @@ def fit(
     snapshot_dir=None,
     trace_every=1,
     max_snapshots=5,
+    tensorboard_dir=None,
+    tensorboard_every=100,
 ):
     """Train ``model`` exactly as ``model.fit`` would, watching every nested layer.
 
@@ -375,6 +387,9 @@ def fit(
     - ``max_snapshots``: at most this many snapshots per fit (default 5).
     - ``trace_every``: capture and check every layer every N steps; the steps
       in between check the loss only (and Embedding ids).
+    - ``tensorboard_dir``: write per-layer scalars and histograms there every
+      ``tensorboard_every`` steps (default 100), and each anomaly as a text
+      event (see :mod:`gradtrace.tensorboard`).
 
     Returns the ``keras.callbacks.History`` with one more attribute,
     ``anomalies`` (a list of :class:`~gradtrace.Anomaly`), and ``gradtrace``
@@ -405,6 +420,12 @@ def fit(
                 "Pass a directory path (it is created if missing)."
             )
 
+    if isinstance(tensorboard_every, bool) or not isinstance(tensorboard_every, (int, np.integer)) \
+            or tensorboard_every < 1:
+        raise ValueError(f"tensorboard_every={tensorboard_every!r} is not allowed: it must be an integer >= 1.")
+    if tensorboard_dir is not None:
+        tensorboard_dir = tb_module.check_dir(tensorboard_dir)
+
     if compat.overrides_train_step(model):
         warnings.warn(
             f"{type(model).__name__} overrides train_step, so gradtrace cannot instrument its step; "
@@ -422,6 +443,8 @@ def fit(
     resolved_verbose = 1 if verbose == "auto" else verbose
     run = Run(model, engine, int(trace_every), resolved_verbose, snapshot_dir=snapshot_dir,
               max_snapshots=int(max_snapshots))
+    if tensorboard_dir is not None:
+        run.tensorboard = tb_module.Writer(tensorboard_dir, every=int(tensorboard_every))
     cb = _RunCallback(run)
     if isinstance(callbacks, keras.callbacks.CallbackList):
         callbacks.append(cb)
@@ -471,6 +494,8 @@ def fit(
     finally:
         if spe and spe > 1:
             model.steps_per_execution = spe
+        if run.tensorboard is not None:
+            run.tensorboard.close()
     history.anomalies = run.anomalies
     history.gradtrace = run
     return history

@@ -402,6 +402,30 @@ class Collector:
             ratio = tf.scatter_nd(tf.constant(g_idx, tf.int32)[:, None], values, [len(self.rows)])
         return derive(base, nan, inf, ratio), faults
 
+    def histograms(self, matrix, kinds, bins):
+        """``(rows, counts)``: ``bins``-bin histograms (``[len(rows), bins]``) of the tensors of
+        the rows of ``kinds``, each over its own ``[min, max]`` from ``matrix`` (global under a
+        strategy, the counts summed over replicas). Non-finite values are not counted."""
+        rows, counts = [], []
+        for i, v in enumerate(self._vectors):
+            if not isinstance(v, tuple) or v[3] or self.rows[i].kind not in kinds:
+                continue
+            t = tf.reshape(_f32(v[0]), [-1])
+            lo, hi = matrix[i, COL["min"]], matrix[i, COL["max"]]
+            ok = tf.math.is_finite(lo) & tf.math.is_finite(hi)
+            lo = tf.where(ok, lo, 0.0)
+            hi = tf.where(ok & (hi > lo), hi, lo + 1.0)
+            finite = tf.math.is_finite(t)
+            h = tf.histogram_fixed_width(tf.where(finite, t, lo), tf.stack([lo, hi]), nbins=bins)
+            # the non-finite values were put in the first bin: take them out again
+            h = h - tf.one_hot(0, bins, dtype=h.dtype) * tf.reduce_sum(tf.cast(~finite, h.dtype))
+            rows.append(i)
+            counts.append(tf.cast(h, tf.float32))
+        out = tf.stack(counts) if counts else tf.zeros([0, bins], tf.float32)
+        if self._replicas is not None:
+            out = self._replicas.sum(out)
+        return rows, out
+
     def _unit_rows(self):
         """Row index of each ``alive`` segment and its length (static shapes) or -1."""
         out = []

@@ -87,6 +87,15 @@ class Engine:
             self._compiled[False] = compat.compile_step(self.model, self.make_step(traced=False), (KEY,))
         return self._compiled[True], self._compiled.get(False) if trace_every > 1 else None
 
+    def compiled_summary(self, bins):
+        """The traced step that also measures every statistic and histograms of every
+        output and gradient (for TensorBoard), made once per engine."""
+        key = ("summary", bins)
+        if key not in self._compiled:
+            self._compiled[key] = compat.compile_step(
+                self.model, lambda data: self._step(data, traced=True, summary_bins=bins), (KEY,))
+        return self._compiled[key]
+
     def make_forced_step(self):
         """The step that commits whatever the detectors say: used to redo a snapshotted step.
 
@@ -108,10 +117,11 @@ class Engine:
                 owners[id(v)] = (self.tap.path_of(layer), type(layer).__name__, layer)
         return owners
 
-    def _step(self, data, traced, mode="train"):
+    def _step(self, data, traced, mode="train", summary_bins=0):
         """One step. ``mode``: ``"train"`` (commit unless a blocking detector fired),
         ``"force"`` (commit, no detectors), ``"inspect"`` (never commit; keep every
-        tensor in ``self.inspected``, for replay)."""
+        tensor in ``self.inspected``, for replay). ``summary_bins``: also return every
+        statistic and ``summary_bins``-bin histograms of outputs and gradients."""
         model = self.model
         optimizer = model.optimizer
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -155,8 +165,9 @@ class Engine:
         elif getattr(optimizer, "loss_scale_factor", None) is not None:
             unscale = tf.constant(1.0 / float(optimizer.loss_scale_factor), tf.float32)
 
+        needs = st.ALL_BASE if summary_bins else self.needs
         table, matrix, collector, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale,
-                                                   replicas)
+                                                   replicas, needs)
         view = st.StatsView(table, matrix, step, ids, loss_scaled=loss_scaled)
         fired, values = [], []
         for d in detectors:
@@ -220,9 +231,12 @@ class Engine:
         }
         if faults is not None:
             logs[KEY]["replica_faults"] = faults  # [replicas, rows]: where NaN/Inf or bad ids were
+        if summary_bins:
+            self.histogram_rows, logs[KEY]["histograms"] = collector.histograms(
+                matrix, ("output", "gradient"), summary_bins)
         return logs
 
-    def _rows(self, x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale, replicas=None):
+    def _rows(self, x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale, replicas=None, needs=None):
         """Register every captured tensor of the step with a stats Collector (in a fixed order)."""
         c = st.Collector()
         ids = {}
@@ -264,7 +278,7 @@ class Engine:
                 c.add("weight_gradient", path, values={"s": tf.reduce_sum(tf.cast(g_t, tf.float32)),
                                                        "size": tf.cast(tf.size(g_t), tf.float32)},
                       counted=g_t, layer_class=cls, name=v.name, shape=tuple(v.shape), order=o)
-            table, matrix, _ = c.build(needs=self.needs, replicas=replicas)
+            table, matrix, _ = c.build(needs=needs, replicas=replicas)
             return table, matrix, c, ids
         k = 0
         for c_i, call in enumerate(recorder.calls):
@@ -276,7 +290,7 @@ class Engine:
                           shape=tuple(t.shape), order=c_i)
         # Weights only change through (gated) updates, so they are measured on reported
         # steps only, unless a detector needs their norm every step (update_ratio).
-        deferred = "update_ratio" not in self.columns
+        deferred = "update_ratio" not in self.columns and needs != st.ALL_BASE
         for v, g in zip(tvars, wgrads):
             path, cls, o = owner(v)
             meta = dict(layer_class=cls, name=v.name, shape=tuple(v.shape), order=o)
@@ -292,5 +306,5 @@ class Engine:
             if g_t is not None:
                 c.ratio(c.add("weight_gradient", path, g_t, **meta), w_row)
         lr = tf.cast(compat.current_learning_rate(self.model.optimizer), tf.float32)
-        table, matrix, _ = c.build(lr=lr, needs=self.needs, replicas=replicas)
+        table, matrix, _ = c.build(lr=lr, needs=needs, replicas=replicas)
         return table, matrix, c, ids

@@ -55,7 +55,7 @@ def _max_diff(a, b):
     return max(float(np.max(np.abs(x - y))) if x.size else 0.0 for x, y in zip(a, b))
 
 
-def mirrored(out):
+def mirrored(out, out_path):
     _logical_cpus(2)
     keras = _keras()
     import gradtrace
@@ -73,12 +73,20 @@ def mirrored(out):
             m = M.two_embedding()
             m.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy", metrics=["accuracy"])
         kw = dict(batch_size=32, epochs=2, shuffle=False, verbose=0)
-        h = m.fit(x, y, **kw) if who == "keras" else gradtrace.fit(m, x, y, **kw)
+        tb = os.path.join(os.path.dirname(os.path.abspath(out_path)), "tb")
+        h = m.fit(x, y, **kw) if who == "keras" else gradtrace.fit(m, x, y, tensorboard_dir=tb, tensorboard_every=5, **kw)
         runs[who] = (h.history, _weights(m), int(m.optimizer.iterations.numpy()), getattr(h, "anomalies", []))
     res["parity_weight_diff"] = _max_diff(runs["keras"][1], runs["gradtrace"][1])
     res["parity_loss"] = [runs["keras"][0]["loss"], runs["gradtrace"][0]["loss"]]
     res["parity_iterations"] = [runs["keras"][2], runs["gradtrace"][2]]
     res["parity_anomalies"] = [str(a) for a in runs["gradtrace"][3]]
+    from tests.test_tensorboard import read_events
+
+    ev = read_events(tb)
+    res["tensorboard"] = {
+        "steps": sorted(ev["outer/hidden/output/mean"]),
+        "hist_count": float(ev["outer/hidden/output"][0][1][:, 2].sum()),  # the global batch: 32 x 16 units
+    }
 
     # 2. combined statistics equal those of the whole batch on one device
     keras.utils.set_random_seed(2)
@@ -166,7 +174,7 @@ def mirrored(out):
     out.update(res)
 
 
-def worker(out):
+def worker(out, out_path):
     """One MultiWorkerMirroredStrategy worker; TF_CONFIG names it. Worker 1's shard holds a 0 -> log -> -inf."""
     keras = _keras()
     import gradtrace
@@ -200,7 +208,7 @@ if __name__ == "__main__":
     which, path = sys.argv[1], sys.argv[2]
     result = {}
     try:
-        {"mirrored": mirrored, "worker": worker}[which](result)
+        {"mirrored": mirrored, "worker": worker}[which](result, path)
     except BaseException:
         result["crash"] = traceback.format_exc()
     with open(path, "w") as f:

@@ -46,6 +46,11 @@ def test_mirrored_runs_on_two_replicas_with_the_same_weights_as_model_fit(mirror
     assert mirrored["parity_anomalies"] == []
 
 
+def test_mirrored_tensorboard_histograms_count_the_global_batch(mirrored):
+    assert mirrored["tensorboard"]["steps"] == [0, 5, 10, 15]
+    assert mirrored["tensorboard"]["hist_count"] == 32 * 16
+
+
 def test_mirrored_statistics_are_those_of_the_whole_batch(mirrored):
     checks = mirrored["stats_checks"]
     assert {"output/hidden", "output/out", "gradient/hidden", "gradient/out"} <= set(checks)

@@ -1,0 +1,134 @@
+"""TensorBoard output: per-layer scalars and histograms every N steps, anomalies as text.
+
+``gradtrace.fit(..., tensorboard_dir="logs/run1", tensorboard_every=100)`` writes,
+with ``tf.summary``, under tags that follow the layer paths:
+
+- scalars ``<path>/output/{mean,std,min,max,zero_frac}`` (plus ``dead_frac`` for
+  ReLU-family outputs and ``saturated`` for sigmoid/tanh ones),
+  ``<path>/gradient/{norm,mean,std}`` (the gradient of the loss with respect to
+  the layer's output), ``<path>/weight_gradient/<weight>/{norm,update_ratio}``,
+  ``<path>/weight/<weight>/norm``, ``<path>/ids/{min,max,bad}`` for Embedding
+  ids and ``loss/value``;
+- histograms ``<path>/output`` and ``<path>/gradient``, computed in the step
+  (only the bin counts leave the graph);
+- one text event per anomaly, ``gradtrace/anomalies``, at the anomaly's step.
+
+The x axis is the step (``optimizer.iterations`` before the step's update).
+Event files are appended to and flushed after every write, so a run that
+stops (or is killed) leaves files TensorBoard reads up to the last write.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from gradtrace.stats import COL, SATURATION_LIMITS
+
+# which columns of each kind of row become scalars
+SCALARS = {
+    "output": ("mean", "std", "min", "max", "zero_frac"),
+    "gradient": ("norm", "mean", "std"),
+    "weight_gradient": ("norm", "update_ratio"),
+    "weight": ("norm",),
+    "ids": ("min", "max", "bad"),
+    "input": ("mean", "std"),
+    "target": ("mean", "std"),
+}
+
+
+def _histogram_metadata():
+    from tensorflow.core.framework import summary_pb2
+
+    meta = summary_pb2.SummaryMetadata()
+    meta.plugin_data.plugin_name = "histograms"  # TensorBoard's histogram plugin, data version 0
+    return meta
+
+
+def check_dir(logdir):
+    """Create ``logdir`` and make sure it can be written, before any training."""
+    logdir = os.fspath(logdir)
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        raise ValueError(f"tensorboard_dir={logdir!r} exists and is not a directory. Pass a directory path.")
+    try:
+        os.makedirs(logdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=logdir):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"tensorboard_dir={logdir!r} cannot be written ({e.strerror or e}). "
+            "Pass a directory you can write to, or tensorboard_dir=None."
+        ) from None
+    return logdir
+
+
+def tag_of(row, column=None):
+    parts = [row.path if row.kind not in ("loss",) else "loss"]
+    if row.kind == "loss":
+        return "loss/value"
+    parts.append(row.kind)
+    if row.kind in ("weight", "weight_gradient") and row.name:
+        parts.append(row.name)
+    elif row.kind in ("input", "target") and row.name:
+        parts.append(row.name)
+    if column:
+        parts.append(column)
+    return "/".join(parts)
+
+
+class Writer:
+    """Writes one run's summaries; ``every``: the steps between two summary steps."""
+
+    def __init__(self, logdir, every=100, bins=30):
+        self.logdir = check_dir(logdir)
+        self.every = every
+        self.bins = bins
+        self._writer = tf.summary.create_file_writer(self.logdir)
+        self._meta = _histogram_metadata()
+        self.written_steps = 0
+
+    def columns_of(self, row):
+        cols = list(SCALARS.get(row.kind, ()))
+        if row.kind == "output" and row.relu:
+            cols.append("dead_frac")
+        if row.kind == "output" and row.activation in SATURATION_LIMITS:
+            cols.append("saturated")
+        return cols
+
+    def write_step(self, step, table, matrix, histogram_rows, histograms):
+        with self._writer.as_default(step=int(step)):
+            for row in table.rows:
+                if row.kind == "loss":
+                    tf.summary.scalar("loss/value", float(matrix[row.index, COL["mean"]]))
+                    continue
+                for col in self.columns_of(row):
+                    tf.summary.scalar(tag_of(row, col), float(matrix[row.index, COL[col]]))
+            for i, counts in zip(histogram_rows, histograms):
+                lo, hi = float(matrix[i, COL["min"]]), float(matrix[i, COL["max"]])
+                if not (np.isfinite(lo) and np.isfinite(hi)):
+                    lo, hi = 0.0, 1.0
+                if hi <= lo:
+                    hi = lo + 1.0
+                edges = np.linspace(lo, hi, len(counts) + 1)
+                buckets = np.stack([edges[:-1], edges[1:], counts], axis=1).astype("float64")
+                tf.summary.write(tag_of(table.rows[i]), buckets, metadata=self._meta)
+        self._writer.flush()
+        self.written_steps += 1
+
+    def write_anomalies(self, anomalies):
+        for a in anomalies:
+            with self._writer.as_default(step=int(a.step)):
+                text = f"**{a.detector}** at `{a.layer}` ({a.tensor}), epoch {a.epoch}: {a.message}"
+                if a.replicas:
+                    text += f" (replicas {', '.join(map(str, a.replicas))})"
+                if a.snapshot:
+                    text += f"\n\nsnapshot: `{a.snapshot}`"
+                tf.summary.text("gradtrace/anomalies", text)
+        self._writer.flush()
+
+    def close(self):
+        self._writer.flush()
+        self._writer.close()
