@@ -110,9 +110,15 @@ class Run:
 
     def _handle(self, extra, traced, data):
         table = self.engine.tables[traced]
-        matrix = extra["stats"].numpy()
+        matrix, faults = extra["stats"], extra.get("replica_faults")
+        if not bool(extra["committed"]) and data is not None:
+            # The step was held, so its pre-step state is intact: measure everything (exact
+            # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.
+            # The compiled step itself only computes what the detectors read.
+            report = dict(self.engine.compiled_report(traced)(data))[KEY]
+            matrix, faults = report["stats"], report.get("replica_faults", faults)
+        matrix = matrix.numpy()
         step = int(extra["step"])
-        faults = extra.get("replica_faults")
         found = build_anomalies(self.engine.active[traced], self.engine.actions, table, extra["fired"].numpy(),
                                 extra["values"].numpy(), matrix, step, self.epoch,
                                 None if faults is None else faults.numpy())

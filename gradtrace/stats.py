@@ -275,10 +275,18 @@ class Collector:
     """Collects the rows of one step and computes all their statistics at once.
 
     ``add`` registers a row with either a float tensor (its statistics are
-    computed) or a dict of ready-made values (Embedding ids, the sums of
-    untraced steps). ``build`` returns the :class:`Table` and the packed
-    ``[rows, columns]`` matrix. NaN/Inf counts are computed in one ``tf.cond``,
-    only when some row's sum or sum of squares is not finite.
+    computed) or a dict of ready-made values (Embedding ids). ``build``
+    returns the :class:`Table` and the packed ``[rows, columns]`` matrix.
+
+    Cost per step is what matters here (a deep model has hundreds of rows):
+    each tensor costs one ``reduce_sum`` and one ``l2_loss`` plus one reduction
+    per further quantity a detector needs; the rows are then assembled one
+    column at a time, and there is no ``tf.cond`` (a cond costs about as much
+    as the ops of its branches, taken or not). So when only some statistics
+    are needed, ``nan`` and ``inf`` are flags read off the tensor's sum (1 if
+    the sum is NaN, or infinite; a tensor holding a NaN or an Inf always has a
+    non-finite sum). With every statistic (``needs=ALL_BASE``: the step that
+    gets reported, TensorBoard summary steps, replay) they are exact counts.
     """
 
     def __init__(self):
@@ -292,7 +300,7 @@ class Collector:
         """Register a row; ``counted`` is the tensor whose NaN/Inf are counted (default: ``tensor``).
 
         A ``deferred`` row takes ``tensor`` as a function returning the tensor; it is
-        called, and the row measured, only on a reported step (``full()``). Weights
+        called, and the row measured, only when every statistic is asked for. Weights
         are deferred: reading a variable before the optimizer updates it keeps its old
         buffer alive, and the update then copies the whole variable (measured: the
         largest single cost of an earlier version).
@@ -312,77 +320,111 @@ class Collector:
     def build(self, lr=None, needs=ALL_BASE, replicas=None):
         """Return ``(table, matrix, full)``.
 
-        ``matrix`` holds the columns whose base quantities are in ``needs``
-        (the others are 0); ``full()`` builds the matrix with every column, for
-        use inside a ``tf.cond`` on the rare step that gets reported.
-
-        With ``replicas`` (a :class:`gradtrace.distribute.Replicas`), every
-        replica's quantities are gathered and combined into global statistics;
-        then use :meth:`report` instead of ``full`` (an all-reduce cannot sit
-        inside a ``tf.cond``).
+        ``matrix`` holds the columns whose base quantities are in ``needs`` (the
+        others are 0); ``full()`` builds the matrix with every column. With
+        ``replicas`` (a :class:`gradtrace.distribute.Replicas`), every replica's
+        quantities are gathered and combined into global statistics, and
+        :attr:`faults` (``[replicas, rows]``: that replica's shard of the row
+        held NaN/Inf or bad ids) is set.
         """
         table = Table(self.rows)
-        self._lr, self._needs, self._replicas = lr, needs, replicas
+        self._lr, self._replicas = lr, replicas
+        self.faults = None
         if not self.rows:
             empty = tf.zeros([0, len(COLUMNS)], tf.float32)
-            self._cheap_local = None
             return table, empty, lambda: empty
-        local = self._local(needs)
-        self._cheap_local = local
-        matrix, _ = self._finish(local)
+        matrix, self.faults = self._finish(self._local(needs))
         return table, matrix, (lambda: matrix) if needs >= ALL_BASE else (lambda: self._finish(self._local(ALL_BASE))[0])
-
-    def report(self, matrix, any_fired):
-        """``(stats, faults)`` of the step: every column when ``any_fired``, else ``matrix``.
-
-        ``faults`` is ``[replicas, rows]`` (a replica's row holds NaN/Inf or bad
-        ids) under a strategy, else ``None``.
-        """
-        if self._cheap_local is None:
-            return matrix, None
-        if self._replicas is None:
-            if self._needs >= ALL_BASE:
-                return matrix, None
-            return tf.cond(any_fired, lambda: self._finish(self._local(ALL_BASE))[0], lambda: matrix), None
-        local = self._cheap_local
-        if not self._needs >= ALL_BASE:
-            # only the replica-local work is conditional; the gather runs every step
-            local = tf.cond(any_fired, lambda: self._local(ALL_BASE), lambda: self._cheap_local)
-        return self._finish(local)
 
     def _local(self, which):
         """This replica's ``(base [rows, len(BASE)], nan [rows], inf [rows], alive [units])``."""
-        full = which == ALL_BASE
-        vectors, counted, alive = [], list(self._counted), []
+        full = which >= ALL_BASE
+        counted = list(self._counted)
+        n = len(self.rows)
+        tensor_rows, value_rows, zero_rows = [], [], []
         for i, v in enumerate(self._vectors):
             if not isinstance(v, tuple):
-                vectors.append(v)
+                value_rows.append((i, v))
                 continue
             tensor, relu, activation, deferred = v
             if deferred:
                 if not full:
-                    vectors.append(tf.zeros([len(BASE)], tf.float32))
+                    zero_rows.append(i)
                     continue
                 tensor = counted[i] = tensor()
-            vectors.append(base_stats(tensor, relu, activation, which))
-            if self._replicas is not None and relu and tensor.shape.rank is not None and tensor.shape.rank >= 2:
-                alive.append(_unit_alive(tensor) if "dead_frac" in which else tf.ones([tf.shape(tensor)[-1]]))
-        base = tf.stack(vectors)
-        all_finite = tf.reduce_all(tf.math.is_finite(base[:, _B["s"]])) & tf.reduce_all(
-            tf.math.is_finite(base[:, _B["ss"]]))
+            tensor_rows.append((i, tensor, relu, activation))
 
-        def no_counts():
-            z = tf.zeros([len(counted)], tf.float32)
-            return z, z
+        indices, blocks, alive = [], [], []
+        if tensor_rows:
+            block, alive = self._tensor_block(tensor_rows, which)
+            indices.append([i for i, *_ in tensor_rows])
+            blocks.append(block)
+        if value_rows:
+            indices.append([i for i, _ in value_rows])
+            blocks.append(tf.stack([v for _, v in value_rows]))
+        if zero_rows:
+            indices.append(zero_rows)
+            blocks.append(tf.zeros([len(zero_rows), len(BASE)], tf.float32))
+        base = tf.dynamic_stitch([tf.constant(ix, tf.int32) for ix in indices], blocks)
 
-        def counts():
+        has_counted = np.array([t is not None for t in counted])
+        if full:
             pairs = [nonfinite_counts(t) if t is not None else (0.0, 0.0) for t in counted]
-            return (tf.stack([tf.cast(a, tf.float32) for a, _ in pairs]),
-                    tf.stack([tf.cast(b, tf.float32) for _, b in pairs]))
+            nan = tf.stack([tf.cast(a, tf.float32) for a, _ in pairs])
+            inf = tf.stack([tf.cast(b, tf.float32) for _, b in pairs])
+        else:
+            s = base[:, _B["s"]]
+            keep = tf.constant(has_counted)
+            nan = tf.where(keep & tf.math.is_nan(s), 1.0, 0.0)
+            inf = tf.where(keep & tf.math.is_inf(s), 1.0, 0.0)
+        return base, nan, inf, alive if alive is not None else tf.zeros([0], tf.float32)
 
-        nan, inf = tf.cond(all_finite, no_counts, counts)
-        alive = tf.concat(alive, 0) if alive else tf.zeros([0], tf.float32)
-        return base, nan, inf, alive
+    def _tensor_block(self, items, which):
+        """``[len(items), len(BASE)]`` for tensor rows, one column (one stack) at a time."""
+        zero = tf.constant(0.0)
+        cols = {name: [] for name in BASE}
+        units, unit_rows = [], []
+        for k, (_, t, relu, act) in enumerate(items):
+            t = _f32(t)
+            size = t.shape.num_elements()
+            n = tf.constant(float(size)) if size is not None else tf.cast(tf.size(t), tf.float32)
+            cols["size"].append(n)
+            cols["s"].append(tf.reduce_sum(t))
+            cols["ss"].append(2.0 * tf.nn.l2_loss(t) if "ss" in which else zero)
+            if which & {"min", "max", "zeros", "sqdev", "saturated"}:
+                v = base_stats(t, False, act, which & {"min", "max", "zeros", "sqdev", "saturated"})
+                for name in ("min", "max", "zeros", "sqdev", "saturated"):
+                    cols[name].append(v[_B[name]] if name in which else zero)
+            if relu and t.shape.rank is not None and t.shape.rank >= 2 and (
+                    "dead_frac" in which or self._replicas is not None):
+                # ReLU outputs are >= 0: the largest value of a unit is 0 only if it is dead
+                axes = list(range(t.shape.rank - 1))
+                unit_max = tf.reduce_max(t if act == "relu" else tf.abs(t), axis=axes)
+                units.append(unit_max)
+                unit_rows.append((k, t.shape[-1] if t.shape[-1] is not None else tf.shape(t)[-1]))
+        count = len(items)
+        columns = {}
+        for name in ("s", "ss", "size", "min", "max", "zeros", "sqdev", "saturated"):
+            if cols[name] and any(c is not zero for c in cols[name]):
+                columns[name] = tf.stack(cols[name])
+        alive = None
+        if units:
+            all_units = tf.concat(units, 0)
+            alive = tf.cast(all_units > 0, tf.float32)
+            if "dead_frac" in which:
+                sizes = [u for _, u in unit_rows]
+                if all(isinstance(u, int) for u in sizes):
+                    ids = tf.constant(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
+                    per_unit = tf.constant(np.repeat(np.asarray(sizes, np.float32), sizes))
+                else:
+                    sizes_t = tf.stack([tf.cast(u, tf.int32) for u in sizes])
+                    ids = tf.repeat(tf.range(len(sizes), dtype=tf.int32), sizes_t)
+                    per_unit = tf.cast(tf.gather(sizes_t, ids), tf.float32)
+                dead = tf.math.unsorted_segment_sum((1.0 - alive) / per_unit, ids, len(sizes))
+                columns["dead_frac"] = tf.scatter_nd(tf.constant([[k] for k, _ in unit_rows], tf.int32), dead, [count])
+        zeros = tf.zeros([count], tf.float32)
+        block = tf.stack([columns.get(name, zeros) for name in BASE], axis=1)
+        return block, alive
 
     def _finish(self, local):
         """Combine across replicas (if any) and derive the ``[rows, columns]`` matrix."""
@@ -427,7 +469,7 @@ class Collector:
         return rows, out
 
     def _unit_rows(self):
-        """Row index of each ``alive`` segment and its length (static shapes) or -1."""
+        """Row index and unit count of each segment of ``alive`` (the order of ``_tensor_block``)."""
         out = []
         for i, v in enumerate(self._vectors):
             if isinstance(v, tuple) and v[1] and v[0] is not None and not v[3]:
@@ -439,6 +481,12 @@ class Collector:
     def _mirrored(self):
         """Rows whose tensor is the same on every replica (weights): taken from replica 0."""
         return np.array([r.kind == "weight" for r in self.rows], dtype=bool)
+
+
+def _dead_frac(t):
+    unit_max = tf.reduce_max(tf.abs(_f32(t)), axis=list(range(t.shape.rank - 1)))
+    dead = tf.reduce_sum(tf.cast(tf.equal(unit_max, 0.0), tf.float32))
+    return dead / tf.maximum(tf.cast(tf.size(unit_max), tf.float32), 1.0)
 
 
 def _unit_alive(t):

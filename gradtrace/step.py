@@ -96,6 +96,15 @@ class Engine:
                 self.model, lambda data: self._step(data, traced=True, summary_bins=bins), (KEY,))
         return self._compiled[key]
 
+    def compiled_report(self, traced):
+        """The step that measures every statistic (exact NaN/Inf counts included) and commits
+        nothing: run by the host on a held step, whose pre-step state is intact, to report it."""
+        key = ("report", traced)
+        if key not in self._compiled:
+            self._compiled[key] = compat.compile_step(
+                self.model, lambda data: self._step(data, traced=traced, mode="report"), (KEY,))
+        return self._compiled[key]
+
     def make_forced_step(self):
         """The step that commits whatever the detectors say: used to redo a snapshotted step.
 
@@ -119,22 +128,24 @@ class Engine:
 
     def _step(self, data, traced, mode="train", summary_bins=0):
         """One step. ``mode``: ``"train"`` (commit unless a blocking detector fired),
-        ``"force"`` (commit, no detectors), ``"inspect"`` (never commit; keep every
-        tensor in ``self.inspected``, for replay). ``summary_bins``: also return every
-        statistic and ``summary_bins``-bin histograms of outputs and gradients."""
+        ``"force"`` (commit, no detectors), ``"report"`` (no detectors, every statistic,
+        never commit, non-trainable variables restored), ``"inspect"`` (never commit;
+        every statistic; keep every tensor in ``self.inspected``, for replay).
+        ``summary_bins``: also return every statistic and ``summary_bins``-bin
+        histograms of outputs and gradients."""
         model = self.model
         optimizer = model.optimizer
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         step = tf.identity(optimizer.iterations)
         detectors = [d for d in self.detectors if traced or d.every_step or d.wants_ids]
-        if mode == "force":
+        if mode in ("force", "report"):
             detectors = []
         blocking = [i for i, d in enumerate(detectors) if self.actions[d.name] in BLOCKING]
-        rollback_vars = list(model.non_trainable_variables) if blocking else []
+        rollback_vars = list(model.non_trainable_variables) if blocking or mode == "report" else []
         saved = [tf.identity(v.value) for v in rollback_vars]
 
         replicas = distribute.current()
-        recorder = Recorder(sanitize_ids=self.sanitize_ids or mode == "force", keep=traced)
+        recorder = Recorder(sanitize_ids=self.sanitize_ids or mode in ("force", "report"), keep=traced)
         with tf.GradientTape() as tape:
             recorder.tape = tape
             with recorder.active():
@@ -165,7 +176,7 @@ class Engine:
         elif getattr(optimizer, "loss_scale_factor", None) is not None:
             unscale = tf.constant(1.0 / float(optimizer.loss_scale_factor), tf.float32)
 
-        needs = st.ALL_BASE if summary_bins else self.needs
+        needs = st.ALL_BASE if summary_bins or mode in ("report", "inspect") else self.needs
         table, matrix, collector, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale,
                                                    replicas, needs)
         view = st.StatsView(table, matrix, step, ids, loss_scaled=loss_scaled)
@@ -182,8 +193,9 @@ class Engine:
             fired_m = tf.zeros([len(detectors), len(table)], tf.bool)
             values_m = tf.zeros([len(detectors), len(table)], tf.float32)
             per_detector = tf.zeros([len(detectors)], tf.bool)
-        self.tables[traced] = table
-        self.active[traced] = detectors
+        if mode in ("train", "inspect"):
+            self.tables[traced] = table
+            self.active[traced] = detectors
 
         batch_size = _batch_size(x)
 
@@ -200,7 +212,9 @@ class Engine:
 
         commit_args = (wgrads, x, y, y_pred, sample_weight, loss, batch_size)
 
-        if mode == "inspect":
+        if mode == "report":
+            committed = hold(saved)
+        elif mode == "inspect":
             paths = [p for c in recorder.calls for p in c.output_paths]
             self.inspected = {
                 "loss": loss, "y_pred": y_pred,
@@ -217,15 +231,14 @@ class Engine:
                 committed = tf.cond(block, lambda: hold(saved), lambda: commit(*commit_args))
         else:
             committed = commit(*commit_args)
-        logs = {} if mode == "inspect" else dict(model.get_metrics_result())
+        logs = {} if mode in ("inspect", "report") else dict(model.get_metrics_result())
         any_fired = tf.reduce_any(per_detector)
-        # every statistic on a step that gets reported; only what detectors need otherwise
-        stats, faults = collector.report(matrix, any_fired)
+        faults = collector.faults
         logs[KEY] = {
             "any": any_fired,
             "fired": fired_m,
             "values": values_m,
-            "stats": stats,
+            "stats": matrix,
             "step": step,
             "committed": committed,
         }
@@ -274,10 +287,8 @@ class Engine:
                     continue
                 g_t = g.values if isinstance(g, tf.IndexedSlices) else g
                 path, cls, o = owner(v)
-                g_t = scaled(g_t)
-                c.add("weight_gradient", path, values={"s": tf.reduce_sum(tf.cast(g_t, tf.float32)),
-                                                       "size": tf.cast(tf.size(g_t), tf.float32)},
-                      counted=g_t, layer_class=cls, name=v.name, shape=tuple(v.shape), order=o)
+                c.add("weight_gradient", path, scaled(g_t), layer_class=cls, name=v.name, shape=tuple(v.shape),
+                      order=o)
             table, matrix, _ = c.build(needs=needs, replicas=replicas)
             return table, matrix, c, ids
         k = 0

@@ -338,28 +338,29 @@ def test_pack_counts_zero_for_finite_values_whose_square_overflows(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_pack_counts_are_only_computed_when_some_sum_is_not_finite(mode):
-    # The documented shortcut: counts are taken only when some row's sum or sum
-    # of squares is non-finite. Row 0's statistics come from a finite tensor but
-    # its counted tensor holds a NaN, so its count shows which branch ran.
+def test_cheap_matrix_flags_nonfinite_rows_and_full_matrix_counts_them(mode):
+    # With only some statistics (an ordinary step), nan/inf are 0/1 flags read off each
+    # row's own sum, at no extra pass; with every statistic (a reported step) they are
+    # exact counts of the counted tensor.
     finite = np.ones((2, 3), np.float32)
-    with_nan = finite.copy()
-    with_nan[1, 2] = np.nan
-    with_inf = finite.copy()
-    with_inf[0, 0] = np.inf
+    with_nans = finite.copy()
+    with_nans[1, :2] = np.nan
+    with_infs = finite.copy()
+    with_infs[0, :3] = np.inf
+    huge = np.array([3e38, 3e38, -3e38], np.float32)  # finite, but its sum overflows
 
-    def only_finite(a, b):
-        return _pack([(a, b)])
+    def fn(a, b, c, d):
+        c_ = st.Collector()
+        for t in (a, b, c, d):
+            c_.add("output", "r", t)
+        _, cheap, full = c_.build(needs=st.base_needs(["nan", "inf"]))
+        return tf.stack([cheap, full()])
 
-    def one_nonfinite(a, b, c):
-        return _pack([(a, b), (c, c)])
-
-    m1 = run(mode, only_finite, finite, with_nan)
-    assert m1[0, st.COL["nan"]] == 0.0  # all sums finite: counting skipped
-    m2 = run(mode, one_nonfinite, finite, with_nan, with_inf)
-    assert m2[0, st.COL["nan"]] == _np_counts(with_nan)[0] == 1.0  # counting ran for every row
-    assert m2[1, st.COL["inf"]] == _np_counts(with_inf)[1] == 1.0
-    assert m2[1, st.COL["nan"]] == 0.0
+    cheap, full = run(mode, fn, finite, with_nans, with_infs, huge)
+    assert cheap[:, st.COL["nan"]].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert cheap[:, st.COL["inf"]].tolist() == [0.0, 0.0, 1.0, 1.0]  # the overflowed sum is flagged ...
+    assert full[:, st.COL["nan"]].tolist() == [0.0, 2.0, 0.0, 0.0]
+    assert full[:, st.COL["inf"]].tolist() == [0.0, 0.0, 3.0, 0.0]  # ... and the exact count clears it
 
 
 @pytest.mark.parametrize("mode", MODES)
