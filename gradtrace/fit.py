@@ -33,11 +33,12 @@ from gradtrace.step import KEY, Engine
 _TENSOR_NAMES = {"ids": "input"}
 
 
-def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoch, replica_faults=None):
+def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoch, replica_faults=None, columns=None):
     """Host side, on a step where something fired: each detector explains its rows.
 
     ``replica_faults`` (``[replicas, rows]``, under a strategy) names the
-    replicas whose shard held the blamed row's NaN/Inf or bad ids.
+    replicas whose shard held the blamed row's NaN/Inf or bad ids; ``columns``
+    are the statistics ``matrix`` really holds (all when ``None``).
     """
     found = []
     for d_i, d in enumerate(detectors):
@@ -47,7 +48,7 @@ def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoc
             found.append(Anomaly(
                 detector=d.name, layer=row.path, tensor=_TENSOR_NAMES.get(row.kind, row.kind), step=step,
                 epoch=epoch, value=value, message=message, action=actions[d.name],
-                stats=row_dict(matrix[row.index]),
+                stats=row_dict(matrix[row.index], columns),
                 replicas=() if replica_faults is None else tuple(
                     int(r) for r in np.flatnonzero(replica_faults[:, row.index])),
             ))
@@ -57,12 +58,15 @@ def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoc
 class StepRecord:
     """The statistics of one step at which something fired (kept for the report)."""
 
-    def __init__(self, step, epoch, table, matrix, anomalies):
+    def __init__(self, step, epoch, table, matrix, anomalies, columns=None):
         self.step = step
         self.epoch = epoch
         self.table = table
         self.matrix = matrix
         self.anomalies = anomalies
+        # the statistics the matrix holds: all (None) on a held step, which is measured
+        # again in full; on a step that only warned, what the detectors needed
+        self.columns = columns
 
 
 class Run:
@@ -111,20 +115,22 @@ class Run:
     def _handle(self, extra, traced, data):
         table = self.engine.tables[traced]
         matrix, faults = extra["stats"], extra.get("replica_faults")
+        columns = self.engine.columns_computed
         if not bool(extra["committed"]) and data is not None:
             # The step was held, so its pre-step state is intact: measure everything (exact
             # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.
             # The compiled step itself only computes what the detectors read.
             report = dict(self.engine.compiled_report(traced)(data))[KEY]
             matrix, faults = report["stats"], report.get("replica_faults", faults)
+            columns = None
         matrix = matrix.numpy()
         step = int(extra["step"])
         found = build_anomalies(self.engine.active[traced], self.engine.actions, table, extra["fired"].numpy(),
                                 extra["values"].numpy(), matrix, step, self.epoch,
-                                None if faults is None else faults.numpy())
+                                None if faults is None else faults.numpy(), columns)
         if not found:
             return None
-        return self._act(found, StepRecord(step, self.epoch, table, matrix, found), data)
+        return self._act(found, StepRecord(step, self.epoch, table, matrix, found, columns), data)
 
     def _act(self, found, record, data=None):
         for a in found:

@@ -28,8 +28,13 @@ def anomaly_table(anomalies) -> str:
     return tabulate(rows, headers=["step", "epoch", "detector", "layer", "tensor", "value", "action", "message"])
 
 
-def layer_table(table, matrix, blamed=()) -> str:
-    """Per-layer statistics of one step: one line per captured layer output."""
+def layer_table(table, matrix, blamed=(), columns=None) -> str:
+    """Per-layer statistics of one step: one line per captured layer output (blank where
+    the statistic was not computed: ``columns``, when given, are those that were)."""
+
+    def col(row, name):
+        return float(matrix[row.index][COL[name]]) if columns is None or name in columns else None
+
     by_path = {}
     for r in table.rows:
         by_path.setdefault(r.path, {})
@@ -38,12 +43,11 @@ def layer_table(table, matrix, blamed=()) -> str:
     for r in table.rows:
         if r.kind != "output":
             continue
-        o = matrix[r.index]
         entry = by_path.get(r.path, {})
         g = entry.get("gradient", [])
         w = entry.get("weight_gradient", [])
-        gnorm = float(matrix[g[0].index][COL["norm"]]) if g else None
-        wnorm = math.sqrt(sum(float(matrix[x.index][COL["norm"]]) ** 2 for x in w)) if w else None
+        gnorm = col(g[0], "norm") if g else None
+        wnorm = math.sqrt(sum(col(x, "norm") ** 2 for x in w)) if w and col(w[0], "norm") is not None else None
         flags = []
         bad = [x for rows in entry.values() for x in rows if matrix[x.index][COL["nan"]] + matrix[x.index][COL["inf"]] > 0]
         if bad:
@@ -55,10 +59,10 @@ def layer_table(table, matrix, blamed=()) -> str:
                 r.path,
                 r.layer_class,
                 str(r.shape),
-                _fmt(float(o[COL["mean"]])),
-                _fmt(float(o[COL["std"]])),
-                _fmt(float(o[COL["max"]])),
-                _fmt(float(o[COL["dead_frac"]])) if r.relu else "",
+                _fmt(col(r, "mean")),
+                _fmt(col(r, "std")),
+                _fmt(col(r, "max")),
+                _fmt(col(r, "dead_frac")) if r.relu else "",
                 _fmt(gnorm),
                 _fmt(wnorm),
                 " ".join(flags),
@@ -84,7 +88,8 @@ def format_report(run, steps=None) -> str:
         if rec.table is None or (steps is not None and rec.step not in steps):
             continue
         parts.append(f"\nPer-layer statistics at step {rec.step} (epoch {rec.epoch}):")
-        parts.append(layer_table(rec.table, rec.matrix, blamed={a.layer for a in rec.anomalies}))
+        parts.append(layer_table(rec.table, rec.matrix, blamed={a.layer for a in rec.anomalies},
+                                 columns=getattr(rec, "columns", None)))
         if steps is None:
             break
     return "\n".join(parts)

@@ -552,6 +552,18 @@ def combine(gathered, alive_total, unit_rows, mirrored):
     return base, nan, inf_count, faults
 
 
-def row_dict(matrix_row) -> dict:
-    """One packed row (NumPy) as ``{column: float}``."""
-    return {c: float(matrix_row[i]) for i, c in enumerate(COLUMNS)}
+def row_dict(matrix_row, columns=None) -> dict:
+    """One packed row (NumPy) as ``{column: float}`` (only ``columns``, when given)."""
+    return {c: float(matrix_row[i]) for i, c in enumerate(COLUMNS) if columns is None or c in columns}
+
+
+def computed_columns(needs, requested=()) -> frozenset:
+    """The columns that hold real values when the base quantities ``needs`` are computed
+    (``update_ratio`` also needs the weights, measured only when it is ``requested``)."""
+    if needs >= ALL_BASE:
+        return frozenset(COLUMNS)
+    out = {"nan", "inf", "size", "bad", "bad_value", "bad_index"}
+    for c, bases in COLUMN_BASE.items():
+        if set(bases) <= needs and (c != "update_ratio" or c in requested):
+            out.add(c)
+    return frozenset(out)

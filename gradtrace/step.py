@@ -72,6 +72,7 @@ class Engine:
         # the base quantities computed at every step: the union of what the detectors need
         self.columns = {c for d in self.detectors for c in d.needs}
         self.needs = st.base_needs(self.columns)
+        self.columns_computed = st.computed_columns(self.needs, self.columns)
 
     def make_step(self, traced: bool):
         def train_step(data):
