@@ -12,8 +12,10 @@ apart (tracing and compilation) and the median of the others is the step
 time. Ratios are to plain ``model.fit`` measured in the same process.
 ``tf.debugging.enable_check_numerics`` and Debugger V2's dump modes change
 TensorFlow globally, so each runs in a subprocess with its own interleaved
-baseline. Peak memory: each contender trains in a fresh subprocess and reports
-its peak RSS above the RSS it had once the model was built.
+baseline. Peak memory: each contender trains in a fresh subprocess with
+TensorFlow's BFC allocator on the CPU, which counts every tensor allocation;
+the peak of allocated bytes during training steps is reported (process RSS
+would mostly measure TensorFlow itself).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -225,23 +226,32 @@ print("RESULT" + json.dumps({{"step_ms": 1e3 * float(np.median(steady)), "first_
 
 
 def peak_memory(model_name, contender, steps):
+    """Peak bytes allocated by TensorFlow during training steps, per allocation.
+
+    In a fresh process with TensorFlow's BFC allocator on the CPU
+    (``TF_CPU_ALLOCATOR_USE_BFC=true``, which makes
+    ``tf.config.experimental.get_memory_info("CPU:0")`` count every tensor
+    allocation): one fit to build and trace everything, then the allocator's
+    peak is reset and a second fit of ``steps`` steps is measured. Process RSS
+    would mostly measure TensorFlow itself.
+    """
     code = f"""
-import sys, resource, tempfile, os
+import sys, tempfile, os
 sys.path.insert(0, {os.path.dirname(HERE)!r}); sys.path.insert(0, {HERE!r})
 import overhead as O
+import tensorflow as tf
 model, x, y, batch = O.build({model_name!r})
 x, y = O._repeat(x, {steps}, batch), O._repeat(y, {steps}, batch)
-def rss_kb():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
-base = rss_kb()
+O.run_fit({contender!r}, model, x, y, batch, 2, tempfile.mkdtemp())
+tf.config.experimental.reset_memory_stats("CPU:0")
 O.run_fit({contender!r}, model, x, y, batch, {steps}, tempfile.mkdtemp())
-print("RESULT", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+print("RESULT", tf.config.experimental.get_memory_info("CPU:0")["peak"])
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT"):
-            return float(line.split()[1]) / 1024.0
+            return float(line.split()[1]) / 2 ** 20
     raise RuntimeError(f"memory of {contender} on {model_name} failed:\n{out.stderr[-3000:]}")
 
 

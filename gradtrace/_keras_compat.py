@@ -1,6 +1,7 @@
 """The one place where gradtrace touches private Keras names.
 
-Checked against Keras 3.15.1 on TensorFlow 2.21. Every private attribute used
+Checked against Keras 3.15.1 on TensorFlow 2.21, and Keras 3.8.0 on TensorFlow 2.18.1
+(the oldest supported). Every private attribute used
 anywhere in gradtrace is reached through a function in this module, so a Keras
 upgrade that moves one of them is fixed here and nowhere else.
 """
@@ -54,6 +55,14 @@ def overrides_train_step(model) -> bool:
         if "train_step" in cls.__dict__:
             return cls is not TensorFlowTrainer
     return False
+
+
+def iterations(optimizer):
+    """The optimizer's count of applied updates. Under a ``LossScaleOptimizer`` this is the
+    inner optimizer's: before Keras 3.9 the wrapper's own ``iterations`` never advanced
+    (keras-team/keras#20878, fixed by #20901), so every step would read 0."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    return inner.iterations if inner is not None else optimizer.iterations
 
 
 def current_learning_rate(optimizer):

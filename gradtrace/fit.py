@@ -115,7 +115,7 @@ class Run:
     def _handle(self, extra, traced, data):
         table = self.engine.tables[traced]
         matrix, faults = extra["stats"], extra.get("replica_faults")
-        columns = self.engine.columns_computed
+        columns = self.engine.columns_computed.get(traced)
         if not bool(extra["committed"]) and data is not None:
             # The step was held, so its pre-step state is intact: measure everything (exact
             # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.
@@ -202,7 +202,7 @@ class Run:
         for d in self.engine.detectors:
             for layer, tensor, value, message in d.epoch_end(self) or ():
                 found.append(
-                    Anomaly(d.name, layer, tensor, int(self.model.optimizer.iterations.numpy()), epoch,
+                    Anomaly(d.name, layer, tensor, int(compat.iterations(self.model.optimizer).numpy()), epoch,
                             float(value), message, action=self.engine.actions[d.name])
                 )
         if found:

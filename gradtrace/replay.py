@@ -137,8 +137,8 @@ def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
     dets = detectors_module.resolve(names or None)
     tap = LayerTap(model)
     engine = Engine(model, dets, {d.name: "warn" for d in dets}, tap)
-    engine.needs = ALL_BASE
-    def inspect(batch):
+
+    def inspect(batch):  # mode "inspect" measures every statistic
         out = engine._step(batch, traced=True, mode="inspect")
         ins = engine.inspected
         return out["__gradtrace__"], {k: ins[k] for k in ("loss", "outputs", "gradients")}, \

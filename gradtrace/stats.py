@@ -252,7 +252,7 @@ _SAME = object()
 # The base quantities behind each column. s, ss and size are always computed (the
 # NaN/Inf gate and the norm need them); the rest only when a detector needs them,
 # and all of them on a step where a detector fired (for the report).
-ALWAYS = ("s", "ss", "size")
+ALWAYS = ("s", "size")
 COLUMN_BASE = {
     "mean": ("s",), "std": ("s", "sqdev"), "min": ("min",), "max": ("max",), "norm": ("ss",),
     "zero_frac": ("zeros",), "dead_frac": ("dead_frac",), "saturated": ("saturated",),
@@ -390,7 +390,8 @@ class Collector:
             n = tf.constant(float(size)) if size is not None else tf.cast(tf.size(t), tf.float32)
             cols["size"].append(n)
             cols["s"].append(tf.reduce_sum(t))
-            cols["ss"].append(2.0 * tf.nn.l2_loss(t) if "ss" in which else zero)
+            if "ss" in which:
+                cols["ss"].append(tf.nn.l2_loss(t))
             if which & {"min", "max", "zeros", "sqdev", "saturated"}:
                 v = base_stats(t, False, act, which & {"min", "max", "zeros", "sqdev", "saturated"})
                 for name in ("min", "max", "zeros", "sqdev", "saturated"):
@@ -404,9 +405,11 @@ class Collector:
                 unit_rows.append((k, t.shape[-1] if t.shape[-1] is not None else tf.shape(t)[-1]))
         count = len(items)
         columns = {}
-        for name in ("s", "ss", "size", "min", "max", "zeros", "sqdev", "saturated"):
+        for name in ("s", "size", "min", "max", "zeros", "sqdev", "saturated"):
             if cols[name] and any(c is not zero for c in cols[name]):
                 columns[name] = tf.stack(cols[name])
+        if cols["ss"]:
+            columns["ss"] = 2.0 * tf.stack(cols["ss"])
         alive = None
         if units:
             all_units = tf.concat(units, 0)

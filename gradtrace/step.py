@@ -69,10 +69,9 @@ class Engine:
         self.active = {}  # traced (bool) -> detectors run in that variant
         self.sanitize_ids = any(d.wants_ids for d in self.detectors)
         self._compiled = {}  # traced (bool) -> compiled step, made once per engine
-        # the base quantities computed at every step: the union of what the detectors need
+        # the statistics the detectors read (each variant computes what its own detectors need)
         self.columns = {c for d in self.detectors for c in d.needs}
-        self.needs = st.base_needs(self.columns)
-        self.columns_computed = st.computed_columns(self.needs, self.columns)
+        self.columns_computed = {}  # traced (bool) -> the columns its statistics really hold
 
     def make_step(self, traced: bool):
         def train_step(data):
@@ -137,7 +136,7 @@ class Engine:
         model = self.model
         optimizer = model.optimizer
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        step = tf.identity(optimizer.iterations)
+        step = tf.identity(compat.iterations(optimizer))
         detectors = [d for d in self.detectors if traced or d.every_step or d.wants_ids]
         if mode in ("force", "report"):
             detectors = []
@@ -177,7 +176,12 @@ class Engine:
         elif getattr(optimizer, "loss_scale_factor", None) is not None:
             unscale = tf.constant(1.0 / float(optimizer.loss_scale_factor), tf.float32)
 
-        needs = st.ALL_BASE if summary_bins or mode in ("report", "inspect") else self.needs
+        # only what this variant's detectors read (an untraced step: the sums of its rows)
+        needs = st.base_needs({c for d in detectors for c in d.needs})
+        if summary_bins or mode in ("report", "inspect"):
+            needs = st.ALL_BASE
+        if mode == "train":
+            self.columns_computed[traced] = st.computed_columns(needs, self.columns)
         table, matrix, collector, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale,
                                                    replicas, needs)
         view = st.StatsView(table, matrix, step, ids, loss_scaled=loss_scaled)
@@ -302,7 +306,7 @@ class Engine:
                           shape=tuple(t.shape), order=c_i)
         # Weights only change through (gated) updates, so they are measured on reported
         # steps only, unless a detector needs their norm every step (update_ratio).
-        deferred = "update_ratio" not in self.columns and needs != st.ALL_BASE
+        deferred = "update_ratio" not in self.columns and not needs >= st.ALL_BASE
         for v, g in zip(tvars, wgrads):
             path, cls, o = owner(v)
             meta = dict(layer_class=cls, name=v.name, shape=tuple(v.shape), order=o)
