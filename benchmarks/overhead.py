@@ -126,11 +126,14 @@ class StepTimer:
         class CB(keras.callbacks.Callback):
             def on_train_batch_begin(cb, batch, logs=None):
                 self._t = time.perf_counter()
+                self._c = time.process_time()
 
             def on_train_batch_end(cb, batch, logs=None):
                 self.times.append(time.perf_counter() - self._t)
+                self.cpu.append(time.process_time() - self._c)
 
         self.times = []
+        self.cpu = []  # CPU time of the process per step: less disturbed by other load on a shared machine
         self.callback = CB()
 
 
@@ -153,7 +156,7 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
             print(f"  note: {contender} reported {len(h.anomalies)} anomalies, first: {h.anomalies[0]}", file=sys.stderr)
     else:
         model.fit(x, y, callbacks=cbs, **kw)
-    return timer.times
+    return timer.times, timer.cpu
 
 
 def _repeat(x, steps, batch):
@@ -177,13 +180,16 @@ def interleaved(model_name, contenders, steps, rounds, logdir):
     x, y = _repeat(x, steps, batch), _repeat(y, steps, batch)
     first = {c: [] for c in contenders}
     steady = {c: [] for c in contenders}
+    steady_cpu = {c: [] for c in contenders}
     for r in range(rounds):
         for c in contenders:
-            t = run_fit(c, models[c], x, y, batch, steps, logdir)
+            t, cpu = run_fit(c, models[c], x, y, batch, steps, logdir)
             first[c].append(t[0])
             steady[c].extend(t[2:])  # the second step may still finish tracing a partial path
+            steady_cpu[c].extend(cpu[2:])
     return {
-        c: {"step_ms": 1e3 * float(np.median(steady[c])), "first_step_s": float(first[c][0]),
+        c: {"step_ms": 1e3 * float(np.median(steady[c])), "cpu_ms": 1e3 * float(np.median(steady_cpu[c])),
+            "first_step_s": float(first[c][0]),
             "first_step_refit_s": float(np.median(first[c][1:])) if rounds > 1 else None,
             "steps_timed": len(steady[c])}
         for c in contenders
@@ -214,7 +220,7 @@ model, x, y, batch = O.build({model_name!r})
 x, y = O._repeat(x, {steps}, batch), O._repeat(y, {steps}, batch)
 first, steady = [], []
 for r in range({rounds}):
-    t = O.run_fit("keras", model, x, y, batch, {steps}, tmp)
+    t, _ = O.run_fit("keras", model, x, y, batch, {steps}, tmp)
     first.append(t[0]); steady.extend(t[2:])
 print("RESULT" + json.dumps({{"step_ms": 1e3 * float(np.median(steady)), "first_step_s": first[0]}}))
 """
@@ -261,7 +267,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--contenders", default=",".join(IN_PROCESS + SUBPROCESS))
-    p.add_argument("--steps", type=int, default=24, help="steps per fit call")
+    p.add_argument("--steps", type=int, default=16, help="steps per fit call")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--all-contenders", action="store_true", help="every contender on the depth sweep too")
@@ -308,16 +314,18 @@ def main(argv=None):
         for c in remote if (m not in SWEEP or args.all_contenders) else ():
             print(f"[{time.time() - t0:6.0f}s] {m}: {c} (subprocess)", file=sys.stderr, flush=True)
             try:
-                res[c] = subprocess_contender(m, c, max(8, args.steps // 2), max(1, args.rounds - 1))
+                res[c] = subprocess_contender(m, c, 8, 1)
                 res[c]["separate_process"] = True
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 print(f"  {c} on {m} failed; left out of the table: {str(e)[:300]}", file=sys.stderr)
-        if not args.no_memory:
+        if not args.no_memory and (m not in SWEEP or args.all_contenders):
             for c in [c for c in here if c in MEMORY]:
                 print(f"[{time.time() - t0:6.0f}s] {m}: peak memory of {c}", file=sys.stderr, flush=True)
-                res[c]["peak_mb"] = peak_memory(m, c, min(args.steps, 12))
+                res[c]["peak_mb"] = peak_memory(m, c, 4)
         for c, r in res.items():
             r["step_ratio"] = r["step_ms"] / base["step_ms"]
+            if "cpu_ms" in r:
+                r["cpu_ratio"] = r["cpu_ms"] / base["cpu_ms"]
             r["first_ratio"] = r["first_step_s"] / base["first_step_s"]
             if "peak_mb" in r and base.get("peak_mb"):
                 r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
@@ -330,9 +338,11 @@ def main(argv=None):
     for m, res in results["models"].items():
         for c, r in res.items():
             star = "*" if r.get("separate_process") else ""
-            rows.append((m, c + star, f"{r['step_ms']:.2f}", f"{r['step_ratio']:.2f}x", f"{r['first_ratio']:.2f}x",
+            rows.append((m, c + star, f"{r['step_ms']:.2f}", f"{r['step_ratio']:.2f}x",
+                         f"{r['cpu_ratio']:.2f}x" if "cpu_ratio" in r else "", f"{r['first_ratio']:.2f}x",
                          f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""))
-    table = tabulate(rows, headers=["model", "contender", "step ms", "step / fit", "first step / fit", "peak mem / fit"])
+    table = tabulate(rows, headers=["model", "contender", "step ms", "step / fit", "cpu / fit", "first step / fit",
+                                    "peak mem / fit"])
     print(table)
     print(f"\n{results['machine']}; {args.steps} steps x {args.rounds} interleaved rounds; total {time.time() - t0:.0f}s")
     results["table"] = table
