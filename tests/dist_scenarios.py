@@ -174,25 +174,34 @@ def mirrored(out, out_path):
     out.update(res)
 
 
+def _worker_model(keras, strategy):
+    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    keras.utils.set_random_seed(5)
+    with strategy.scope():
+        m = log_model(keras)
+        m.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return task, m
+
+
+def _worker_dataset(x, y):
+    """Batches of 16 (8 rows per worker per step); each worker reads its own data, unsharded."""
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    opts = tf.data.Options()
+    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(opts)
+
+
 def worker(out, out_path):
     """One MultiWorkerMirroredStrategy worker; TF_CONFIG names it. Worker 1's shard holds a 0 -> log -> -inf."""
     keras = _keras()
     import gradtrace
 
     keras.config.disable_traceback_filtering()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    keras.utils.set_random_seed(5)
-    with strategy.scope():
-        m = log_model(keras)
-        m.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    task, m = _worker_model(keras, tf.distribute.MultiWorkerMirroredStrategy())
     x, y = log_data(n=16 * 12, seed=task)
     if task == 1:
         x[8 * 4 + 3, 0] = 0.0  # each worker takes 8 rows per step (the global batch of 16, split): its step 4
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-    opts = tf.data.Options()
-    opts.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    ds = ds.with_options(opts)
+    ds = _worker_dataset(x, y)
     h = gradtrace.fit(m, ds, epochs=1, verbose=0)
     out.update({
         "task": task,
@@ -204,11 +213,40 @@ def worker(out, out_path):
     })
 
 
+def worker_dies(out, out_path):
+    """Two MultiWorkerMirroredStrategy workers; worker 1 dies (os._exit) at its step 3.
+    Worker 0 records what gradtrace.fit raised, how long it took, and whether the model is clean."""
+    import time
+
+    keras = _keras()
+    import gradtrace
+
+    task, m = _worker_model(keras, tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(timeout_seconds=20)))
+    ds = _worker_dataset(*log_data(n=16 * 40, seed=task))
+
+    class Die(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if task == 1 and batch == 3:
+                os._exit(17)
+
+    t0 = time.monotonic()
+    try:
+        gradtrace.fit(m, ds, epochs=1, verbose=0, callbacks=[Die()])
+        out["error"] = None
+    except Exception as e:
+        out["error"] = type(e).__name__
+        out["message"] = str(e)[-3000:]
+    out["seconds"] = time.monotonic() - t0
+    out["iterations"] = int(m.optimizer.iterations.numpy())
+    out["clean"] = not any(gradtrace.is_patched(l) for l in m._flatten_layers())
+
+
 if __name__ == "__main__":
     which, path = sys.argv[1], sys.argv[2]
     result = {}
     try:
-        {"mirrored": mirrored, "worker": worker}[which](result, path)
+        {"mirrored": mirrored, "worker": worker, "worker_dies": worker_dies}[which](result, path)
     except BaseException:
         result["crash"] = traceback.format_exc()
     with open(path, "w") as f:

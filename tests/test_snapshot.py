@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -194,10 +195,16 @@ def test_cli_replays_and_shows_in_a_fresh_process(tmp_path):
 
 # -- hostile and broken snapshots: one-line errors, nothing run ---------------------------
 
-@pytest.fixture
-def snap(tmp_path):
-    h = _train(dropout_model_with_fault(at=2), tmp_path)
+@pytest.fixture(scope="module")
+def _recorded_snapshot(tmp_path_factory):
+    h = _train(dropout_model_with_fault(at=2), tmp_path_factory.mktemp("recorded"))
     return h.anomalies[0].snapshot
+
+
+@pytest.fixture
+def snap(_recorded_snapshot, tmp_path):
+    """A fresh copy of one real snapshot, for each test to damage as it likes."""
+    return str(shutil.copytree(_recorded_snapshot, tmp_path / os.path.basename(_recorded_snapshot)))
 
 
 def _one_line(err):
