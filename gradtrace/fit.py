@@ -496,6 +496,7 @@ def fit(
                     history.anomalies = run.anomalies
                     history.gradtrace = run
                 _attach_run(e, history, run)
+                _note_peer_failure(e, model, run)
                 if isinstance(e, Exception) and not isinstance(e, AnomalyError):
                     try:
                         _reraise_with_layer_table(e, engine.tap.failure)
@@ -511,6 +512,19 @@ def fit(
     history.anomalies = run.anomalies
     history.gradtrace = run
     return history
+
+
+def _note_peer_failure(e, model, run):
+    """Under a multi-worker strategy, say what a failed collective op most likely means."""
+    collective = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                  tf.errors.AbortedError)
+    if isinstance(e, collective) and isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy) \
+            and hasattr(e, "add_note"):
+        e.add_note(
+            f"gradtrace: a collective operation failed after {run.calls} step(s) on this worker: another worker "
+            "most likely stopped (crashed, was preempted or killed). The failing step was not applied here; "
+            "the model is left as after the last completed step. Restart every worker, from a checkpoint."
+        )
 
 
 def _attach_run(e, history, run):

@@ -221,8 +221,7 @@ def worker_dies(out, out_path):
     keras = _keras()
     import gradtrace
 
-    task, m = _worker_model(keras, tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(timeout_seconds=20)))
+    task, m = _worker_model(keras, tf.distribute.MultiWorkerMirroredStrategy())
     ds = _worker_dataset(*log_data(n=16 * 40, seed=task))
 
     class Die(keras.callbacks.Callback):
@@ -236,7 +235,7 @@ def worker_dies(out, out_path):
         out["error"] = None
     except Exception as e:
         out["error"] = type(e).__name__
-        out["message"] = str(e)[-3000:]
+        out["message"] = (str(e) + "\n".join(getattr(e, "__notes__", [])))[-3000:]
     out["seconds"] = time.monotonic() - t0
     out["iterations"] = int(m.optimizer.iterations.numpy())
     out["clean"] = not any(gradtrace.is_patched(l) for l in m._flatten_layers())

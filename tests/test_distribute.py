@@ -85,8 +85,8 @@ def _free_ports(n):
     return ports
 
 
-@pytest.mark.multiworker
-def test_multi_worker_both_workers_halt_at_the_same_step(tmp_path):
+def _run_workers(tmp_path, scenario, timeout=300):
+    """Start 2 workers of ``scenario``; return each one's (result or None, exit code, output)."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs, outs = [], []
@@ -95,11 +95,11 @@ def test_multi_worker_both_workers_halt_at_the_same_step(tmp_path):
         outs.append(out)
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.dist_scenarios", "worker", str(out)], cwd=ROOT,
+            [sys.executable, "-m", "tests.dist_scenarios", scenario, str(out)], cwd=ROOT,
             env=_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     logs = []
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout
     try:
         for p in procs:
             logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
@@ -108,7 +108,14 @@ def test_multi_worker_both_workers_halt_at_the_same_step(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    results = [_read(o, log) for o, log in zip(outs, logs)]
+    return [(json.loads(o.read_text()) if o.exists() else None, p.returncode, log)
+            for o, p, log in zip(outs, procs, logs)]
+
+
+@pytest.mark.multiworker
+def test_multi_worker_both_workers_halt_at_the_same_step(tmp_path):
+    runs = _run_workers(tmp_path, "worker")
+    results = [_read(tmp_path / f"worker{i}.json", log) for i, (_, _, log) in enumerate(runs)]
     for r in results:
         assert r["halted"], r
         assert r["iterations"] == 4, r
@@ -118,3 +125,15 @@ def test_multi_worker_both_workers_halt_at_the_same_step(tmp_path):
     assert (a0["detector"], a0["layer"], a0["step"]) == ("nan", "logmodel/log", 4)
     assert a0["replicas"] == [1]  # worker 1's replica held the fault
     assert results[0]["weights_sum"] == pytest.approx(results[1]["weights_sum"], rel=1e-6)
+
+
+@pytest.mark.multiworker
+def test_a_worker_that_dies_gives_the_other_a_clear_error_not_a_hang(tmp_path):
+    (survivor, rc0, log0), (dead, rc1, _) = _run_workers(tmp_path, "worker_dies", timeout=180)
+    assert rc1 == 17 and dead is None  # worker 1 died at its step 3
+    assert survivor is not None and rc0 == 0, log0[-3000:]
+    assert survivor["error"] in ("UnavailableError", "DeadlineExceededError", "CancelledError", "AbortedError")
+    assert "another worker most likely stopped" in survivor["message"]
+    assert survivor["seconds"] < 120  # TensorFlow's heartbeat noticed; it did not hang
+    assert survivor["iterations"] == 3  # the step the peer never joined was not applied
+    assert survivor["clean"]
