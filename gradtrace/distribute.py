@@ -35,8 +35,9 @@ class Replicas:
     def gather(self, t):
         """``[n, *t.shape]``: every replica's ``t``, in replica order, on every replica."""
         t = tf.convert_to_tensor(t)
-        mine = tf.cast(tf.equal(tf.range(self.n), self.id), t.dtype)
-        spread = tf.reshape(mine, [self.n] + [1] * t.shape.rank) * t[None]
+        mine = tf.reshape(tf.equal(tf.range(self.n), self.id), [self.n] + [1] * t.shape.rank)
+        # where, not a product with a one-hot mask: 0 * inf would put NaN in the other slots
+        spread = tf.where(mine, t[None], tf.zeros_like(t)[None])
         return self.ctx.all_reduce(tf.distribute.ReduceOp.SUM, spread)
 
     def sum(self, t):

@@ -105,18 +105,19 @@ class Run:
                 self.tensorboard.write_step(int(extra["step"]), self.engine.tables[True], extra["stats"].numpy(),
                                             self.engine.histogram_rows, extra["histograms"].numpy())
             if bool(extra["any"]):
-                redone = self._handle(extra, traced, data)
+                redone = self._handle(extra, traced, data, complete=summary)
                 if redone is not None:
                     return redone
             return out
 
         return function
 
-    def _handle(self, extra, traced, data):
+    def _handle(self, extra, traced, data, complete=False):
+        """A detector fired. ``complete``: the step already measured every statistic."""
         table = self.engine.tables[traced]
         matrix, faults = extra["stats"], extra.get("replica_faults")
-        columns = self.engine.columns_computed.get(traced)
-        if not bool(extra["committed"]) and data is not None:
+        columns = None if complete else self.engine.columns_computed.get(traced)
+        if not complete and not bool(extra["committed"]) and data is not None:
             # The step was held, so its pre-step state is intact: measure everything (exact
             # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.
             # The compiled step itself only computes what the detectors read.

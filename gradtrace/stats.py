@@ -10,8 +10,10 @@ Statistics of a float tensor ``t`` with ``n`` elements:
 - ``mean = sum(t) / n``, ``std = sqrt(sum((t - mean)**2) / n)`` (two passes,
   so a large mean does not swallow a small spread),
 - ``min``, ``max``, ``norm = sqrt(sum(t*t))``,
-- ``nan``, ``inf``: counts. They are only computed when some row's sum or
-  sum of squares is not finite (one ``tf.cond`` per step), otherwise 0,
+- ``nan``, ``inf``: exact counts when every statistic is computed (a
+  reported step, a TensorBoard summary step, replay); otherwise 0/1 flags
+  read off the row's sum, which is non-finite whenever the tensor holds a
+  NaN or an Inf (see :class:`Collector`),
 - ``zero_frac``: share of elements exactly 0,
 - ``dead_frac`` (ReLU-family outputs): share of units (last axis) that are 0
   for every example and position in the batch,
@@ -279,8 +281,9 @@ class Collector:
     returns the :class:`Table` and the packed ``[rows, columns]`` matrix.
 
     Cost per step is what matters here (a deep model has hundreds of rows):
-    each tensor costs one ``reduce_sum`` and one ``l2_loss`` plus one reduction
-    per further quantity a detector needs; the rows are then assembled one
+    each tensor costs one ``reduce_sum``, plus one reduction per further
+    quantity a detector needs (``l2_loss`` for norms, the per-unit maximum for
+    dead ReLUs, ...); the rows are then assembled one
     column at a time, and there is no ``tf.cond`` (a cond costs about as much
     as the ops of its branches, taken or not). So when only some statistics
     are needed, ``nan`` and ``inf`` are flags read off the tensor's sum (1 if

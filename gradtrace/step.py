@@ -1,19 +1,22 @@
 """The one compiled training step: capture -> statistics -> detectors -> commit or hold.
 
-``Engine.make_step`` returns a function with the signature of Keras'
-``train_step``; Keras' own ``make_train_function`` wraps it in ``tf.function``
-(honouring ``jit_compile`` and ``run_eagerly``) and Keras' own ``fit`` drives it,
-so data handling, callbacks, validation and the progress bar are Keras'.
+``Engine._step`` has the signature of Keras' ``train_step``; it is compiled the
+way Keras compiles its own step (``_keras_compat.compile_step``: ``strategy.run``,
+``tf.function`` with the model's ``jit_compile``, eager under ``run_eagerly``),
+and Keras' own ``fit`` drives it, so data handling, callbacks, validation and
+the progress bar are Keras'.
 
 Inside the step: the forward pass runs under ``tf.GradientTape`` with a
 :class:`~gradtrace.capture.Recorder` active, so every nested layer's outputs are
 recorded and watched. One ``tape.gradient`` call gives the gradients of the
 loss with respect to every trainable variable and every captured output. The
-statistics of all of them are packed into one ``[rows, columns]`` tensor, each
-detector's check reads it, and a single ``tf.cond`` either commits the step
-(optimizer update, loss tracker and metrics) or, when a blocking detector
+statistics the detectors read are packed into one ``[rows, columns]`` tensor,
+each detector's check reads it, and a single ``tf.cond`` either commits the
+step (optimizer update, loss tracker and metrics) or, when a blocking detector
 fired, holds it back and restores every non-trainable variable (BatchNorm
-moving statistics, seed generator states) to its pre-step value.
+moving statistics, seed generator states) to its pre-step value. A held step
+is then measured in full by the ``"report"`` variant, which the host runs on
+the same batch.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ class Engine:
         needs = st.base_needs({c for d in detectors for c in d.needs})
         if summary_bins or mode in ("report", "inspect"):
             needs = st.ALL_BASE
-        if mode == "train":
+        if mode == "train" and not summary_bins:
             self.columns_computed[traced] = st.computed_columns(needs, self.columns)
         table, matrix, collector, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale,
                                                    replicas, needs)

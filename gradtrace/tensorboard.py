@@ -40,11 +40,15 @@ SCALARS = {
 }
 
 
-def _histogram_metadata():
+def _metadata(plugin):
+    """What TensorBoard's own ``scalar``/``histogram``/``text`` summaries attach (plugin data
+    version 0, empty content). Written with ``tf.summary.write``, which is part of
+    TensorFlow, so gradtrace needs no ``tensorboard`` package to write the files
+    (``tf.summary.scalar`` and friends do)."""
     from tensorflow.core.framework import summary_pb2
 
     meta = summary_pb2.SummaryMetadata()
-    meta.plugin_data.plugin_name = "histograms"  # TensorBoard's histogram plugin, data version 0
+    meta.plugin_data.plugin_name = plugin
     return meta
 
 
@@ -87,7 +91,7 @@ class Writer:
         self.every = every
         self.bins = bins
         self._writer = tf.summary.create_file_writer(self.logdir)
-        self._meta = _histogram_metadata()
+        self._meta = {p: _metadata(p) for p in ("scalars", "histograms", "text")}
         self.written_steps = 0
 
     def columns_of(self, row):
@@ -102,10 +106,10 @@ class Writer:
         with self._writer.as_default(step=int(step)):
             for row in table.rows:
                 if row.kind == "loss":
-                    tf.summary.scalar("loss/value", float(matrix[row.index, COL["mean"]]))
+                    self._scalar("loss/value", matrix[row.index, COL["mean"]])
                     continue
                 for col in self.columns_of(row):
-                    tf.summary.scalar(tag_of(row, col), float(matrix[row.index, COL[col]]))
+                    self._scalar(tag_of(row, col), matrix[row.index, COL[col]])
             for i, counts in zip(histogram_rows, histograms):
                 lo, hi = float(matrix[i, COL["min"]]), float(matrix[i, COL["max"]])
                 if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -114,9 +118,12 @@ class Writer:
                     hi = lo + 1.0
                 edges = np.linspace(lo, hi, len(counts) + 1)
                 buckets = np.stack([edges[:-1], edges[1:], counts], axis=1).astype("float64")
-                tf.summary.write(tag_of(table.rows[i]), buckets, metadata=self._meta)
+                tf.summary.write(tag_of(table.rows[i]), buckets, metadata=self._meta["histograms"])
         self._writer.flush()
         self.written_steps += 1
+
+    def _scalar(self, tag, value):
+        tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=self._meta["scalars"])
 
     def write_anomalies(self, anomalies):
         for a in anomalies:
@@ -126,7 +133,7 @@ class Writer:
                     text += f" (replicas {', '.join(map(str, a.replicas))})"
                 if a.snapshot:
                     text += f"\n\nsnapshot: `{a.snapshot}`"
-                tf.summary.text("gradtrace/anomalies", text)
+                tf.summary.write("gradtrace/anomalies", tf.constant(text), metadata=self._meta["text"])
         self._writer.flush()
 
     def close(self):

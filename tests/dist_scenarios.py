@@ -155,8 +155,8 @@ def mirrored(out, out_path):
 
     h = gradtrace.fit(m, x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[Keep()])
     res["fault"] = {
-        "anomalies": [dict(detector=a.detector, layer=a.layer, step=a.step, replicas=list(a.replicas), text=str(a))
-                      for a in h.anomalies],
+        "anomalies": [dict(detector=a.detector, layer=a.layer, step=a.step, replicas=list(a.replicas), text=str(a),
+                           min=a.stats.get("min"), inf=a.stats.get("inf")) for a in h.anomalies],
         "iterations": int(m.optimizer.iterations.numpy()),
         "weights_moved_after_halt": _max_diff(seen["weights"], _weights(m)),
     }

@@ -65,6 +65,8 @@ def test_mirrored_fault_on_one_replica_halts_every_replica_and_names_it(mirrored
     a = fault["anomalies"][0]
     assert (a["detector"], a["layer"], a["step"], a["replicas"]) == ("nan", "logmodel/log", 3, [1])
     assert "[replica 1]" in a["text"]
+    # the held step is measured in full: replica 1's -inf survives the gather, the count is exact
+    assert a["min"] == float("-inf") and a["inf"] == 1.0
     assert fault["iterations"] == 3  # the halted step was not applied ...
     assert fault["weights_moved_after_halt"] == 0.0  # ... on any replica
 
