@@ -98,3 +98,10 @@ def built_in_current_scope(model) -> bool:
         return True
     value = model.variables[0].value
     return isinstance(value, tf.distribute.DistributedValues)
+
+
+def is_chief(strategy) -> bool:
+    """True except on the non-chief workers of a multi-worker job (which then write no files)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return bool(strategy.extended.should_checkpoint)
+    return True

@@ -436,7 +436,7 @@ def fit(
     if isinstance(tensorboard_every, bool) or not isinstance(tensorboard_every, (int, np.integer)) \
             or tensorboard_every < 1:
         raise ValueError(f"tensorboard_every={tensorboard_every!r} is not allowed: it must be an integer >= 1.")
-    if tensorboard_dir is not None:
+    if tensorboard_dir is not None and distribute.is_chief(model.distribute_strategy):
         tensorboard_dir = tb_module.check_dir(tensorboard_dir)
 
     if compat.overrides_train_step(model):
@@ -457,7 +457,8 @@ def fit(
     run = Run(model, engine, int(trace_every), resolved_verbose, snapshot_dir=snapshot_dir,
               max_snapshots=int(max_snapshots))
     if tensorboard_dir is not None:
-        run.tensorboard = tb_module.Writer(tensorboard_dir, every=int(tensorboard_every))
+        run.tensorboard = tb_module.Writer(tensorboard_dir, every=int(tensorboard_every),
+                                           write=distribute.is_chief(model.distribute_strategy))
     cb = _RunCallback(run)
     if isinstance(callbacks, keras.callbacks.CallbackList):
         callbacks.append(cb)

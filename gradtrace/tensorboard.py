@@ -70,10 +70,9 @@ def check_dir(logdir):
 
 
 def tag_of(row, column=None):
-    parts = [row.path if row.kind not in ("loss",) else "loss"]
     if row.kind == "loss":
         return "loss/value"
-    parts.append(row.kind)
+    parts = [row.path, row.kind]
     if row.kind in ("weight", "weight_gradient") and row.name:
         parts.append(row.name)
     elif row.kind in ("input", "target") and row.name:
@@ -86,11 +85,14 @@ def tag_of(row, column=None):
 class Writer:
     """Writes one run's summaries; ``every``: the steps between two summary steps."""
 
-    def __init__(self, logdir, every=100, bins=30):
-        self.logdir = check_dir(logdir)
+    def __init__(self, logdir, every=100, bins=30, write=True):
+        """``write=False``: run the summary steps (their collective ops must run on every
+        worker of a multi-worker job) but write nothing; only the chief worker writes."""
+        self.logdir = check_dir(logdir) if write else os.fspath(logdir)
         self.every = every
         self.bins = bins
-        self._writer = tf.summary.create_file_writer(self.logdir)
+        self.write = write
+        self._writer = tf.summary.create_file_writer(self.logdir) if write else None
         self._meta = {p: _metadata(p) for p in ("scalars", "histograms", "text")}
         self.written_steps = 0
 
@@ -103,6 +105,8 @@ class Writer:
         return cols
 
     def write_step(self, step, table, matrix, histogram_rows, histograms):
+        if not self.write:
+            return
         with self._writer.as_default(step=int(step)):
             for row in table.rows:
                 if row.kind == "loss":
@@ -126,6 +130,8 @@ class Writer:
         tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=self._meta["scalars"])
 
     def write_anomalies(self, anomalies):
+        if not self.write:
+            return
         for a in anomalies:
             with self._writer.as_default(step=int(a.step)):
                 text = f"**{a.detector}** at `{a.layer}` ({a.tensor}), epoch {a.epoch}: {a.message}"
@@ -137,5 +143,7 @@ class Writer:
         self._writer.flush()
 
     def close(self):
+        if not self.write:
+            return
         self._writer.flush()
         self._writer.close()

@@ -202,7 +202,8 @@ def worker(out, out_path):
     if task == 1:
         x[8 * 4 + 3, 0] = 0.0  # each worker takes 8 rows per step (the global batch of 16, split): its step 4
     ds = _worker_dataset(x, y)
-    h = gradtrace.fit(m, ds, epochs=1, verbose=0)
+    tb = os.path.join(os.path.dirname(os.path.abspath(out_path)), "tb")  # the same directory for both workers
+    h = gradtrace.fit(m, ds, epochs=1, verbose=0, tensorboard_dir=tb, tensorboard_every=2)
     out.update({
         "task": task,
         "anomalies": [dict(detector=a.detector, layer=a.layer, step=a.step, replicas=list(a.replicas))

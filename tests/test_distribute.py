@@ -127,6 +127,9 @@ def test_multi_worker_both_workers_halt_at_the_same_step(tmp_path):
     assert (a0["detector"], a0["layer"], a0["step"]) == ("nan", "logmodel/log", 4)
     assert a0["replicas"] == [1]  # worker 1's replica held the fault
     assert results[0]["weights_sum"] == pytest.approx(results[1]["weights_sum"], rel=1e-6)
+    # both workers ran the summary steps (their all-reduce needs both); only the chief wrote
+    events = [f for _, _, fs in os.walk(tmp_path / "tb") for f in fs if "tfevents" in f]
+    assert len(events) == 1, events
 
 
 @pytest.mark.multiworker
