@@ -52,21 +52,32 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status (the soak benchmark needs Linux)")
 
 
-def build():
+def soak_model(vocab=VOCAB):
+    """A small Embedding + ReLU model (he_normal, so no ReLU is dead at the start)."""
     import keras
     from keras import layers
 
-    keras.utils.set_random_seed(0)
     ids = keras.Input((4,), dtype="int32", name="ids")
-    h = layers.Flatten(name="flat")(layers.Embedding(VOCAB, 8, name="emb")(ids))
+    h = layers.Flatten(name="flat")(layers.Embedding(vocab, 8, name="emb")(ids))
     for k in range(3):
         h = layers.Dense(32, activation="relu", kernel_initializer="he_normal", name=f"dense_{k}")(h)
     model = keras.Model(ids, layers.Dense(1, activation="sigmoid", name="out")(h), name="soak")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, VOCAB, (STEPS_PER_EPOCH * BATCH, 4)).astype("int32")
+    return model
+
+
+def soak_data(n, vocab=VOCAB, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, vocab, (n, 4)).astype("int32")
     y = ((x.sum(axis=1, keepdims=True) % 3) == 0).astype("float32")
-    return model, x, y
+    return x, y
+
+
+def build():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return (soak_model(), *soak_data(STEPS_PER_EPOCH * BATCH))
 
 
 def make_recorder(total, window):

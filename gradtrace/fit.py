@@ -331,8 +331,6 @@ def _check_arguments(x, y, detectors):
                 f"{name}={value!r} is a string. gradtrace.fit (like model.fit) takes arrays, lists or dicts of "
                 "arrays, a tf.data.Dataset, a keras.utils.PyDataset or a generator; load the data first."
             )
-    import tensorflow as tf
-
     if isinstance(x, tf.data.Dataset):
         if int(x.cardinality()) == 0:
             raise ValueError(

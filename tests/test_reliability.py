@@ -5,6 +5,7 @@ The soak tests (``-m soak``) are the short version of ``benchmarks/soak.py``.
 """
 
 import os
+import sys
 import warnings
 
 import keras
@@ -15,6 +16,10 @@ from keras import layers
 
 import gradtrace
 from tests import models as M
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+from soak import rss_mib, soak_data, soak_model  # noqa: E402  (the long version's own model and data)
 
 X = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
 Y = (np.arange(16) % 2).reshape(16, 1).astype("float32")
@@ -273,14 +278,6 @@ def test_a_generator_failing_mid_epoch_surfaces_its_own_error(tmp_path):
 
 # -- soak: bounded memory over long runs ----------------------------------------------------------
 
-def _rss_mib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 class RssSampler(keras.callbacks.Callback):
     def __init__(self, every=100):
         super().__init__()
@@ -289,24 +286,7 @@ class RssSampler(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
         if self.step % self.every == 0:
-            self.samples.append((self.step, _rss_mib()))
-
-
-def soak_model(vocab=500):
-    ids = keras.Input((4,), dtype="int32", name="ids")
-    h = layers.Flatten(name="flat")(layers.Embedding(vocab, 8, name="emb")(ids))
-    for k in range(3):
-        h = layers.Dense(32, activation="relu", kernel_initializer="he_normal", name=f"dense_{k}")(h)
-    model = keras.Model(ids, layers.Dense(1, activation="sigmoid", name="out")(h), name="soak")
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
-    return model
-
-
-def soak_data(n, vocab=500, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, vocab, (n, 4)).astype("int32")
-    y = ((x.sum(axis=1, keepdims=True) % 3) == 0).astype("float32")
-    return x, y
+            self.samples.append((self.step, rss_mib()))
 
 
 def _growth_after(samples, warmup):
