@@ -5,7 +5,7 @@ nested layer's output and gradient in the compiled step and stop at the first
 bad step.
 """
 
-from gradtrace.anomaly import ACTIONS, Anomaly, AnomalyError
+from gradtrace.anomaly import ACTIONS, Anomaly, AnomalyError, DetectorError
 from gradtrace.capture import is_patched, layer_paths
 from gradtrace.detectors import (
     BUILTINS,
@@ -32,6 +32,7 @@ __all__ = [
     "ACTIONS",
     "Anomaly",
     "AnomalyError",
+    "DetectorError",
     "BUILTINS",
     "DEFAULT",
     "DeadReLU",

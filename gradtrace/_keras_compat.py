@@ -25,6 +25,22 @@ def call_has_training_arg(model) -> bool:
     return bool(getattr(model, "_call_has_training_arg", True))
 
 
+def uses_merge_call() -> bool:
+    """True when the current strategy's replicas synchronise through ``merge_call`` (one host,
+    no XLA), False where it must not be used (multi-worker, XLA on GPUs)."""
+    import tensorflow as tf
+
+    return not tf.__internal__.distribute.strategy_supports_no_merge_call()
+
+
+def op_callback_count() -> int:
+    """How many op callbacks TensorFlow has registered in this thread: ``tf.debugging.enable_check_numerics``
+    and ``tf.debugging.experimental.enable_dump_debug_info`` each add one; 0 when both are off."""
+    from tensorflow.python.eager import context
+
+    return len(context.context().op_callbacks)
+
+
 def compute_loss(model, x, y, y_pred, sample_weight):
     """The model's compiled loss plus ``model.losses``, as Keras' train_step computes it."""
     return model._compute_loss(

@@ -6,6 +6,9 @@ import collections
 from dataclasses import asdict, dataclass, field
 
 ACTIONS = ("warn", "snapshot", "halt", "raise")
+# Where a finding is made: at a training step (with its batch, before its update), at the
+# end of an epoch (a check that reads the whole epoch), or at the end of the fit.
+STAGES = ("step", "epoch_end", "fit_end")
 # Actions that hold back the step's update in-graph (the step is not committed).
 BLOCKING = ("halt", "raise", "snapshot")
 _SEVERITY = {a: i for i, a in enumerate(ACTIONS)}
@@ -49,6 +52,7 @@ class Anomaly:
     snapshot_error: str | None = None
     stats: dict = field(default_factory=dict, repr=False)
     replicas: tuple = ()
+    stage: str = "step"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,19 +61,65 @@ class Anomaly:
         where = ""
         if self.replicas:
             where = f" [replica{'s' if len(self.replicas) > 1 else ''} {', '.join(map(str, self.replicas))}]"
-        return f"[{self.detector}] step {self.step} (epoch {self.epoch}){where}: {self.message}"
+        when = f"step {self.step} (epoch {self.epoch})"
+        if self.stage == "epoch_end":
+            when = f"end of epoch {self.epoch} (step {self.step})"
+        elif self.stage == "fit_end":
+            when = f"end of training (step {self.step}, epoch {self.epoch})"
+        return f"[{self.detector}] {when}{where}: {self.message}"
+
+
+def stopped_how(stage, epoch=None) -> str:
+    """What stopping on a finding of ``stage`` did to the model, in words."""
+    if stage == "step":
+        return "the step's update was not applied"
+    if stage == "epoch_end":
+        return (f"at the end of epoch {epoch}: the check reads the whole epoch, so that epoch's updates "
+                "were applied")
+    return "after training ended: every update was applied"
 
 
 class AnomalyError(RuntimeError):
-    """Raised by ``on_anomaly="raise"``; the step's update was not applied."""
+    """Raised by ``on_anomaly="raise"``. On a step finding the step's update was not applied;
+    on an epoch-end finding training stops after that epoch."""
 
     def __init__(self, anomalies):
         self.anomalies = list(anomalies)
         lines = "\n".join(f"  {a}" for a in self.anomalies)
+        first = self.anomalies[0] if self.anomalies else None
+        how = stopped_how(first.stage, first.epoch) if first is not None else stopped_how("step")
         super().__init__(
             f"gradtrace stopped training on {len(self.anomalies)} anomal"
             f"{'y' if len(self.anomalies) == 1 else 'ies'} "
-            f"(the step's update was not applied):\n{lines}"
+            f"({how}):\n{lines}"
+        )
+
+
+class DetectorError(RuntimeError):
+    """A detector itself failed (a bug in the detector, not an anomaly of the model).
+
+    ``detector`` names it, ``stage`` says where it failed (``"check"``: its
+    in-graph check, while the step was compiled or run; ``"explain"``: its
+    host-side explanation of a step where it fired; ``"epoch_begin"`` /
+    ``"epoch_end"``: its epoch hooks). The step it failed in was not applied
+    when its check failed, and was held when a blocking detector fired;
+    ``anomalies`` holds the findings of the fit up to then.
+    """
+
+    def __init__(self, detector, stage, error, anomalies=()):
+        self.detector = detector
+        self.stage = stage
+        self.anomalies = list(anomalies)
+        where = {
+            "check": "in its in-graph check (Detector.check)",
+            "explain": "while explaining a step where it fired (Detector.explain)",
+            "epoch_begin": "at the start of an epoch (Detector.epoch_begin)",
+            "epoch_end": "at the end of an epoch (Detector.epoch_end)",
+        }.get(stage, stage)
+        super().__init__(
+            f"gradtrace: detector {detector!r} failed {where}: {type(error).__name__}: {error}. "
+            "This is a fault of the detector, not of the model; the model was left as after its last "
+            "applied step. Fix the detector or leave it out of detectors=."
         )
 
 

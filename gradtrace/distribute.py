@@ -3,10 +3,9 @@
 Under a strategy with several replicas each replica runs the step on its
 shard of the batch. gradtrace then
 
-- gathers every replica's per-row base quantities into every replica with one
-  ``all_reduce(SUM)`` of a ``[replicas, rows, k]`` tensor in which each replica
-  fills only its own slice (``ReduceOp`` has no MAX or MIN, and this also
-  keeps each replica's own numbers for the report), and combines them into
+- gathers every replica's per-row base quantities into every replica as one
+  ``[replicas, rows, k]`` tensor (this also keeps each replica's own numbers
+  for the report), and combines them into
   global statistics (:func:`gradtrace.stats.combine`): sums and counts
   summed, maxima maxed, minima min'd, spreads pooled, a unit dead only if it
   is dead on every replica. Every replica then holds the same statistics, so
@@ -17,11 +16,30 @@ shard of the batch. gradtrace then
   context through ``merge_call``, the way Keras' ``LossScaleOptimizer`` skips
   a step. Strategies that need no ``merge_call`` (``MultiWorkerMirrored``)
   take the ``tf.cond`` in replica context.
+
+How the statistics travel matters beyond the step. On one host
+(``MirroredStrategy``) every replica is a thread of this process, so the
+gather is a ``merge_call`` that stacks the replicas' local tensors: no
+collective op at all. Collective ops are keyed by (group, instance) numbers
+that every new strategy object restarts from the same values (group 1,
+instance 100), while TensorFlow's runtime remembers, for the life of the
+process, the shape that each key first carried. An all-reduce of gradtrace's
+own at instance 100 would therefore make the first gradient all-reduce of any
+*later* strategy in the process fail with "Shape mismatch in the collective
+instance 100" (the bug a sweep of fits in one process used to hit). With the
+merge_call gather, gradtrace's step issues exactly the collectives Keras' own
+step issues, in the same order, so it leaves the process's collective state
+exactly as ``model.fit`` leaves it. Across workers
+(``MultiWorkerMirroredStrategy``) a collective is the only way: there the
+gather is one ``all_reduce(SUM)`` in which each replica fills only its own
+slice (``ReduceOp`` has no MAX or MIN).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
+
+from gradtrace import _keras_compat as compat
 
 
 class Replicas:
@@ -31,16 +49,31 @@ class Replicas:
         self.ctx = ctx
         self.n = int(ctx.num_replicas_in_sync)
         self.id = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+        # one host: exchange through merge_call, with no collective op (see the module docstring)
+        self.local = compat.uses_merge_call()
 
-    def gather(self, t):
-        """``[n, *t.shape]``: every replica's ``t``, in replica order, on every replica."""
+    def gather(self, t, *summed):
+        """``[n, *t.shape]``: every replica's ``t``, in replica order, on every replica;
+        followed by the sum over replicas of each tensor of ``summed``."""
         t = tf.convert_to_tensor(t)
+        if self.local:
+            def merge(distribution, t, *summed):
+                local = distribution.experimental_local_results
+                return (tf.stack(local(t)),) + tuple(tf.add_n(local(s)) for s in summed)
+
+            out = self.ctx.merge_call(merge, args=(t,) + tuple(summed))
+            return out[0] if not summed else out
         mine = tf.reshape(tf.equal(tf.range(self.n), self.id), [self.n] + [1] * t.shape.rank)
         # where, not a product with a one-hot mask: 0 * inf would put NaN in the other slots
         spread = tf.where(mine, t[None], tf.zeros_like(t)[None])
-        return self.ctx.all_reduce(tf.distribute.ReduceOp.SUM, spread)
+        out = (self.ctx.all_reduce(tf.distribute.ReduceOp.SUM, spread),) + tuple(self.sum(s) for s in summed)
+        return out[0] if not summed else out
 
     def sum(self, t):
+        """The sum of ``t`` over replicas, on every replica."""
+        if self.local:
+            return self.ctx.merge_call(lambda distribution, t: tf.add_n(distribution.experimental_local_results(t)),
+                                       args=(t,))
         return self.ctx.all_reduce(tf.distribute.ReduceOp.SUM, t)
 
     def gate(self, block, commit, commit_args, hold, hold_args):
@@ -51,7 +84,7 @@ class Replicas:
         that are the same on every replica), in cross-replica context where
         the strategy needs ``merge_call``.
         """
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        if not compat.uses_merge_call():
             return tf.cond(block, lambda: hold(hold_args), lambda: commit(*commit_args))
 
         def cross(distribution, block, commit_args, hold_args):

@@ -25,10 +25,11 @@ from gradtrace import detectors as detectors_module
 from gradtrace import distribute
 from gradtrace import snapshot as snapshot_module
 from gradtrace import tensorboard as tb_module
-from gradtrace.anomaly import BLOCKING, Anomaly, AnomalyError, AnomalyLog, check_action, strongest
+from gradtrace.anomaly import (BLOCKING, Anomaly, AnomalyError, AnomalyLog, DetectorError, check_action, stopped_how,
+                               strongest)
 from gradtrace.capture import LayerTap, format_call_log
 from gradtrace.stats import row_dict
-from gradtrace.step import KEY, Engine
+from gradtrace.step import DETECTOR_SCOPE, KEY, Engine
 
 _TENSOR_NAMES = {"ids": "input"}
 
@@ -44,7 +45,11 @@ def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoc
     for d_i, d in enumerate(detectors):
         if not fired[d_i].any():
             continue
-        for row, value, message in d.explain(table.rows, fired[d_i], values[d_i], matrix, table):
+        try:
+            explained = list(d.explain(table.rows, fired[d_i], values[d_i], matrix, table))
+        except Exception as e:
+            raise DetectorError(d.name, "explain", e) from e
+        for row, value, message in explained:
             found.append(Anomaly(
                 detector=d.name, layer=row.path, tensor=_TENSOR_NAMES.get(row.kind, row.kind), step=step,
                 epoch=epoch, value=value, message=message, action=actions[d.name],
@@ -133,12 +138,25 @@ class Run:
             return None
         return self._act(found, StepRecord(step, self.epoch, table, matrix, found, columns), data)
 
-    def _act(self, found, record, data=None):
+    def _act(self, found, record, data=None, stage="step"):
+        """Act on the findings of one step (``data``: its batch) or of an epoch's end (no batch).
+
+        | action   | step finding                              | epoch-end finding                        |
+        | warn     | record, print, go on                      | the same                                 |
+        | snapshot | snapshot the held step, then redo it      | record, go on (no step to snapshot)      |
+        | halt     | stop; the step's update is not applied    | stop after this epoch (its updates stay) |
+        | raise    | raise; the step's update is not applied   | raise after this epoch                   |
+        """
         for a in found:
+            a.stage = stage
             self.log.add(a)
         if len(self.records) < self.keep_records:
             self.records.append(record)
         action = strongest([a.action for a in found])
+        if stage != "step" and action == "snapshot":
+            for a in found:
+                a.snapshot_error = "not written: a finding at the end of an epoch has no failing step to snapshot"
+            action = "warn"
         if action in BLOCKING and data is not None and self.snapshot_dir is not None:
             self._snapshot(found, record, data)
         if self.tensorboard is not None:
@@ -162,11 +180,9 @@ class Run:
             if self.verbose:
                 from gradtrace.report import format_report
 
-                print(
-                    f"gradtrace: halted at step {record.step}; the step's update was not applied.\n"
-                    + format_report(self, steps=[record.step]),
-                    flush=True,
-                )
+                table = format_report(self, steps=[record.step]) if stage == "step" else ""
+                print(f"gradtrace: halted at step {record.step}; {stopped_how(stage, record.epoch)}.\n" + table,
+                      flush=True)
 
     def _snapshot(self, found, record, data):
         if len(self.snapshots) >= self.max_snapshots:
@@ -198,16 +214,27 @@ class Run:
             print(f"gradtrace: snapshot of step {record.step} written to {path}\n"
                   f"           replay it with: gradtrace replay {path}", flush=True)
 
+    def epoch_begin(self, epoch):
+        self.epoch = epoch
+        for d in self.engine.detectors:
+            try:
+                d.epoch_begin(self)
+            except Exception as e:
+                raise DetectorError(d.name, "epoch_begin", e, self.anomalies) from e
+
     def epoch_end_checks(self, epoch):
         found = []
+        step = int(compat.iterations(self.model.optimizer).numpy())
         for d in self.engine.detectors:
-            for layer, tensor, value, message in d.epoch_end(self) or ():
-                found.append(
-                    Anomaly(d.name, layer, tensor, int(compat.iterations(self.model.optimizer).numpy()), epoch,
-                            float(value), message, action=self.engine.actions[d.name])
-                )
+            try:
+                results = list(d.epoch_end(self) or ())
+            except Exception as e:
+                raise DetectorError(d.name, "epoch_end", e, self.anomalies) from e
+            for layer, tensor, value, message in results:
+                found.append(Anomaly(d.name, layer, tensor, step, epoch, float(value), message,
+                                     action=self.engine.actions[d.name], stage="epoch_end"))
         if found:
-            self._act(found, StepRecord(found[0].step, epoch, None, None, found))
+            self._act(found, StepRecord(step, epoch, None, None, found), stage="epoch_end")
 
     @property
     def anomalies(self):
@@ -222,9 +249,7 @@ class _RunCallback(keras.callbacks.Callback):
         self.run = run
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.run.epoch = epoch
-        for d in self.run.engine.detectors:
-            d.epoch_begin(self.run)
+        self.run.epoch_begin(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         self.run.epoch_end_checks(epoch)
@@ -418,7 +443,7 @@ def fit(
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} is not allowed: it must be a positive integer or None.")
     dets = detectors_module.resolve(detectors)
-    actions = {d.name: on_anomaly or d.action for d in dets}
+    actions = {d.name: d.action_under(on_anomaly) for d in dets}
     if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, (int, np.integer)) or max_snapshots < 0:
         raise ValueError(f"max_snapshots={max_snapshots!r} is not allowed: it must be an integer >= 0.")
     if snapshot_dir is None and "snapshot" in actions.values():
@@ -495,6 +520,11 @@ def fit(
                 if history is not None:
                     history.anomalies = run.anomalies
                     history.gradtrace = run
+                failed = _failed_detector(e, engine)
+                if failed is not None:
+                    new = DetectorError(failed, "check", e, run.anomalies)
+                    _attach_run(new, history, run)
+                    raise new from e
                 _attach_run(e, history, run)
                 _note_peer_failure(e, model, run)
                 if isinstance(e, Exception) and not isinstance(e, AnomalyError):
@@ -512,6 +542,17 @@ def fit(
     history.anomalies = run.anomalies
     history.gradtrace = run
     return history
+
+
+def _failed_detector(e, engine):
+    """The name of the detector whose in-graph check raised ``e`` at run time, if one did."""
+    if not isinstance(e, tf.errors.OpError):
+        return None
+    text = f"{e.message} {getattr(e.op, 'name', '') or ''}"
+    for d in engine.detectors:
+        if f"{DETECTOR_SCOPE}{d.name}/" in text:
+            return d.name
+    return None
 
 
 def _note_peer_failure(e, model, run):
@@ -532,6 +573,8 @@ def _attach_run(e, history, run):
         e.history = history
         e.gradtrace = run
         e.run = run  # the name AnomalyError has always had
+        if not isinstance(e, AnomalyError):
+            e.anomalies = run.anomalies  # every finding of the fit up to the failure
     except Exception:  # an exception type that takes no attributes: re-raise it as it is
         pass
 

@@ -437,8 +437,7 @@ class Collector:
         base, nan, inf, alive = local
         faults = None
         if self._replicas is not None:
-            gathered = self._replicas.gather(tf.concat([base, nan[:, None], inf[:, None]], 1))
-            alive_total = self._replicas.sum(alive)
+            gathered, alive_total = self._replicas.gather(tf.concat([base, nan[:, None], inf[:, None]], 1), alive)
             base, nan, inf, faults = combine(gathered, alive_total, self._unit_rows(), self._mirrored())
         ratio = None
         if self._ratios and self._lr is not None:

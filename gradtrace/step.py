@@ -27,10 +27,12 @@ import tensorflow as tf
 from gradtrace import _keras_compat as compat
 from gradtrace import distribute
 from gradtrace import stats as st
-from gradtrace.anomaly import BLOCKING
+from gradtrace.anomaly import BLOCKING, DetectorError
 from gradtrace.capture import Recorder
 
 KEY = "__gradtrace__"
+# every detector's in-graph check runs under this name scope, so a failing op names its detector
+DETECTOR_SCOPE = "gradtrace_detector_"
 
 
 def _float_tensors(structure, prefix):
@@ -190,7 +192,11 @@ class Engine:
         view = st.StatsView(table, matrix, step, ids, loss_scaled=loss_scaled)
         fired, values = [], []
         for d in detectors:
-            f, v = d.check(view)
+            try:
+                with tf.name_scope(f"{DETECTOR_SCOPE}{d.name}"):
+                    f, v = d.check(view)
+            except Exception as e:  # traced: the step has not run, nothing was applied
+                raise DetectorError(d.name, "check", e) from e
             fired.append(tf.cast(tf.reshape(f, [len(table)]), tf.bool))
             values.append(tf.cast(tf.reshape(v, [len(table)]), tf.float32))
         if detectors and len(table):

@@ -11,3 +11,18 @@ def _fresh_keras_state():
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the scenario processes of the collected tests now, so they run beside the suite."""
+    from tests import background
+    from tests.test_process import start_scenarios
+
+    if any(item.module.__name__.endswith("test_process") for item in items):
+        start_scenarios()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import background
+
+    background.stop_all()

@@ -10,6 +10,11 @@ A detector is a small object with
 - ``explain(...)`` (host side, only on steps where it fired): which rows to
   blame and the sentence to print,
 - ``epoch_end(ctx)`` (host side, optional): checks that need a whole epoch.
+- ``reports_at``: where its findings are made, ``("step",)`` and/or
+  ``("epoch_end",)``. An action means something at every stage except
+  ``"snapshot"``, which needs a failing step and its batch: a detector that
+  only reports at epoch end refuses ``action="snapshot"``, and under
+  ``on_anomaly="snapshot"`` it warns.
 
 Thresholds are constructor arguments validated in ``__init__``; state that
 must persist across steps (patience counters, running averages) lives in
@@ -33,10 +38,26 @@ class Detector:
     every_step = False
     # Sees Embedding ids (rows of kind "ids") and wants them sanitised before the lookup.
     wants_ids = False
+    # Where its findings come from: "step" (check/explain) and/or "epoch_end" (epoch_end).
+    reports_at: tuple = ("step",)
 
     def __init__(self, action=None):
-        self.action = check_action(action, f"{type(self).__name__}(action=...)") if action else self.default_action
+        what = f"{type(self).__name__}(action=...)"
+        self.action = check_action(action, what) if action else self.default_action
+        if self.action == "snapshot" and "step" not in self.reports_at:
+            raise ValueError(
+                f"{what}='snapshot' is not possible: {self.name!r} reports at the end of an epoch, where there "
+                "is no failing step and batch to snapshot. Use 'warn', 'halt' (stop after that epoch) or 'raise'."
+            )
         self._state: dict = {}
+
+    def action_under(self, on_anomaly):
+        """The action this detector takes when ``gradtrace.fit`` got ``on_anomaly`` (None: its own)."""
+        if on_anomaly is None:
+            return self.action
+        if on_anomaly == "snapshot" and "step" not in self.reports_at:
+            return "warn"  # nothing to snapshot at an epoch's end: record and go on
+        return on_anomaly
 
     # -- validation helpers ---------------------------------------------------------
     @staticmethod

@@ -25,6 +25,7 @@ class UnusedEmbedding(Detector):
     needs = ("size",)
     every_step = True
     wants_ids = True
+    reports_at = ("epoch_end",)
 
     def __init__(self, max_unused=0.75, coverage=3.0, action=None):
         super().__init__(action)
