@@ -488,7 +488,12 @@ def fit(
         cb.set_model(model)
         cb_arg = callbacks
     else:
-        cb_arg = [cb] + list(callbacks or [])
+        # the run's callback comes last, after a History: an epoch-end finding that raises or halts
+        # then finds that epoch recorded by every callback, as the epoch's updates were applied
+        cb_arg = list(callbacks or [])
+        if not any(compat.is_history(c) for c in cb_arg):
+            cb_arg.append(keras.callbacks.History())
+        cb_arg.append(cb)
 
     spe = getattr(model, "steps_per_execution", 1)
     if spe and spe > 1:
