@@ -14,8 +14,8 @@ shard of the batch. gradtrace then
   synchronisation point (the optimizer's gradient all-reduce) inside a
   ``tf.cond`` in replica context, so the decision is taken in cross-replica
   context through ``merge_call``, the way Keras' ``LossScaleOptimizer`` skips
-  a step. Strategies that need no ``merge_call`` (``MultiWorkerMirrored``)
-  take the ``tf.cond`` in replica context.
+  a step (``MultiWorkerMirroredStrategy`` on CPUs too). Where the strategy
+  takes no ``merge_call`` (XLA on GPUs) the ``tf.cond`` runs in replica context.
 
 How the statistics travel matters beyond the step. On one host
 (``MirroredStrategy``) every replica is a thread of this process, so the
@@ -49,8 +49,11 @@ class Replicas:
         self.ctx = ctx
         self.n = int(ctx.num_replicas_in_sync)
         self.id = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
-        # one host: exchange through merge_call, with no collective op (see the module docstring)
-        self.local = compat.uses_merge_call()
+        # every replica in this process (one host) and merge_call available: exchange through
+        # merge_call, with no collective op (see the module docstring). Across workers, merge_call
+        # only sees this worker's replicas, so the exchange must be a collective.
+        strategy = tf.distribute.get_strategy()
+        self.local = compat.uses_merge_call() and len(strategy.extended.worker_devices) == self.n
 
     def gather(self, t, *summed):
         """``[n, *t.shape]``: every replica's ``t``, in replica order, on every replica;
