@@ -53,6 +53,7 @@ class Anomaly:
     stats: dict = field(default_factory=dict, repr=False)
     replicas: tuple = ()
     stage: str = "step"
+    hint: str = ""  # the most likely fix, in the terms of the model (layer names, activations, values)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +67,8 @@ class Anomaly:
             when = f"end of epoch {self.epoch} (step {self.step})"
         elif self.stage == "fit_end":
             when = f"end of training (step {self.step}, epoch {self.epoch})"
-        return f"[{self.detector}] {when}{where}: {self.message}"
+        text = f"[{self.detector}] {when}{where}: {self.message}"
+        return f"{text}\n    hint: {self.hint}" if self.hint else text
 
 
 def stopped_how(stage, epoch=None) -> str:
@@ -115,6 +117,7 @@ class DetectorError(RuntimeError):
             "explain": "while explaining a step where it fired (Detector.explain)",
             "epoch_begin": "at the start of an epoch (Detector.epoch_begin)",
             "epoch_end": "at the end of an epoch (Detector.epoch_end)",
+            "fit_end": "when training ended (Detector.fit_end)",
         }.get(stage, stage)
         super().__init__(
             f"gradtrace: detector {detector!r} failed {where}: {type(error).__name__}: {error}. "

@@ -49,13 +49,14 @@ def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoc
             explained = list(d.explain(table.rows, fired[d_i], values[d_i], matrix, table))
         except Exception as e:
             raise DetectorError(d.name, "explain", e) from e
-        for row, value, message in explained:
+        for row, value, message, *hint in explained:
             found.append(Anomaly(
                 detector=d.name, layer=row.path, tensor=_TENSOR_NAMES.get(row.kind, row.kind), step=step,
                 epoch=epoch, value=value, message=message, action=actions[d.name],
                 stats=row_dict(matrix[row.index], columns),
                 replicas=() if replica_faults is None else tuple(
                     int(r) for r in np.flatnonzero(replica_faults[:, row.index])),
+                hint=hint[0] if hint else "",
             ))
     return found
 
@@ -155,8 +156,10 @@ class Run:
         action = strongest([a.action for a in found])
         if stage != "step" and action == "snapshot":
             for a in found:
-                a.snapshot_error = "not written: a finding at the end of an epoch has no failing step to snapshot"
+                a.snapshot_error = "not written: a finding at the end of an epoch or of training has no failing step"
             action = "warn"
+        if stage == "fit_end" and action == "halt":
+            action = "warn"  # training has ended: there is nothing left to stop
         if action in BLOCKING and data is not None and self.snapshot_dir is not None:
             self._snapshot(found, record, data)
         if self.tensorboard is not None:
@@ -230,11 +233,27 @@ class Run:
                 results = list(d.epoch_end(self) or ())
             except Exception as e:
                 raise DetectorError(d.name, "epoch_end", e, self.anomalies) from e
-            for layer, tensor, value, message in results:
+            for layer, tensor, value, message, *hint in results:
                 found.append(Anomaly(d.name, layer, tensor, step, epoch, float(value), message,
-                                     action=self.engine.actions[d.name], stage="epoch_end"))
+                                     action=self.engine.actions[d.name], stage="epoch_end",
+                                     hint=hint[0] if hint else ""))
         if found:
             self._act(found, StepRecord(step, epoch, None, None, found), stage="epoch_end")
+
+    def fit_end_checks(self):
+        found = []
+        step = int(compat.iterations(self.model.optimizer).numpy())
+        for d in self.engine.detectors:
+            try:
+                results = list(d.fit_end(self) or ())
+            except Exception as e:
+                raise DetectorError(d.name, "fit_end", e, self.anomalies) from e
+            for layer, tensor, value, message, *hint in results:
+                found.append(Anomaly(d.name, layer, tensor, step, self.epoch, float(value), message,
+                                     action=self.engine.actions[d.name], stage="fit_end",
+                                     hint=hint[0] if hint else ""))
+        if found:
+            self._act(found, StepRecord(step, self.epoch, None, None, found), stage="fit_end")
 
     @property
     def anomalies(self):
@@ -253,6 +272,9 @@ class _RunCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.run.epoch_end_checks(epoch)
+
+    def on_train_end(self, logs=None):
+        self.run.fit_end_checks()
 
 
 class _Installed:

@@ -22,7 +22,8 @@ def _fmt(v):
 
 def anomaly_table(anomalies) -> str:
     rows = [
-        (a.step, a.epoch, a.detector, a.layer, a.tensor, _fmt(a.value), a.action, a.message)
+        (a.step, a.epoch, a.detector, a.layer, a.tensor, _fmt(a.value), a.action,
+         a.message + (f"\nhint: {a.hint}" if a.hint else ""))
         for a in anomalies
     ]
     return tabulate(rows, headers=["step", "epoch", "detector", "layer", "tensor", "value", "action", "message"])

@@ -74,6 +74,9 @@ class Row:
     order: int = 0  # execution order of the layer call (forward)
     name: str = ""  # variable name for weight rows, input name for data rows
     input_dim: int = 0  # Embedding ids rows
+    head: bool = False  # an output row that is (part of) the model's prediction y_pred
+    loss_kind: str = ""  # the loss row: "binary_crossentropy", "categorical_crossentropy", ..., "regression"
+    from_logits: bool = False  # the loss row: the crossentropy takes logits
 
 
 class Table:
@@ -113,10 +116,20 @@ class Table:
 class StatsView:
     """What a detector's in-graph check sees: columns of the packed matrix, by name."""
 
-    def __init__(self, table: Table, matrix, step=None, ids=None, loss_scaled=False):
+    def __init__(self, table: Table, matrix, step=None, ids=None, loss_scaled=False, tensors=None, alive=None,
+                 unit_rows=(), examples=None):
         self.table = table
         self.matrix = matrix
         self.step = step
+        # row index -> tensor, for the few rows a detector may read whole: the targets and the
+        # model's output (head) rows (both small: batch x outputs)
+        self.tensors = tensors or {}
+        # per-unit activity of ReLU-family outputs (when "dead_frac" is computed): ``alive`` is a
+        # [units] 0/1 vector, 1 where the unit was non-zero somewhere in the (global) batch, in the
+        # segments ``unit_rows`` = [(row index, units)]; ``examples`` is the global batch size
+        self.alive = alive
+        self.unit_rows = list(unit_rows)
+        self.examples = examples
         # the optimizer is a LossScaleOptimizer (mixed precision): it skips, on its own,
         # a step whose scaled gradients overflow, and lowers the scale
         self.loss_scaled = loss_scaled
@@ -297,9 +310,10 @@ class Collector:
         self._vectors = []
         self._counted = []
         self._ratios = []  # (weight_gradient row, weight row)
+        self._always = {}  # row index -> base quantities computed for that row whatever the step needs
 
     def add(self, kind, path, tensor=None, values=None, counted=_SAME, relu=False, activation="", deferred=False,
-            **meta) -> int:
+            always=(), **meta) -> int:
         """Register a row; ``counted`` is the tensor whose NaN/Inf are counted (default: ``tensor``).
 
         A ``deferred`` row takes ``tensor`` as a function returning the tensor; it is
@@ -309,6 +323,8 @@ class Collector:
         largest single cost of an earlier version).
         """
         index = len(self.rows)
+        if always:  # small tensors (targets, the model's outputs) whose range detectors always read
+            self._always[index] = frozenset(always)
         self.rows.append(Row(index=index, kind=kind, path=path, relu=relu, activation=activation, **meta))
         if values is not None:
             self._vectors.append(_vector(values))
@@ -387,7 +403,8 @@ class Collector:
         zero = tf.constant(0.0)
         cols = {name: [] for name in BASE}
         units, unit_rows = [], []
-        for k, (_, t, relu, act) in enumerate(items):
+        for k, (i, t, relu, act) in enumerate(items):
+            row_which = which | self._always.get(i, frozenset())
             t = _f32(t)
             size = t.shape.num_elements()
             n = tf.constant(float(size)) if size is not None else tf.cast(tf.size(t), tf.float32)
@@ -395,10 +412,13 @@ class Collector:
             cols["s"].append(tf.reduce_sum(t))
             if "ss" in which:
                 cols["ss"].append(tf.nn.l2_loss(t))
-            if which & {"min", "max", "zeros", "sqdev", "saturated"}:
-                v = base_stats(t, False, act, which & {"min", "max", "zeros", "sqdev", "saturated"})
+            if row_which & {"min", "max", "zeros", "sqdev", "saturated"}:
+                v = base_stats(t, False, act, row_which & {"min", "max", "zeros", "sqdev", "saturated"})
                 for name in ("min", "max", "zeros", "sqdev", "saturated"):
-                    cols[name].append(v[_B[name]] if name in which else zero)
+                    cols[name].append(v[_B[name]] if name in row_which else zero)
+            else:
+                for name in ("min", "max", "zeros", "sqdev", "saturated"):
+                    cols[name].append(zero)
             if relu and t.shape.rank is not None and t.shape.rank >= 2 and (
                     "dead_frac" in which or self._replicas is not None):
                 # ReLU outputs are >= 0: the largest value of a unit is 0 only if it is dead
@@ -436,9 +456,13 @@ class Collector:
         """Combine across replicas (if any) and derive the ``[rows, columns]`` matrix."""
         base, nan, inf, alive = local
         faults = None
+        # [units] of the ReLU-family rows (``unit_rows``): 1 where the unit fired in the batch; None when
+        # the step did not compute them (no detector reads dead units)
+        self.alive = alive if alive.shape.rank == 1 and alive.shape[0] != 0 else None
         if self._replicas is not None:
             gathered, alive_total = self._replicas.gather(tf.concat([base, nan[:, None], inf[:, None]], 1), alive)
             base, nan, inf, faults = combine(gathered, alive_total, self._unit_rows(), self._mirrored())
+            self.alive = None if self.alive is None else tf.cast(alive_total > 0, tf.float32)
         ratio = None
         if self._ratios and self._lr is not None:
             g_idx = [g for g, _ in self._ratios]
@@ -472,6 +496,10 @@ class Collector:
         if self._replicas is not None:
             out = self._replicas.sum(out)
         return rows, out
+
+    def unit_rows(self):
+        """``[(row index, units)]``: the segments of :attr:`alive` (empty before ``build``)."""
+        return self._unit_rows() if getattr(self, "alive", None) is not None else []
 
     def _unit_rows(self):
         """Row index and unit count of each segment of ``alive`` (the order of ``_tensor_block``)."""

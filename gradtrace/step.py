@@ -29,8 +29,12 @@ from gradtrace import distribute
 from gradtrace import stats as st
 from gradtrace.anomaly import BLOCKING, DetectorError
 from gradtrace.capture import Recorder
+from gradtrace.heads import loss_kind
 
 KEY = "__gradtrace__"
+# the targets' and the model outputs' minimum and maximum are measured at every traced step
+# (small tensors) so that the head/loss checks can read them under any strategy
+RANGE = ("min", "max")
 # every detector's in-graph check runs under this name scope, so a failing op names its detector
 DETECTOR_SCOPE = "gradtrace_detector_"
 
@@ -187,9 +191,12 @@ class Engine:
             needs = st.ALL_BASE
         if mode == "train" and not summary_bins:
             self.columns_computed[traced] = st.computed_columns(needs, self.columns)
-        table, matrix, collector, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale,
-                                                   replicas, needs)
-        view = st.StatsView(table, matrix, step, ids, loss_scaled=loss_scaled)
+        table, matrix, collector, ids, tensors = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced,
+                                                            unscale, replicas, needs, y_pred)
+        examples = _batch_size(x) * (replicas.n if replicas is not None else 1)
+        view = st.StatsView(table, matrix, step, ids, loss_scaled=loss_scaled, tensors=tensors,
+                            alive=getattr(collector, "alive", None), unit_rows=collector.unit_rows(),
+                            examples=tf.cast(examples, tf.float32))
         fired, values = [], []
         for d in detectors:
             try:
@@ -263,15 +270,20 @@ class Engine:
                 matrix, ("output", "gradient"), summary_bins)
         return logs
 
-    def _rows(self, x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale, replicas=None, needs=None):
-        """Register every captured tensor of the step with a stats Collector (in a fixed order)."""
+    def _rows(self, x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale, replicas=None, needs=None,
+              y_pred=None):
+        """Register every captured tensor of the step with a stats Collector (in a fixed order).
+
+        Returns ``(table, matrix, collector, ids, tensors)``: ``tensors`` maps the target rows and
+        the model's output (head) rows to their tensors, for detectors that read them whole."""
         c = st.Collector()
-        ids = {}
+        ids, tensors = {}, {}
+        predictions = [t for t in tf.nest.flatten(y_pred) if t is not None] if traced else []
         if traced:
             for name, t in _float_tensors(x, ""):
                 c.add("input", "inputs", t, name=name, shape=tuple(t.shape))
             for name, t in _float_tensors(y, ""):
-                c.add("target", "targets", t, name=name, shape=tuple(t.shape))
+                tensors[c.add("target", "targets", t, name=name, shape=tuple(t.shape), always=RANGE)] = t
         order = {}
         for i, call in enumerate(recorder.calls):
             order.setdefault(id(call.layer), i)
@@ -281,9 +293,14 @@ class Engine:
                 ids[c.add("ids", call.path, values=st.ids_stats(call.ids, dim), counted=None, layer_class=cls,
                           order=i, input_dim=dim, shape=tuple(call.ids.shape))] = call.ids
             for p, t in zip(call.output_paths, call.outputs):
-                c.add("output", p, t, relu=call.relu, activation=call.activation, layer_class=cls,
-                      shape=tuple(t.shape), order=i)
-        c.add("loss", "loss", loss, layer_class="loss", order=len(recorder.calls))
+                head = any(t is q for q in predictions)
+                row = c.add("output", p, t, relu=call.relu, activation=call.activation, layer_class=cls,
+                            shape=tuple(t.shape), order=i, head=head, always=RANGE if head else ())
+                if head:
+                    tensors[row] = t
+        kind, from_logits = loss_kind(self.model)
+        c.add("loss", "loss", loss, layer_class="loss", order=len(recorder.calls), loss_kind=kind,
+              from_logits=from_logits)
         owners = self._weight_owners()
 
         def owner(v):
@@ -304,7 +321,7 @@ class Engine:
                 c.add("weight_gradient", path, scaled(g_t), layer_class=cls, name=v.name, shape=tuple(v.shape),
                       order=o)
             table, matrix, _ = c.build(needs=needs, replicas=replicas)
-            return table, matrix, c, ids
+            return table, matrix, c, ids, tensors
         k = 0
         for c_i, call in enumerate(recorder.calls):
             for p, t in zip(call.output_paths, call.outputs):
@@ -332,4 +349,4 @@ class Engine:
                 c.ratio(c.add("weight_gradient", path, g_t, **meta), w_row)
         lr = tf.cast(compat.current_learning_rate(self.model.optimizer), tf.float32)
         table, matrix, _ = c.build(lr=lr, needs=needs, replicas=replicas)
-        return table, matrix, c, ids
+        return table, matrix, c, ids, tensors

@@ -135,6 +135,8 @@ class Writer:
         for a in anomalies:
             with self._writer.as_default(step=int(a.step)):
                 text = f"**{a.detector}** at `{a.layer}` ({a.tensor}), epoch {a.epoch}: {a.message}"
+                if a.hint:
+                    text += f"\n\nhint: {a.hint}"
                 if a.replicas:
                     text += f" (replicas {', '.join(map(str, a.replicas))})"
                 if a.snapshot:

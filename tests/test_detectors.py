@@ -155,18 +155,32 @@ def test_dead_relu_inside_inner_model():
     x, y = _ids(32 * 25)
     h = gradtrace.fit(model, x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     found = _of(h, "dead_relu")
-    assert [(a.layer, a.step) for a in found] == [("outer/inner/mix", 19)]  # patience 20
-    assert "100% of its 16 units" in found[0].message
+    # wholly dead: reported once 64 examples (quick) went by with every unit at 0, i.e. after step 1
+    assert [(a.layer, a.step, a.stage) for a in found] == [("outer/inner/mix", 1, "step")]
+    assert "all of its 16 units output 0 for at least 64 examples" in found[0].message
+    assert "its own weights and bias" in found[0].message and "learning rate" in found[0].hint
     # outer/top dies of mix's zeros: named as a consequence, not blamed
     assert "after it also dead: outer/top" in found[0].message
 
 
-def test_dead_relu_patience_is_configurable():
+@pytest.mark.parametrize("batch, step", [(8, 7), (64, 0)])
+def test_dead_relu_counts_examples_not_batches(batch, step):
+    """The same dead layer is reported after the same number of examples (64) at any batch size."""
     model = _two_embedding(relu_bias=-50.0)
-    x, y = _ids(32 * 6)
+    x, y = _ids(128)
+    h = gradtrace.fit(model, x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, detectors=["dead_relu"])
+    assert [(a.layer, a.step) for a in h.anomalies] == [("outer/inner/mix", step)]
+
+
+def test_dead_relu_window_is_configurable_and_a_run_too_short_for_it_is_reported_at_its_end():
+    model = _two_embedding(relu_bias=-50.0)
+    x, y = _ids(32 * 3)
     h = gradtrace.fit(model, x, y, batch_size=32, epochs=1, shuffle=False, verbose=0,
-                      detectors=[gradtrace.DeadReLU(threshold=0.9, patience=3)])
-    assert [(a.detector, a.layer, a.step) for a in h.anomalies] == [("dead_relu", "outer/inner/mix", 2)]
+                      detectors=[gradtrace.DeadReLU(quick=1000, window=1000)])
+    # 96 examples: too few for either rule during the run; reported when it ends
+    assert [(a.layer, a.stage) for a in h.anomalies] == [("outer/inner/mix", "fit_end")]
+    assert "100% of its 16 units output 0 for every one of the 96 examples of this run" in h.anomalies[0].message
+    assert "end of training" in str(h.anomalies[0])
 
 
 # -- embeddings ------------------------------------------------------------------------
@@ -304,7 +318,7 @@ def test_custom_detector_plugs_in_without_engine_changes():
     "make, match",
     [
         (lambda: gradtrace.DeadReLU(threshold=1.5), r"threshold=1.5 is out of range.*\[0.0, 1.0\)"),
-        (lambda: gradtrace.DeadReLU(patience=0), r"patience=0 is out of range.*integer >= 1"),
+        (lambda: gradtrace.DeadReLU(window=0), r"window=0 is out of range.*integer >= 1"),
         (lambda: gradtrace.Exploding(factor=0.5), r"factor=0.5 is out of range"),
         (lambda: gradtrace.Vanishing(ratio=0), r"ratio=0 is out of range"),
         (lambda: gradtrace.UnusedEmbedding(max_unused=-0.1), r"max_unused=-0.1"),

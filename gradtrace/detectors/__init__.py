@@ -10,18 +10,23 @@ from gradtrace.detectors.base import Detector
 from gradtrace.detectors.dead_relu import DeadReLU
 from gradtrace.detectors.embedding_out_of_range import EmbeddingOutOfRange
 from gradtrace.detectors.exploding import Exploding
+from gradtrace.detectors.head_mismatch import HeadMismatch
 from gradtrace.detectors.loss_plateau import LossPlateau
 from gradtrace.detectors.nan import NaN
+from gradtrace.detectors.no_gradient import NoGradient
 from gradtrace.detectors.saturation import Saturation
+from gradtrace.detectors.scale_growth import ScaleGrowth
 from gradtrace.detectors.unused_embedding import UnusedEmbedding
 from gradtrace.detectors.vanishing import Vanishing
 
 BUILTINS = {
     cls.name: cls
-    for cls in (NaN, Exploding, Vanishing, DeadReLU, UnusedEmbedding, EmbeddingOutOfRange, Saturation, LossPlateau)
+    for cls in (NaN, Exploding, Vanishing, DeadReLU, UnusedEmbedding, EmbeddingOutOfRange, Saturation, LossPlateau,
+                HeadMismatch, NoGradient, ScaleGrowth)
 }
 # Used when detectors=None. saturation and loss_plateau are off by default.
-DEFAULT = ("nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding")
+DEFAULT = ("nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding",
+           "head_mismatch", "no_gradient", "scale_growth")
 
 
 def resolve(detectors) -> list[Detector]:
@@ -60,9 +65,12 @@ __all__ = [
     "Detector",
     "EmbeddingOutOfRange",
     "Exploding",
+    "HeadMismatch",
     "LossPlateau",
     "NaN",
+    "NoGradient",
     "Saturation",
+    "ScaleGrowth",
     "UnusedEmbedding",
     "Vanishing",
     "resolve",

@@ -10,8 +10,8 @@ A detector is a small object with
 - ``explain(...)`` (host side, only on steps where it fired): which rows to
   blame and the sentence to print,
 - ``epoch_end(ctx)`` (host side, optional): checks that need a whole epoch.
-- ``reports_at``: where its findings are made, ``("step",)`` and/or
-  ``("epoch_end",)``. An action means something at every stage except
+- ``reports_at``: where its findings are made, ``("step",)``, ``("epoch_end",)``
+  and/or ``("fit_end",)``. An action means something at every stage except
   ``"snapshot"``, which needs a failing step and its batch: a detector that
   only reports at epoch end refuses ``action="snapshot"``, and under
   ``on_anomaly="snapshot"`` it warns.
@@ -85,14 +85,15 @@ class Detector:
             )
 
     # -- in-graph -------------------------------------------------------------------
-    def state(self, view, name, initial=0.0, dtype=tf.float32):
-        """A ``[rows]`` variable kept across steps, created once per table layout."""
-        key = (name, tuple((r.kind, r.path) for r in view.table.rows))
+    def state(self, view, name, initial=0.0, dtype=tf.float32, size=None):
+        """A ``[rows]`` variable kept across steps, created once per table layout
+        (``[size]`` when ``size`` is given, e.g. one entry per ReLU unit)."""
+        key = (name, tuple((r.kind, r.path) for r in view.table.rows), size)
         var = self._state.get(key)
         if var is None:
             with tf.init_scope():
                 var = tf.Variable(
-                    tf.fill([len(view.table)], tf.cast(initial, dtype)),
+                    tf.fill([len(view.table) if size is None else size], tf.cast(initial, dtype)),
                     trainable=False,
                     name=f"gradtrace_{self.name}_{name}",
                 )
@@ -118,7 +119,8 @@ class Detector:
 
     # -- host side ------------------------------------------------------------------
     def explain(self, rows, fired, values, matrix, table):
-        """Yield ``(row, value, message)`` for the findings to report (default: every fired row)."""
+        """Yield ``(row, value, message)`` or ``(row, value, message, hint)`` for the findings to report
+        (default: every fired row). ``hint`` is one line with the most likely fix."""
         for i in np.flatnonzero(fired):
             row = table.rows[i]
             yield row, float(values[i]), self.message(row, float(values[i]), matrix[i])
@@ -130,7 +132,13 @@ class Detector:
         """Host-side hook at the start of an epoch (reset per-epoch state here)."""
 
     def epoch_end(self, ctx):
-        """Host-side checks at the end of an epoch; return a list of ``(layer, tensor, value, message)``."""
+        """Host-side checks at the end of an epoch; return a list of ``(layer, tensor, value, message)``
+        (optionally with a fifth item, the hint)."""
+        return []
+
+    def fit_end(self, ctx):
+        """Host-side checks when training ends (a streak the end of training cut short); same
+        return value as :meth:`epoch_end`. Declare ``"fit_end"`` in ``reports_at``."""
         return []
 
     def __repr__(self):

@@ -21,8 +21,12 @@ class Vanishing(Detector):
     firing. Only a run of such layers starting at the first layer (in execution
     order) counts: vanishing starts at the bottom of the network, and a single
     small layer between healthy ones (measured: an attention key projection of
-    a Transformer at initialisation, 4e-6x the layers above) is not a fault. It
-    blames the earliest layer affected and counts the others.
+    a Transformer at initialisation, 4e-6x the layers above) is not a fault. A
+    gradient that is exactly zero is cut off, not vanishing (a dead ReLU layer
+    or a constant output above it, which ``dead_relu`` and ``no_gradient``
+    name): such layers neither count nor break the run, and a run of only such
+    layers does not fire. It blames the earliest layer affected and counts the
+    others.
     """
 
     name = "vanishing"
@@ -54,12 +58,16 @@ class Vanishing(Detector):
         size = tf.math.unsorted_segment_sum(view["size"], seg, k)
         rms = tf.sqrt(norm2 / tf.maximum(size, 1.0))
         top = tf.reduce_max(above * rms[None, :], axis=1)
-        vanished = (rms < self.ratio * top) & (rms < self.max_rms) & (size > 0)
+        small = (rms < self.ratio * top) & (rms < self.max_rms) & (size > 0)
+        # An exactly-zero gradient is cut, not vanished (a dead ReLU layer or a constant output
+        # above it: dead_relu and no_gradient say which); it neither counts nor breaks the run.
+        zero = tf.equal(rms, 0.0) & (size > 0)
         # Vanishing is a property of the earliest layers: only a run of vanished layers
         # starting at the first one counts. A single small layer between healthy ones
         # (an attention key projection at initialisation, a bias before a norm) does not.
-        prefix = tf.cast(tf.math.cumprod(tf.cast(vanished[:-1], tf.float32)), tf.bool)
-        vanished = tf.concat([prefix, [False]], 0)
+        prefix = tf.cast(tf.math.cumprod(tf.cast((small | zero)[:-1], tf.float32)), tf.bool)
+        real = tf.reduce_any(prefix & ~zero[:-1])  # at least one layer truly small, not only cut
+        vanished = tf.concat([prefix & real, [False]], 0)
         count = self.state(view, "count")  # per row; rows of one layer move together
         per_row = tf.gather(vanished, seg)
         new = tf.where(per_row, count + 1.0, 0.0)
