@@ -25,8 +25,11 @@ BUILTINS = {
                 HeadMismatch, NoGradient, ScaleGrowth)
 }
 # Used when detectors=None. saturation and loss_plateau are off by default.
-DEFAULT = ("nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding",
-           "head_mismatch", "no_gradient", "scale_growth")
+# In this order: the detectors that name a cause (the data, the output layer, the initialisation, a
+# cut in the gradient) come before those that see a symptom (a gradient that explodes or vanishes),
+# so the first anomaly of a step is its most likely origin.
+DEFAULT = ("nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding",
+           "vanishing", "dead_relu", "unused_embedding")
 
 
 def resolve(detectors) -> list[Detector]:

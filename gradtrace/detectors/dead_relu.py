@@ -32,7 +32,7 @@ class DeadReLU(Detector):
 
     name = "dead_relu"
     default_action = "warn"
-    needs = ("dead_frac",)
+    needs = ("dead_frac", "nan", "inf")
     reports_at = ("step", "fit_end")
 
     def __init__(self, threshold=0.7, window=2048, quick=64, min_examples=32, action=None):
@@ -57,9 +57,12 @@ class DeadReLU(Detector):
         seen = self.state(view, "examples_seen")  # [rows]; entry 0 counts the fit's examples
         reported = self.state(view, "reported")
         examples = tf.cast(view.examples, tf.float32)
-        new = tf.where(view.alive > 0, 0.0, inactive + examples)
+        # a step with a NaN/Inf anywhere is the nan detector's: ReLU maps NaN to 0, so its units would look
+        # dead; they are neither alive nor dead on such a step
+        skip = tf.reduce_any(view["nan"] + view["inf"] > 0)
+        new = tf.where(skip, inactive, tf.where(view.alive > 0, 0.0, inactive + examples))
         self.update(inactive, new)
-        self.update(seen, seen + examples)
+        self.update(seen, seen + tf.where(skip, 0.0, examples))
         k = len(sizes)
         dead_share = tf.math.unsorted_segment_mean(tf.cast(new >= self.window, tf.float32), seg, k)
         wholly = tf.math.unsorted_segment_min(new, seg, k) >= self.quick
