@@ -33,6 +33,24 @@ def uses_merge_call() -> bool:
     return not tf.__internal__.distribute.strategy_supports_no_merge_call()
 
 
+def detector_variable(initial_value, name):
+    """A non-trainable variable for a detector's state, made while the step is being traced.
+
+    A ``tf.Variable`` made during a ``tf.function``'s first trace makes TensorFlow trace the whole
+    step a second time (to check that no later call creates variables), which doubles the cost of
+    the first step. Outside a strategy the state is made directly as a ``ResourceVariable``,
+    eagerly (under ``init_scope``) and past the variable-creator stack, so the function does not
+    count it as its own and traces once. Under a strategy it goes through the strategy's creator,
+    as ``tf.Variable`` does, so that every replica holds its own copy."""
+    import tensorflow as tf
+    from tensorflow.python.ops import resource_variable_ops
+
+    with tf.init_scope():
+        if tf.distribute.has_strategy():
+            return tf.Variable(initial_value, trainable=False, name=name)
+        return resource_variable_ops.ResourceVariable(initial_value, trainable=False, name=name)
+
+
 def op_callback_count() -> int:
     """How many op callbacks TensorFlow has registered in this thread: ``tf.debugging.enable_check_numerics``
     and ``tf.debugging.experimental.enable_dump_debug_info`` each add one; 0 when both are off."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from gradtrace import _keras_compat as compat
 from gradtrace.anomaly import check_action
 from gradtrace.stats import COLUMNS
 
@@ -92,11 +93,8 @@ class Detector:
         var = self._state.get(key)
         if var is None:
             with tf.init_scope():
-                var = tf.Variable(
-                    tf.fill([len(view.table) if size is None else size], tf.cast(initial, dtype)),
-                    trainable=False,
-                    name=f"gradtrace_{self.name}_{name}",
-                )
+                initial_value = tf.fill([len(view.table) if size is None else size], tf.cast(initial, dtype))
+            var = compat.detector_variable(initial_value, f"gradtrace_{self.name}_{name}")
             self._state[key] = var
         return var
 

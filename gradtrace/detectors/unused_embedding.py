@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from gradtrace import _keras_compat as compat
 from gradtrace.detectors.base import Detector
 
 
@@ -40,13 +41,14 @@ class UnusedEmbedding(Detector):
         entry = self._tables.get(row.path)
         if entry is None:
             with tf.init_scope():
-                entry = (
-                    tf.Variable(tf.zeros([row.input_dim], tf.float32), trainable=False, name="gradtrace_used"),
-                    tf.Variable(0.0, trainable=False, name="gradtrace_lookups"),
-                    tf.Variable(-1.0, trainable=False, name="gradtrace_max_id"),
-                    row.input_dim,
-                    row.layer_class,
-                )
+                zeros = tf.zeros([row.input_dim], tf.float32)
+            entry = (
+                compat.detector_variable(zeros, "gradtrace_used"),
+                compat.detector_variable(0.0, "gradtrace_lookups"),
+                compat.detector_variable(-1.0, "gradtrace_max_id"),
+                row.input_dim,
+                row.layer_class,
+            )
             self._tables[row.path] = entry
         return entry
 

@@ -1,0 +1,201 @@
+"""The detector contract, on statistics written by hand: for every built-in detector, a table of rows
+and a matrix whose values are chosen here, the rows it must fire on (or stay silent on), and the row
+its explanation must blame. No model, no training: each check runs eagerly on the numbers below.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradtrace
+from gradtrace.detectors import BUILTINS
+from gradtrace.stats import COL, COLUMNS, Row, StatsView, Table
+
+
+def R(i, kind, path, order, **kw):
+    return Row(index=i, kind=kind, path=path, order=order, layer_class=kw.pop("cls", "Dense"), **kw)
+
+
+def matrix(rows, **cols):
+    """``cols``: column name -> {row index: value}; everything else 0 (size 100)."""
+    m = np.zeros((len(rows), len(COLUMNS)), np.float32)
+    m[:, COL["size"]] = 100.0
+    for name, values in cols.items():
+        for i, v in values.items():
+            m[i, COL[name]] = v
+    return m
+
+
+def run(detector, rows, m, steps=1, **view_kw):
+    """Check ``steps`` times on the same statistics; return (fired [steps, rows], values, explained)."""
+    table = Table(rows)
+    fired_all, values = [], None
+    for s in range(steps):
+        view = StatsView(table, tf.constant(m), step=tf.constant(s, tf.int64), **view_kw)
+        f, v = detector.check(view)
+        fired_all.append(np.asarray(f, bool))
+        values = np.asarray(v, np.float32)
+    fired = fired_all[-1]
+    explained = list(detector.explain(rows, fired, values, m, table)) if fired.any() else []
+    return np.array(fired_all), values, explained
+
+
+# a small MLP: input -> d1 (relu) -> d2 (relu) -> out (head), each with its weight gradient, and the loss
+def mlp_rows(head_activation="linear", head_units=1, loss_kind="regression", from_logits=False):
+    rows = [
+        R(0, "target", "targets", 0, cls=""),
+        R(1, "output", "m/d1", 0, relu=True, activation="relu", shape=(32, 8)),
+        R(2, "output", "m/d2", 1, relu=True, activation="relu", shape=(32, 8)),
+        R(3, "output", "m/out", 2, activation=head_activation, shape=(32, head_units), head=True),
+        R(4, "loss", "loss", 3, cls="loss", loss_kind=loss_kind, from_logits=from_logits),
+        R(5, "gradient", "m/d1", 0), R(6, "gradient", "m/d2", 1), R(7, "gradient", "m/out", 2),
+        R(8, "weight_gradient", "m/d1", 0, name="kernel"), R(9, "weight_gradient", "m/d2", 1, name="kernel"),
+        R(10, "weight_gradient", "m/out", 2, name="kernel"),
+    ]
+    return rows
+
+
+def test_every_builtin_detector_has_a_contract_case_here():
+    covered = {"nan", "exploding", "vanishing", "dead_relu", "head_mismatch", "no_gradient", "scale_growth",
+               "saturation", "loss_plateau", "embedding_out_of_range", "unused_embedding"}
+    assert set(BUILTINS) == covered
+
+
+def test_nan_blames_the_first_forward_layer_before_the_backward_pass():
+    rows = mlp_rows()
+    m = matrix(rows, nan={2: 3, 3: 32, 4: 1, 5: 8, 8: 8}, inf={9: 1})
+    fired, _, ex = run(gradtrace.NaN(), rows, m)
+    assert fired[0][[2, 3, 4, 5, 8, 9]].all() and not fired[0][[0, 1]].any()
+    assert ex[0][0].path == "m/d2" and ex[0][0].kind == "output"
+
+
+def test_nan_in_the_targets_blames_the_data():
+    rows = mlp_rows()
+    _, _, ex = run(gradtrace.NaN(), rows, matrix(rows, nan={0: 1, 3: 0, 4: 1}))
+    assert ex[0][0].kind == "target" and "the data is to blame" in ex[0][2]
+
+
+def test_exploding_absolute_and_against_its_own_average():
+    rows = mlp_rows()
+    fired, _, ex = run(gradtrace.Exploding(), rows, matrix(rows, norm={8: 5e6, 9: 2e6, 10: 1.0}))
+    assert fired[0][[8, 9]].all() and not fired[0][10]
+    assert ex[0][0].path == "m/d2"  # nearest the loss first, in backward order
+    det = gradtrace.Exploding(warmup=3)
+    calm = matrix(rows, norm={i: 2.0 for i in (5, 6, 7, 8, 9, 10)})
+    fired, _, _ = run(det, rows, calm, steps=4)
+    assert not fired.any()
+    jump = calm.copy()
+    jump[6, COL["norm"]] = 500.0  # 250x its average of 2
+    fired, _, ex = run(det, rows, jump)
+    assert fired[0][6] and fired[0].sum() == 1 and "running average" in ex[0][2]
+
+
+def test_vanishing_needs_a_run_from_the_first_layer_and_ignores_cut_gradients():
+    rows = mlp_rows()
+    det = gradtrace.Vanishing(patience=2)
+    tiny = matrix(rows, norm={8: 1e-9, 9: 1e-9, 10: 1.0})
+    fired, _, ex = run(det, rows, tiny, steps=2)
+    assert not fired[0].any() and fired[1][[8, 9]].all()
+    assert ex[0][0].path == "m/d1"
+    middle_only = matrix(rows, norm={8: 1.0, 9: 1e-9, 10: 1.0})  # one small layer between healthy ones
+    assert not run(gradtrace.Vanishing(patience=1), rows, middle_only)[0].any()
+    cut = matrix(rows, norm={8: 0.0, 9: 0.0, 10: 1.0})  # exactly zero: cut off, not vanishing
+    assert not run(gradtrace.Vanishing(patience=1), rows, cut)[0].any()
+
+
+def test_dead_relu_counts_examples_per_unit_and_blames_the_first_dead_layer():
+    rows = mlp_rows()
+    m = matrix(rows)
+    # d1: all 8 units dead; d2: 8 units, 2 alive
+    alive = tf.constant([0.0] * 8 + [1, 1, 0, 0, 0, 0, 0, 0])
+    units = [(1, 8), (2, 8)]
+    det = gradtrace.DeadReLU(quick=64, window=1000)
+    fired, values, ex = run(det, rows, m, steps=2, alive=alive, unit_rows=units, examples=tf.constant(32.0))
+    assert not fired[0].any()  # 32 examples: not yet
+    assert fired[1][1] and not fired[1][2]  # d1 wholly dead after 64; d2 has live units, window not reached
+    assert values[1] == 1.0 and ex[0][0].path == "m/d1" and "own weights and bias" in ex[0][2]
+    # a NaN anywhere: the step counts for nothing
+    det = gradtrace.DeadReLU(quick=64)
+    bad = matrix(rows, nan={3: 1})
+    fired, _, _ = run(det, rows, bad, steps=3, alive=alive, unit_rows=units, examples=tf.constant(32.0))
+    assert not fired.any()
+
+
+@pytest.mark.parametrize("activation, units, loss, from_logits, target_range, code", [
+    ("softmax", 1, "binary_crossentropy", False, (0.0, 1.0), 1),
+    ("sigmoid", 1, "regression", False, (5.0, 50.0), 2),
+    ("relu", 1, "regression", False, (-2.0, 2.0), 3),
+    ("relu", 3, "categorical_crossentropy", False, (0.0, 1.0), 4),
+    ("linear", 1, "binary_crossentropy", False, (0.0, 1.0), 5),
+    # silent: what fits together
+    ("sigmoid", 1, "binary_crossentropy", False, (0.0, 1.0), 0),
+    ("linear", 1, "binary_crossentropy", True, (0.0, 1.0), 0),
+    ("linear", 1, "regression", False, (-50.0, 50.0), 0),
+    ("softmax", 3, "categorical_crossentropy", False, (0.0, 1.0), 0),
+    ("relu", 1, "regression", False, (0.0, 9.0), 0),
+])
+def test_head_mismatch_cases(activation, units, loss, from_logits, target_range, code):
+    rows = mlp_rows(activation, units, loss, from_logits)
+    m = matrix(rows, min={0: target_range[0]}, max={0: target_range[1]})
+    det = gradtrace.HeadMismatch()
+    fired, values, ex = run(det, rows, m, steps=2)
+    if code == 0:
+        assert not fired.any()
+        return
+    assert fired[0][3] and fired[0].sum() == 1 and not fired[1].any()  # the output layer, once
+    assert values[3] == code and ex == [] and det.name == "head_mismatch"
+    _, _, ex = run(gradtrace.HeadMismatch(), rows, m)
+    assert ex[0][0].path == "m/out" and ex[0][3]  # blamed, with a hint
+
+
+def test_no_gradient_blames_the_first_constant_output():
+    rows = mlp_rows("softmax")
+    m = matrix(rows, mean={4: 0.7}, min={1: -1.0, 3: 1.0}, max={1: 2.0, 3: 1.0}, norm={1: 3.0, 2: 4.0, 3: 10.0})
+    fired, _, ex = run(gradtrace.NoGradient(), rows, m)
+    assert fired[0][4] and fired[0].sum() == 1
+    assert ex[0][0].path == "m/out" and "softmax over one unit" in ex[0][2]
+    # any gradient, or a loss at its minimum: silent
+    assert not run(gradtrace.NoGradient(), rows, matrix(rows, mean={4: 0.7}, norm={9: 1e-3}))[0].any()
+    assert not run(gradtrace.NoGradient(), rows, matrix(rows, mean={4: 0.0}))[0].any()
+
+
+def test_scale_growth_fires_on_growth_through_depth_not_on_a_large_input_scale():
+    rows = [R(0, "output", "m/h0", 0, shape=(32, 64)), R(1, "output", "m/h1", 1, shape=(32, 64)),
+            R(2, "output", "m/h2", 2, shape=(32, 64)), R(3, "output", "m/out", 3, shape=(32, 1), head=True)] + [
+        R(4 + i, "weight_gradient", f"m/{p}", i, name="kernel") for i, p in enumerate(("h0", "h1", "h2", "out"))]
+    rms = lambda r: r * np.sqrt(100.0)  # noqa: E731 - norm of 100 values with that RMS
+    grown = matrix(rows, norm={0: rms(2.0), 1: rms(60.0), 2: rms(2000.0)})
+    fired, values, ex = run(gradtrace.ScaleGrowth(), rows, grown)
+    assert fired[0][0] and fired[0].sum() == 1 and values[0] == pytest.approx(1000.0, rel=1e-4)
+    assert ex[0][0].path == "m/h0" and "initialised at too large a scale" in ex[0][2]
+    flat_but_large = matrix(rows, norm={0: rms(500.0), 1: rms(700.0), 2: rms(900.0)})
+    assert not run(gradtrace.ScaleGrowth(), rows, flat_but_large)[0].any()
+
+
+def test_saturation_and_loss_plateau():
+    rows = [R(0, "output", "m/s", 0, activation="sigmoid"), R(1, "loss", "loss", 1, cls="loss")]
+    fired, _, _ = run(gradtrace.Saturation(patience=2), rows, matrix(rows, saturated={0: 0.95}), steps=2)
+    assert not fired[0].any() and fired[1][0]
+    det = gradtrace.LossPlateau(window=3)
+    fired, _, _ = run(det, rows, matrix(rows, mean={1: 1.0}), steps=6)
+    assert fired.any() and not fired[:2].any()
+
+
+def test_embedding_out_of_range_reads_the_ids_rows():
+    rows = [Row(index=0, kind="ids", path="m/emb", layer_class="Embedding", input_dim=10)]
+    m = matrix(rows, bad={0: 1}, bad_value={0: 12}, bad_index={0: 3}, min={0: 0}, max={0: 12})
+    fired, _, ex = run(gradtrace.EmbeddingOutOfRange(), rows, m)
+    assert fired[0][0] and ex[0][0].path == "m/emb" and "12" in ex[0][2]
+    assert not run(gradtrace.EmbeddingOutOfRange(), rows, matrix(rows, max={0: 9}))[0].any()
+
+
+def test_unused_embedding_at_the_end_of_an_epoch():
+    rows = [Row(index=0, kind="ids", path="m/emb", layer_class="Embedding", input_dim=100)]
+    det = gradtrace.UnusedEmbedding(coverage=3.0)
+    det.reset()  # as the engine does at the start of every fit
+    ids = tf.constant(np.tile(np.arange(10), 40).astype("int32"))  # 400 lookups of ids 0..9
+    table = Table(rows)
+    det.check(StatsView(table, tf.constant(matrix(rows)), step=tf.constant(0), ids={0: ids}))
+    found = list(det.epoch_end(None))
+    assert len(found) == 1 and found[0][0] == "m/emb" and found[0][2] == pytest.approx(0.9)
+    assert "highest id seen 9" in found[0][3]
