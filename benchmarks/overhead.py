@@ -38,6 +38,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 IN_PROCESS = ["keras", "gradtrace", "gradtrace_every16", "terminate_on_nan", "tensorboard_hist"]
+# on request (--contenders ...): gradtrace with the six default detectors of the first release, to
+# measure side by side what the later default detectors (head_mismatch, scale_growth, no_gradient and
+# the per-unit dead_relu) cost per step
+OPTIONAL = ["gradtrace_first6"]
+FIRST6 = ["nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding"]
 SUBPROCESS = ["check_numerics", "dump_curt_health", "dump_full_health"]
 MODELS = ["two_embedding", "deep_mlp", "cnn_bn", "transformer", "depth_10", "depth_50", "depth_200"]
 SWEEP = ("depth_10", "depth_50", "depth_200")  # the depth sweep compares gradtrace with model.fit only
@@ -151,7 +156,8 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
         cbs.append(keras.callbacks.TensorBoard(log_dir=logdir, histogram_freq=1, write_graph=False))
     if contender.startswith("gradtrace"):
         every = 16 if contender == "gradtrace_every16" else 1
-        h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, **kw)
+        detectors = FIRST6 if contender == "gradtrace_first6" else None
+        h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, **kw)
         if h.anomalies:
             print(f"  note: {contender} reported {len(h.anomalies)} anomalies, first: {h.anomalies[0]}", file=sys.stderr)
     else:
@@ -279,11 +285,11 @@ def main(argv=None):
         args.contenders = "keras,gradtrace,gradtrace_every16,terminate_on_nan"
     models = args.models.split(",")
     contenders = args.contenders.split(",")
-    local = [c for c in contenders if c in IN_PROCESS]
+    local = [c for c in contenders if c in IN_PROCESS + OPTIONAL]
     remote = [c for c in contenders if c in SUBPROCESS]
-    unknown = [c for c in contenders if c not in IN_PROCESS + SUBPROCESS]
+    unknown = [c for c in contenders if c not in IN_PROCESS + OPTIONAL + SUBPROCESS]
     if unknown:
-        raise SystemExit(f"unknown contender(s) {unknown}; choose from {', '.join(IN_PROCESS + SUBPROCESS)}")
+        raise SystemExit(f"unknown contender(s) {unknown}; choose from {', '.join(IN_PROCESS + OPTIONAL + SUBPROCESS)}")
     if "keras" not in local:
         local.insert(0, "keras")
     if "tensorboard_hist" in local:
