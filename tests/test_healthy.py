@@ -277,3 +277,69 @@ def test_small_transformer_encoder():
     history, steps = _train(model, x, y, "binary_crossentropy", lr=3e-3)
     rows = _assert_healthy(model, history, steps, min_drop=0.05, ids_paths=["enc/tok_emb"])
     assert any(r.path == "enc/mha0/key" for r in rows if r.kind == "weight_gradient")
+
+
+# -- more of what real programs look like: small batches, Keras' default (Glorot) initialisation,
+#    sigmoid networks, 2 and 10 classes, unstandardised regression targets, a few hundred steps
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("batch_size", [4, 16])
+def test_small_batches_binary_classifier_with_default_init(batch_size):
+    """Glorot (the Keras default), a sigmoid head with binary_crossentropy; at batch 4, 300 steps."""
+    x, y = _blobs(400, 12, 2, seed=11, scale=2.0)
+    inp = keras.Input((12,))
+    h = layers.Dense(16, activation="relu", name="h1")(inp)
+    h = layers.Dense(16, activation="relu", name="h2")(h)
+    model = keras.Model(inp, layers.Dense(1, activation="sigmoid", name="out")(h), name="small")
+    history, steps = _train(model, x, y.astype("float32")[:, None], "binary_crossentropy", batch_size=batch_size,
+                            lr=1e-2)
+    _assert_healthy(model, history, steps, min_drop=0.2, relu_paths=["small/h1", "small/h2"])
+
+
+def test_regression_on_unstandardised_targets():
+    """Prices in thousands (mean 300, std 100) from standardised features, a linear head and mse."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(640, 8)).astype("float32")
+    y = (300.0 + x @ rng.normal(0, 35.0, (8, 1))).astype("float32")
+    inp = keras.Input((8,))
+    h = layers.Dense(32, activation="relu", name="h1")(inp)
+    h = layers.Dense(32, activation="relu", name="h2")(h)
+    model = keras.Model(inp, layers.Dense(1, name="price")(h), name="prices")
+    history, steps = _train(model, x, y, "mse", lr=3e-2)
+    _assert_healthy(model, history, steps, min_drop=0.3, relu_paths=["prices/h1", "prices/h2"])
+
+
+def test_sigmoid_network_binary():
+    """Three sigmoid hidden layers (the pre-ReLU way), a sigmoid head."""
+    x, y = _blobs(640, 10, 2, seed=13, scale=2.0)
+    inp = keras.Input((10,))
+    h = inp
+    for i in range(3):
+        h = layers.Dense(24, activation="sigmoid", name=f"s{i}")(h)
+    model = keras.Model(inp, layers.Dense(1, activation="sigmoid", name="out")(h), name="sig")
+    history, steps = _train(model, x, y.astype("float32")[:, None], "binary_crossentropy", epochs=4, lr=1e-2)
+    _assert_healthy(model, history, steps, min_drop=0.2)
+
+
+def test_deep_relu_ten_classes_he_init():
+    """Eight ReLU layers with He initialisation (the scale stays near 1 through the depth), 10 classes."""
+    x, y = _blobs(960, 20, 10, seed=14, scale=3.0)
+    inp = keras.Input((20,))
+    h = inp
+    for i in range(8):
+        h = layers.Dense(48, activation="relu", kernel_initializer=HE, name=f"d{i}")(h)
+    model = keras.Model(inp, layers.Dense(10, activation="softmax", name="head")(h), name="deep10")
+    history, steps = _train(model, x, y, "sparse_categorical_crossentropy", lr=2e-3)
+    _assert_healthy(model, history, steps, min_drop=0.2, relu_paths=[f"deep10/d{i}" for i in range(8)])
+
+
+def test_logits_head_with_from_logits_loss():
+    """A linear head with a crossentropy told it gets logits: the right way to skip the softmax."""
+    x, y = _blobs(640, 16, 5, seed=15, scale=3.0)
+    inp = keras.Input((16,))
+    h = layers.Dense(32, activation="relu", name="h")(inp)
+    model = keras.Model(inp, layers.Dense(5, name="logits")(h), name="logit_clf")
+    history, steps = _train(model, x, y, keras.losses.SparseCategoricalCrossentropy(from_logits=True), lr=1e-2)
+    _assert_healthy(model, history, steps, min_drop=0.3, relu_paths=["logit_clf/h"])
