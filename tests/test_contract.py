@@ -37,6 +37,8 @@ def run(detector, rows, m, steps=1, **view_kw):
         values = np.asarray(v, np.float32)
     fired = fired_all[-1]
     explained = list(detector.explain(rows, fired, values, m, table)) if fired.any() else []
+    for e in explained:  # every finding comes with a one-line hint
+        assert len(e) == 4 and e[3] and "\n" not in e[3], e
     return np.array(fired_all), values, explained
 
 
@@ -198,4 +200,4 @@ def test_unused_embedding_at_the_end_of_an_epoch():
     det.check(StatsView(table, tf.constant(matrix(rows)), step=tf.constant(0), ids={0: ids}))
     found = list(det.epoch_end(None))
     assert len(found) == 1 and found[0][0] == "m/emb" and found[0][2] == pytest.approx(0.9)
-    assert "highest id seen 9" in found[0][3]
+    assert "highest id seen 9" in found[0][3] and "input_dim=10" in found[0][4]

@@ -39,7 +39,9 @@ class EmbeddingOutOfRange(Detector):
                 f"at {_where(flat, row.shape)}; {int(st[COL['bad']])} bad id(s) in this batch "
                 f"(ids seen: min {int(st[COL['min']])}, max {int(st[COL['max']])}). "
                 f"Raise input_dim to at least {max(bad_id + 1, row.input_dim)} or fix the id mapping."
-            )
+            ), (f"Embedding(input_dim={max(bad_id + 1, row.input_dim)}, ...) in {row.path}, or map ids into "
+                f"[0, {row.input_dim}) (ids that start at 1 need input_dim = largest id + 1)."
+                if bad_id >= 0 else f"negative ids read the table from its end: map ids into [0, {row.input_dim}).")
 
 
 def _where(flat, shape):

@@ -63,4 +63,6 @@ class Exploding(Detector):
         else:
             why = f"norm {norm:.4g} is {float(values[first]):.4g}x its running average (factor={self.factor:g})"
         tail = f"; {len(idx) - 1} more gradient(s) below it exploded too" if len(idx) > 1 else ""
-        yield row, norm, f"{row.path} ({row.layer_class}): {what} {why}{tail}."
+        yield row, norm, f"{row.path} ({row.layer_class}): {what} {why}{tail}.", (
+            "lower the learning rate or clip gradients (clipnorm=1.0 on the optimizer); if it fires at step 0, "
+            f"check the scale of {row.path}'s inputs and initialisation.")

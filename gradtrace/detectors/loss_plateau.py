@@ -46,4 +46,5 @@ class LossPlateau(Detector):
             yield row, float(values[i]), (
                 f"the loss (running average {float(values[i]):.4g}, this step {float(matrix[i][COL['mean']]):.4g}) "
                 f"has not improved by {self.min_delta:g} (relative) for {self.window} steps (loss plateau)."
-            )
+            ), ("try a larger learning rate or a schedule (ReduceLROnPlateau); check that the targets can be "
+                "learnt from the inputs (shuffled labels, a leak in preprocessing).")

@@ -62,7 +62,23 @@ class NaN(Detector):
         origin = min(idx, key=rank)
         row = table.rows[origin]
         others = len(idx) - 1
-        yield row, float(values[origin]), self.message(row, float(values[origin]), matrix[origin], others)
+        yield row, float(values[origin]), self.message(row, float(values[origin]), matrix[origin], others), \
+            self.hint(row)
+
+    def hint(self, row):
+        if row.kind in _DATA_NAMES:
+            return (f"find the NaN/Inf in the {_DATA_NAMES[row.kind]} (np.isnan, np.isinf) and clean or drop those "
+                    "examples before training.")
+        if row.kind == "output":
+            return (f"look in {row.path} for a log, sqrt, division or exp of a value out of range (log of 0 gives "
+                    "-inf); on_anomaly='snapshot' and `gradtrace replay` name the op and source line.")
+        if row.kind == "loss":
+            return ("the loss turned finite outputs into NaN/Inf: a crossentropy on probabilities of exactly 0 or 1, "
+                    "or a division by 0 in a custom loss; use from_logits=True or clip.")
+        if getattr(self, "_loss_scaled", False):
+            return "the loss scale cannot keep the gradients finite: lower the learning rate or clip gradients."
+        return (f"the backward pass overflowed at {row.path}: lower the learning rate, or clip gradients "
+                "(clipnorm=1.0 on the optimizer).")
 
     def message(self, row, value, stats_row, others=0):
         n_nan, n_inf = int(stats_row[COL["nan"]]), int(stats_row[COL["inf"]])

@@ -39,4 +39,5 @@ class Saturation(Detector):
             yield row, float(values[i]), (
                 f"{row.path} ({row.layer_class}, {row.activation}): {float(values[i]):.0%} of its outputs are "
                 f"pinned within 1% of the activation's limits, for {self.patience} steps in a row (saturation)."
-            )
+            ), (f"standardise the inputs of {row.path}, lower the learning rate, or use a ReLU-family activation; "
+                "a saturated unit passes almost no gradient.")

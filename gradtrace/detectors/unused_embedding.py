@@ -81,4 +81,5 @@ class UnusedEmbedding(Detector):
                     f"{path} ({cls}): only {n_used} of its {dim} rows were looked up this epoch "
                     f"({unused:.0%} unused) in {int(n_lookups)} lookups; highest id seen {int(max_id.numpy())}. "
                     f"If the ids only go up to {int(max_id.numpy())}, input_dim={int(max_id.numpy()) + 1} would do."
-                )
+                ), (f"size {path} for the vocabulary the data really has (input_dim={int(max_id.numpy()) + 1}), or "
+                    "check that the vocabulary and the ids were built from the same split.")

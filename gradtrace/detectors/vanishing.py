@@ -87,4 +87,5 @@ class Vanishing(Detector):
         yield row, float(values[first]), (
             f"{row.path} ({row.layer_class}): its weight gradients are {float(values[first]):.3g}x "
             f"the largest of the layers above it, for {self.patience} steps in a row (vanishing gradient){tail}."
-        )
+        ), (f"use ReLU-family activations with he_normal initialisation above {row.path}, or add "
+            "BatchNormalization or residual connections; sigmoid/tanh stacks shrink the gradient at every layer.")
