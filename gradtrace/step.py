@@ -293,7 +293,9 @@ class Engine:
                 ids[c.add("ids", call.path, values=st.ids_stats(call.ids, dim), counted=None, layer_class=cls,
                           order=i, input_dim=dim, shape=tuple(call.ids.shape))] = call.ids
             for p, t in zip(call.output_paths, call.outputs):
-                head = any(t is q for q in predictions)
+                # the layer that produced a prediction (the innermost: a nested model's call, recorded
+                # after its own layers, returns its last layer's tensor)
+                head = any(t is q for q in predictions) and not any(t is q for q in tensors.values())
                 row = c.add("output", p, t, relu=call.relu, activation=call.activation, layer_class=cls,
                             shape=tuple(t.shape), order=i, head=head, always=RANGE if head else ())
                 if head:

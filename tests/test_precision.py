@@ -51,3 +51,21 @@ def test_the_fixed_program_trains_three_epochs_with_nothing_firing(runs, name):
     assert not symptom, "the fixed port shows the fault"
     assert anomalies == [], [str(a) for a in anomalies]
     assert loss[-1] < loss[0]
+
+
+def test_the_output_layer_is_found_inside_a_nested_model():
+    """The outer model's prediction is its inner model's output, which is the inner model's last layer's:
+    that layer, not the inner model, is the output layer that head_mismatch blames."""
+    from keras import layers
+
+    inp = keras.Input((4,))
+    h = layers.Dense(8, activation="relu", name="h")(inp)
+    inner = keras.Model(inp, layers.Dense(1, activation="sigmoid", name="out")(h), name="inner")
+    outer_in = keras.Input((4,))
+    outer = keras.Model(outer_in, inner(outer_in), name="outer")
+    outer.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).random((64, 4)).astype("float32")
+    h = gradtrace.fit(outer, x, 10.0 * x.sum(axis=1, keepdims=True), batch_size=16, verbose=0)
+    heads = [r.path for r in h.gradtrace.engine.tables[True].rows if r.kind == "output" and r.head]
+    assert heads == ["outer/inner/out"]
+    assert [(a.detector, a.layer) for a in h.anomalies] == [("head_mismatch", "outer/inner/out")]
