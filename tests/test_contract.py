@@ -201,3 +201,21 @@ def test_unused_embedding_at_the_end_of_an_epoch():
     found = list(det.epoch_end(None))
     assert len(found) == 1 and found[0][0] == "m/emb" and found[0][2] == pytest.approx(0.9)
     assert "highest id seen 9" in found[0][3] and "input_dim=10" in found[0][4]
+
+
+def test_unused_embedding_on_a_small_dataset_reads_the_id_range():
+    """50,000 rows, 3,000 lookups of ids below 500: far fewer lookups than rows, caught by the range."""
+    rows = [Row(index=0, kind="ids", path="m/items", layer_class="Embedding", input_dim=50000)]
+    det = gradtrace.UnusedEmbedding()
+    det.reset()
+    ids = tf.constant(np.random.default_rng(0).integers(0, 500, 3000).astype("int32"))
+    det.check(StatsView(Table(rows), tf.constant(matrix(rows)), step=tf.constant(0), ids={0: ids}))
+    found = list(det.epoch_end(None))
+    assert len(found) == 1 and "highest id seen in 3000 lookups this epoch is 499, but input_dim=50000" in found[0][3]
+    assert "input_dim=500" in found[0][4]
+    # ids spread over the whole table, even few of them: silent
+    det = gradtrace.UnusedEmbedding()
+    det.reset()
+    ids = tf.constant(np.random.default_rng(1).integers(0, 50000, 300).astype("int32"))
+    det.check(StatsView(Table(rows), tf.constant(matrix(rows)), step=tf.constant(0), ids={0: ids}))
+    assert list(det.epoch_end(None)) == []

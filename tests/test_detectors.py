@@ -195,9 +195,21 @@ def test_unused_embedding_rows_name_the_mismatched_table():
     assert found[0].value == pytest.approx(0.95)
 
 
+def test_unused_embedding_on_a_small_dataset_reads_the_id_range():
+    """640 lookups into 1000 rows: too few to count unused rows, but ids that never pass 49 in 640
+    lookups are no accident (0.05 ** 640): the table is sized for a vocabulary the data does not have."""
+    model = _two_embedding(n_users=50, n_items=1000)
+    x, y = _ids(640, item_high=50)
+    h = gradtrace.fit(model, x, y, batch_size=64, epochs=1, shuffle=False, verbose=0)
+    found = _of(h, "unused_embedding")
+    assert [(a.layer, a.stage) for a in found] == [("outer/inner/item_emb", "epoch_end")]
+    assert "highest id seen in 640 lookups this epoch is 49, but input_dim=1000" in found[0].message
+    assert "input_dim=50" in found[0].hint
+
+
 def test_unused_embedding_is_silent_when_the_epoch_is_too_short_to_tell():
     model = _two_embedding(n_users=50, n_items=1000)
-    x, y = _ids(640, item_high=50)  # 640 lookups < 3 x 1000 rows: not enough evidence
+    x, y = _ids(64)  # 64 lookups spread over all 1000 rows: most rows unused, by chance only
     h = gradtrace.fit(model, x, y, batch_size=64, epochs=1, shuffle=False, verbose=0)
     assert _of(h, "unused_embedding") == []
 

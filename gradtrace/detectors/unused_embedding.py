@@ -19,6 +19,13 @@ class UnusedEmbedding(Detector):
     the table is far bigger than the ids the data holds (a vocabulary-size
     mismatch) rather than bad luck. The message gives rows used, rows in the
     table and the highest id seen.
+
+    A small dataset makes fewer lookups than the table has rows, so it also
+    fires on the id range: when the highest id seen is below ``max_reach``
+    (default 0.5) of ``input_dim`` although, had the ids been spread over the
+    whole table, so many lookups would all have stayed that low with
+    probability below ``1e-6`` (``reach ** lookups``). A table sized for
+    50,000 ids fed ids below 500 is caught after 3 lookups, not 150,000.
     """
 
     name = "unused_embedding"
@@ -28,10 +35,11 @@ class UnusedEmbedding(Detector):
     wants_ids = True
     reports_at = ("epoch_end",)
 
-    def __init__(self, max_unused=0.75, coverage=3.0, action=None):
+    def __init__(self, max_unused=0.75, coverage=3.0, max_reach=0.5, action=None):
         super().__init__(action)
         self.max_unused = self._check_range("max_unused", max_unused, 0.0, 1.0, high_open=True)
         self.coverage = self._check_range("coverage", coverage, 0.0, float("inf"), low_open=True)
+        self.max_reach = self._check_range("max_reach", max_reach, 0.0, 1.0, low_open=True, high_open=True)
 
     def reset(self):
         super().reset()
@@ -75,11 +83,23 @@ class UnusedEmbedding(Detector):
         for path, (used, lookups, max_id, dim, cls) in self._tables.items():
             n_used = int(np.count_nonzero(used.numpy()))
             n_lookups = float(lookups.numpy())
+            top = int(max_id.numpy())
             unused = 1.0 - n_used / dim
-            if n_lookups >= self.coverage * dim and unused > self.max_unused:
-                yield path, "weight", unused, (
-                    f"{path} ({cls}): only {n_used} of its {dim} rows were looked up this epoch "
-                    f"({unused:.0%} unused) in {int(n_lookups)} lookups; highest id seen {int(max_id.numpy())}. "
-                    f"If the ids only go up to {int(max_id.numpy())}, input_dim={int(max_id.numpy()) + 1} would do."
-                ), (f"size {path} for the vocabulary the data really has (input_dim={int(max_id.numpy()) + 1}), or "
-                    "check that the vocabulary and the ids were built from the same split.")
+            reach = min(top + 1, dim) / dim
+            # had the ids been spread over the whole table, all of them stay <= top with probability reach**n
+            low_range = n_lookups > 0 and reach < self.max_reach and n_lookups * np.log(reach) < np.log(1e-6)
+            coverage = n_lookups >= self.coverage * dim and unused > self.max_unused
+            if not (coverage or low_range):
+                continue
+            if coverage:
+                what = (f"only {n_used} of its {dim} rows were looked up this epoch ({unused:.0%} unused) in "
+                        f"{int(n_lookups)} lookups; highest id seen {top}.")
+            else:
+                what = (f"the highest id seen in {int(n_lookups)} lookups this epoch is {top}, but input_dim={dim}: "
+                        f"{1 - reach:.0%} of the table is never reached by this data ({n_used} rows used; ids spread "
+                        f"over the table would have gone above {top} with probability 1 - {reach:.3g}^"
+                        f"{int(n_lookups)}).")
+            yield path, "weight", unused, (
+                f"{path} ({cls}): {what} If the ids only go up to {top}, input_dim={top + 1} would do."
+            ), (f"size {path} for the vocabulary the data really has (input_dim={top + 1}), or "
+                "check that the vocabulary and the ids were built from the same split.")
