@@ -248,10 +248,10 @@ class Recorder:
         path = base if n == 1 else f"{base}#{n}"
         ids = None
         if isinstance(layer, keras.layers.Embedding) and args:
-            ids = tf.convert_to_tensor(args[0])
+            ids, rebuild = _id_values(args[0])
             if self.sanitize_ids:
                 bad = tf.logical_or(ids < 0, ids >= layer.input_dim)
-                args = (tf.where(bad, tf.zeros_like(ids), ids),) + tuple(args[1:])
+                args = (rebuild(tf.where(bad, tf.zeros_like(ids), ids)),) + tuple(args[1:])
         out = original(*args, **kwargs)
         flat = tf.nest.flatten(out)
         outputs, out_paths = [], []
@@ -268,6 +268,17 @@ class Recorder:
                      shapes=[tuple(getattr(t, "shape", ())) for t in flat], activation=activation_name(layer))
             )
         return out
+
+
+def _id_values(ids):
+    """``(values, rebuild)``: the ids an Embedding looks up, as a dense tensor (the flat values of
+    ragged ids, the values of sparse ones), and how to put checked values back in their structure."""
+    if isinstance(ids, tf.RaggedTensor):
+        return ids.flat_values, ids.with_flat_values
+    if isinstance(ids, tf.SparseTensor):
+        return ids.values, lambda v: tf.SparseTensor(ids.indices, v, ids.dense_shape)
+    dense = tf.convert_to_tensor(ids)
+    return dense, lambda v: v
 
 
 def format_call_log(log, failed_path=None, failed_class=None) -> str:
