@@ -78,3 +78,26 @@ def test_sparse_ids_are_checked_on_their_values(bad):
     found = [(a.detector, a.layer, a.step) for a in h.anomalies if a.detector == "embedding_out_of_range"]
     assert found == ([("embedding_out_of_range", "sp/lookup/emb", 1)] if bad else [])
     assert int(m.optimizer.iterations) == (1 if bad else 2)
+
+
+@pytest.mark.parametrize("wired_wrong", [True, False])
+def test_two_tables_that_never_part_are_reported(wired_wrong):
+    """A two-tower recommender (a dot product of a user and an item vector) whose tables were made with
+    the same seeded initialiser. Wired wrong, the item table is fed the user ids: the dot product gives
+    both tables the same gradients and they stay equal, reported at the epoch's end. Wired right, they
+    part: silent."""
+    init = lambda: keras.initializers.RandomUniform(-0.05, 0.05, seed=7)  # noqa: E731
+    user = keras.Input((1,), dtype="int32", name="user")
+    item = keras.Input((1,), dtype="int32", name="item")
+    u = layers.Flatten()(layers.Embedding(100, 8, embeddings_initializer=init(), name="user_emb")(user))
+    i = layers.Flatten()(layers.Embedding(100, 8, embeddings_initializer=init(), name="item_emb")(
+        user if wired_wrong else item))
+    out = layers.Activation("sigmoid", name="out")(layers.Dot(axes=1, name="dot")([u, i]))
+    m = keras.Model([user, item], out, name="rec")
+    m.compile(optimizer="adam", loss="binary_crossentropy")
+    rng = np.random.default_rng(0)
+    x = [rng.integers(0, 100, (256, 1)).astype("int32"), rng.integers(0, 100, (256, 1)).astype("int32")]
+    y = (rng.random((256, 1)) < 0.5).astype("float32")
+    h = gradtrace.fit(m, x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    found = [(a.layer, a.stage) for a in h.anomalies if a.detector == "embedding_twins"]
+    assert found == ([("rec/user_emb", "epoch_end")] if wired_wrong else [])

@@ -59,7 +59,8 @@ def mlp_rows(head_activation="linear", head_units=1, loss_kind="regression", fro
 
 def test_every_builtin_detector_has_a_contract_case_here():
     covered = {"nan", "exploding", "vanishing", "dead_relu", "head_mismatch", "no_gradient", "scale_growth",
-               "saturation", "loss_plateau", "embedding_out_of_range", "unused_embedding"}
+               "saturation", "loss_plateau", "embedding_out_of_range", "unused_embedding", "embedding_twins",
+               "embedding_collapse"}
     assert set(BUILTINS) == covered
 
 
@@ -219,3 +220,25 @@ def test_unused_embedding_on_a_small_dataset_reads_the_id_range():
     ids = tf.constant(np.random.default_rng(1).integers(0, 50000, 300).astype("int32"))
     det.check(StatsView(Table(rows), tf.constant(matrix(rows)), step=tf.constant(0), ids={0: ids}))
     assert list(det.epoch_end(None)) == []
+
+
+def test_embedding_collapse_reads_the_effective_rank_of_the_table():
+    rng = np.random.default_rng(0)
+    rank1 = np.outer(rng.normal(size=500), rng.normal(size=16))
+    assert gradtrace.EmbeddingCollapse.effective_rank(rank1) == pytest.approx(1.0, abs=0.01)
+    assert gradtrace.EmbeddingCollapse.effective_rank(rng.normal(size=(500, 16))) > 14.0
+
+    class Ctx:  # what epoch_end reads of the run: the model's layers by path
+        class engine:
+            class tap:
+                pass
+
+    import keras
+
+    layers = {1: keras.layers.Embedding(500, 16, name="flat"), 2: keras.layers.Embedding(500, 16, name="rich")}
+    for k, layer in layers.items():
+        layer.build((None,))
+        layer.embeddings.assign((rank1 if k == 1 else rng.normal(size=(500, 16))).astype("float32"))
+    Ctx.engine.tap.layers, Ctx.engine.tap.paths = layers, {1: "m/flat", 2: "m/rich"}
+    found = list(gradtrace.EmbeddingCollapse().epoch_end(Ctx))
+    assert [f[0] for f in found] == ["m/flat"] and "span about 1 of its 16 dimensions" in found[0][3] and found[0][4]

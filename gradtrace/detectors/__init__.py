@@ -9,6 +9,7 @@ from __future__ import annotations
 from gradtrace.detectors.base import Detector
 from gradtrace.detectors.dead_relu import DeadReLU
 from gradtrace.detectors.embedding_out_of_range import EmbeddingOutOfRange
+from gradtrace.detectors.embedding_tables import EmbeddingCollapse, EmbeddingTwins
 from gradtrace.detectors.exploding import Exploding
 from gradtrace.detectors.head_mismatch import HeadMismatch
 from gradtrace.detectors.loss_plateau import LossPlateau
@@ -22,14 +23,14 @@ from gradtrace.detectors.vanishing import Vanishing
 BUILTINS = {
     cls.name: cls
     for cls in (NaN, Exploding, Vanishing, DeadReLU, UnusedEmbedding, EmbeddingOutOfRange, Saturation, LossPlateau,
-                HeadMismatch, NoGradient, ScaleGrowth)
+                HeadMismatch, NoGradient, ScaleGrowth, EmbeddingTwins, EmbeddingCollapse)
 }
-# Used when detectors=None. saturation and loss_plateau are off by default.
+# Used when detectors=None. saturation, loss_plateau and embedding_collapse are off by default.
 # In this order: the detectors that name a cause (the data, the output layer, the initialisation, a
 # cut in the gradient) come before those that see a symptom (a gradient that explodes or vanishes),
 # so the first anomaly of a step is its most likely origin.
 DEFAULT = ("nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding",
-           "vanishing", "dead_relu", "unused_embedding")
+           "vanishing", "dead_relu", "unused_embedding", "embedding_twins")
 
 
 def resolve(detectors) -> list[Detector]:
@@ -66,7 +67,9 @@ __all__ = [
     "DEFAULT",
     "DeadReLU",
     "Detector",
+    "EmbeddingCollapse",
     "EmbeddingOutOfRange",
+    "EmbeddingTwins",
     "Exploding",
     "HeadMismatch",
     "LossPlateau",
