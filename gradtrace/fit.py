@@ -226,34 +226,25 @@ class Run:
                 raise DetectorError(d.name, "epoch_begin", e, self.anomalies) from e
 
     def epoch_end_checks(self, epoch):
-        found = []
-        step = int(compat.iterations(self.model.optimizer).numpy())
-        for d in self.engine.detectors:
-            try:
-                results = list(d.epoch_end(self) or ())
-            except Exception as e:
-                raise DetectorError(d.name, "epoch_end", e, self.anomalies) from e
-            for layer, tensor, value, message, *hint in results:
-                found.append(Anomaly(d.name, layer, tensor, step, epoch, float(value), message,
-                                     action=self.engine.actions[d.name], stage="epoch_end",
-                                     hint=hint[0] if hint else ""))
-        if found:
-            self._act(found, StepRecord(step, epoch, None, None, found), stage="epoch_end")
+        self._host_checks("epoch_end", epoch)
 
     def fit_end_checks(self):
+        self._host_checks("fit_end", self.epoch)
+
+    def _host_checks(self, stage, epoch):
+        """Run every detector's ``epoch_end`` or ``fit_end`` hook and act on what they found."""
         found = []
         step = int(compat.iterations(self.model.optimizer).numpy())
         for d in self.engine.detectors:
             try:
-                results = list(d.fit_end(self) or ())
+                results = list(getattr(d, stage)(self) or ())
             except Exception as e:
-                raise DetectorError(d.name, "fit_end", e, self.anomalies) from e
+                raise DetectorError(d.name, stage, e, self.anomalies) from e
             for layer, tensor, value, message, *hint in results:
-                found.append(Anomaly(d.name, layer, tensor, step, self.epoch, float(value), message,
-                                     action=self.engine.actions[d.name], stage="fit_end",
-                                     hint=hint[0] if hint else ""))
+                found.append(Anomaly(d.name, layer, tensor, step, epoch, float(value), message,
+                                     action=self.engine.actions[d.name], stage=stage, hint=hint[0] if hint else ""))
         if found:
-            self._act(found, StepRecord(step, self.epoch, None, None, found), stage="fit_end")
+            self._act(found, StepRecord(step, epoch, None, None, found), stage=stage)
 
     @property
     def anomalies(self):
