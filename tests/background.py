@@ -8,6 +8,7 @@ waits for one and reads what it wrote.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,3 +59,5 @@ def stop_all():
             proc.kill()
             proc.wait()
         log.close()
+    if _DIR is not None:
+        shutil.rmtree(_DIR, ignore_errors=True)

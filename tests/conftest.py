@@ -15,7 +15,7 @@ def _fresh_keras_state():
 
 def pytest_collection_modifyitems(session, config, items):
     """Start the scenario processes of the collected tests now, so they run beside the suite."""
-    if any(item.module.__name__.endswith("test_process") for item in items):
+    if not config.option.collectonly and any(item.module.__name__.endswith("test_process") for item in items):
         from tests.test_process import start_scenarios
 
         start_scenarios()

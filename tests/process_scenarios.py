@@ -18,6 +18,7 @@ the follow-ups run under the event's strategy object and under a new one. tests/
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import traceback
@@ -253,6 +254,7 @@ def sequence(out, out_path, contexts=CONTEXTS):
             out[key] = outcome
         _leave(keras, name)
     out["settings_after"] = settings(keras)
+    shutil.rmtree(snapdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
