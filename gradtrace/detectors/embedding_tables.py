@@ -8,14 +8,14 @@ from gradtrace.detectors.base import Detector
 
 
 def _tables(ctx):
-    """``[(path, layer, table as float64 numpy)]`` for every Embedding layer of the run's model."""
+    """``[(path, layer)]`` for every Embedding layer of the run's model, in path order. The tables stay
+    where they are: the checks below reduce them in TensorFlow and bring back only small results (a
+    table of a million rows is never copied to the host)."""
     import keras
 
     tap = ctx.engine.tap
-    out = []
-    for lid, layer in tap.layers.items():
-        if isinstance(layer, keras.layers.Embedding):
-            out.append((tap.paths.get(lid, layer.name), layer, np.asarray(layer.embeddings.numpy(), np.float64)))
+    out = [(tap.paths.get(lid, layer.name), layer) for lid, layer in tap.layers.items()
+           if isinstance(layer, keras.layers.Embedding)]
     return sorted(out, key=lambda t: t[0])
 
 
@@ -42,17 +42,25 @@ class EmbeddingTwins(Detector):
         return tf.zeros([n], tf.bool), tf.zeros([n])
 
     def epoch_end(self, ctx):
+        import tensorflow as tf
+
         tables = _tables(ctx)
+        # a cheap fingerprint first (sum and sum of squares), full equality only where they agree
+        prints = {path: tuple(float(v) for v in (tf.reduce_sum(layer.embeddings), tf.reduce_sum(
+            tf.square(layer.embeddings)))) for path, layer in tables}
         reported = set()
-        for i, (path_a, layer_a, a) in enumerate(tables):
-            for path_b, layer_b, b in tables[i + 1:]:
-                if path_b in reported or a.shape != b.shape or layer_a.embeddings is layer_b.embeddings:
+        for i, (path_a, layer_a) in enumerate(tables):
+            a = layer_a.embeddings
+            for path_b, layer_b in tables[i + 1:]:
+                b = layer_b.embeddings
+                if path_b in reported or a is b or tuple(a.shape) != tuple(b.shape) or prints[path_a] != prints[path_b]:
                     continue
-                if not (layer_a.trainable or layer_b.trainable) or not np.array_equal(a, b):
+                if not (layer_a.trainable or layer_b.trainable) or not bool(tf.reduce_all(tf.equal(a, b))):
                     continue
                 reported.add(path_b)
+                n, d = a.shape
                 yield path_b, "weight", 0.0, (
-                    f"{path_b} (Embedding {a.shape[0]}x{a.shape[1]}) holds exactly the same values as {path_a} "
+                    f"{path_b} (Embedding {n}x{d}) holds exactly the same values as {path_a} "
                     "after this epoch: two tables that should learn different things do not differ."
                 ), (f"give {path_b} its own initialiser (no shared seed or copied weights), and check that it is "
                     "fed its own ids; to share one table on purpose, call the same Embedding layer twice.")
@@ -88,9 +96,12 @@ class EmbeddingCollapse(Detector):
         return tf.zeros([n], tf.bool), tf.zeros([n])
 
     @staticmethod
-    def effective_rank(table):
-        gram = table.T @ table
-        s = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
+    def effective_rank(table=None, gram=None):
+        """exp(entropy of the normalised singular values), from the table or its d x d Gram matrix."""
+        if gram is None:
+            table = np.asarray(table, np.float64)
+            gram = table.T @ table
+        s = np.sqrt(np.clip(np.linalg.eigvalsh(np.asarray(gram, np.float64)), 0.0, None))
         if s.sum() <= 0:
             return 0.0
         p = s / s.sum()
@@ -98,14 +109,17 @@ class EmbeddingCollapse(Detector):
         return float(np.exp(-(p * np.log(p)).sum()))
 
     def epoch_end(self, ctx):
-        for path, layer, table in _tables(ctx):
-            d = table.shape[1]
+        import tensorflow as tf
+
+        for path, layer in _tables(ctx):
+            n, d = layer.embeddings.shape
             if d < self.min_dim or not layer.trainable:
                 continue
-            erank = self.effective_rank(table)
+            table = tf.cast(layer.embeddings, tf.float64)
+            erank = self.effective_rank(gram=tf.matmul(table, table, transpose_a=True).numpy())
             if erank < self.min_rank_fraction * d:
                 yield path, "weight", erank, (
-                    f"{path} (Embedding {table.shape[0]}x{d}): its rows span about {erank:.2g} of its {d} "
+                    f"{path} (Embedding {n}x{d}): its rows span about {erank:.2g} of its {d} "
                     f"dimensions (effective rank; below {self.min_rank_fraction:.0%} of its width): the table has "
                     "collapsed."
                 ), (f"lower the learning rate or add weight decay on {path}; check for an interaction (a dot "
