@@ -123,4 +123,5 @@ class HeadMismatch(Detector):
 
 
 def _loss_class(kind):
-    return "".join(p.capitalize() for p in kind.split("_")).replace("Crossentropy", "Crossentropy")
+    """``"binary_crossentropy"`` -> ``"BinaryCrossentropy"`` (the Keras loss class)."""
+    return "".join(p.capitalize() for p in kind.split("_"))
