@@ -6,9 +6,6 @@ import collections
 from dataclasses import asdict, dataclass, field
 
 ACTIONS = ("warn", "snapshot", "halt", "raise")
-# Where a finding is made: at a training step (with its batch, before its update), at the
-# end of an epoch (a check that reads the whole epoch), or at the end of the fit.
-STAGES = ("step", "epoch_end", "fit_end")
 # Actions that hold back the step's update in-graph (the step is not committed).
 BLOCKING = ("halt", "raise", "snapshot")
 _SEVERITY = {a: i for i, a in enumerate(ACTIONS)}

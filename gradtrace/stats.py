@@ -116,14 +116,11 @@ class Table:
 class StatsView:
     """What a detector's in-graph check sees: columns of the packed matrix, by name."""
 
-    def __init__(self, table: Table, matrix, step=None, ids=None, loss_scaled=False, tensors=None, alive=None,
+    def __init__(self, table: Table, matrix, step=None, ids=None, loss_scaled=False, alive=None,
                  unit_rows=(), examples=None):
         self.table = table
         self.matrix = matrix
         self.step = step
-        # row index -> tensor, for the few rows a detector may read whole: the targets and the
-        # model's output (head) rows (both small: batch x outputs)
-        self.tensors = tensors or {}
         # per-unit activity of ReLU-family outputs (when "dead_frac" is computed): ``alive`` is a
         # [units] 0/1 vector, 1 where the unit was non-zero somewhere in the (global) batch, in the
         # segments ``unit_rows`` = [(row index, units)]; ``examples`` is the global batch size

@@ -146,7 +146,7 @@ class Engine:
         optimizer = model.optimizer
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         step = tf.identity(compat.iterations(optimizer))
-        detectors = [d for d in self.detectors if traced or d.every_step or d.wants_ids]
+        detectors = [d for d in self.detectors if d.checks_in_step and (traced or d.every_step or d.wants_ids)]
         if mode in ("force", "report"):
             detectors = []
         blocking = [i for i, d in enumerate(detectors) if self.actions[d.name] in BLOCKING]
@@ -191,10 +191,10 @@ class Engine:
             needs = st.ALL_BASE
         if mode == "train" and not summary_bins:
             self.columns_computed[traced] = st.computed_columns(needs, self.columns)
-        table, matrix, collector, ids, tensors = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced,
-                                                            unscale, replicas, needs, y_pred)
+        table, matrix, collector, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale,
+                                                   replicas, needs, y_pred)
         examples = _batch_size(x) * (replicas.n if replicas is not None else 1)
-        view = st.StatsView(table, matrix, step, ids, loss_scaled=loss_scaled, tensors=tensors,
+        view = st.StatsView(table, matrix, step, ids, loss_scaled=loss_scaled,
                             alive=getattr(collector, "alive", None), unit_rows=collector.unit_rows(),
                             examples=tf.cast(examples, tf.float32))
         fired, values = [], []
@@ -273,17 +273,15 @@ class Engine:
     def _rows(self, x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale, replicas=None, needs=None,
               y_pred=None):
         """Register every captured tensor of the step with a stats Collector (in a fixed order).
-
-        Returns ``(table, matrix, collector, ids, tensors)``: ``tensors`` maps the target rows and
-        the model's output (head) rows to their tensors, for detectors that read them whole."""
+        The model's output (head) rows and the targets also get their minimum and maximum."""
         c = st.Collector()
-        ids, tensors = {}, {}
+        ids, heads = {}, []
         predictions = [t for t in tf.nest.flatten(y_pred) if t is not None] if traced else []
         if traced:
             for name, t in _float_tensors(x, ""):
                 c.add("input", "inputs", t, name=name, shape=tuple(t.shape))
             for name, t in _float_tensors(y, ""):
-                tensors[c.add("target", "targets", t, name=name, shape=tuple(t.shape), always=RANGE)] = t
+                c.add("target", "targets", t, name=name, shape=tuple(t.shape), always=RANGE)
         order = {}
         for i, call in enumerate(recorder.calls):
             order.setdefault(id(call.layer), i)
@@ -295,11 +293,11 @@ class Engine:
             for p, t in zip(call.output_paths, call.outputs):
                 # the layer that produced a prediction (the innermost: a nested model's call, recorded
                 # after its own layers, returns its last layer's tensor)
-                head = any(t is q for q in predictions) and not any(t is q for q in tensors.values())
-                row = c.add("output", p, t, relu=call.relu, activation=call.activation, layer_class=cls,
-                            shape=tuple(t.shape), order=i, head=head, always=RANGE if head else ())
+                head = any(t is q for q in predictions) and not any(t is q for q in heads)
+                c.add("output", p, t, relu=call.relu, activation=call.activation, layer_class=cls,
+                      shape=tuple(t.shape), order=i, head=head, always=RANGE if head else ())
                 if head:
-                    tensors[row] = t
+                    heads.append(t)
         kind, from_logits = loss_kind(self.model)
         c.add("loss", "loss", loss, layer_class="loss", order=len(recorder.calls), loss_kind=kind,
               from_logits=from_logits)
@@ -323,7 +321,7 @@ class Engine:
                 c.add("weight_gradient", path, scaled(g_t), layer_class=cls, name=v.name, shape=tuple(v.shape),
                       order=o)
             table, matrix, _ = c.build(needs=needs, replicas=replicas)
-            return table, matrix, c, ids, tensors
+            return table, matrix, c, ids
         k = 0
         for c_i, call in enumerate(recorder.calls):
             for p, t in zip(call.output_paths, call.outputs):
@@ -351,4 +349,4 @@ class Engine:
                 c.ratio(c.add("weight_gradient", path, g_t, **meta), w_row)
         lr = tf.cast(compat.current_learning_rate(self.model.optimizer), tf.float32)
         table, matrix, _ = c.build(lr=lr, needs=needs, replicas=replicas)
-        return table, matrix, c, ids, tensors
+        return table, matrix, c, ids

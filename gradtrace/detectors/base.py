@@ -112,8 +112,16 @@ class Detector:
         return value
 
     def check(self, view):
-        """Return ``(fired, value)``: a ``[rows]`` bool tensor and a ``[rows]`` float tensor."""
+        """Return ``(fired, value)``: a ``[rows]`` bool tensor and a ``[rows]`` float tensor.
+
+        A detector that only checks in its host-side hooks (``epoch_end``, ``fit_end``) does not
+        define it, and adds nothing to the compiled step."""
         raise NotImplementedError
+
+    @property
+    def checks_in_step(self) -> bool:
+        """True when the detector has an in-graph check (it overrides :meth:`check`)."""
+        return type(self).check is not Detector.check
 
     # -- host side ------------------------------------------------------------------
     def explain(self, rows, fired, values, matrix, table):

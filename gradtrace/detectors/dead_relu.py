@@ -44,7 +44,7 @@ class DeadReLU(Detector):
 
     def reset(self):
         super().reset()
-        self._layout = None  # (table, unit_rows, inactive variable, reported variable, examples variable)
+        self._layout = None  # (table, unit_rows, inactive variable, reported variable, examples-seen variable)
 
     def check(self, view):
         n = len(view.table)
@@ -54,7 +54,7 @@ class DeadReLU(Detector):
         rows = [i for i, _ in view.unit_rows]
         seg = tf.constant(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
         inactive = self.state(view, "inactive_examples", size=sum(sizes))
-        seen = self.state(view, "examples_seen")  # [rows]; entry 0 counts the fit's examples
+        seen = self.state(view, "examples_seen", size=1)  # the examples of this fit
         reported = self.state(view, "reported")
         examples = tf.cast(view.examples, tf.float32)
         # a step with a NaN/Inf anywhere is the nan detector's: ReLU maps NaN to 0, so its units would look

@@ -35,12 +35,6 @@ class EmbeddingTwins(Detector):
     needs = ()
     reports_at = ("epoch_end",)
 
-    def check(self, view):
-        import tensorflow as tf
-
-        n = len(view.table)
-        return tf.zeros([n], tf.bool), tf.zeros([n])
-
     def epoch_end(self, ctx):
         import tensorflow as tf
 
@@ -88,12 +82,6 @@ class EmbeddingCollapse(Detector):
         super().__init__(action)
         self.min_rank_fraction = self._check_range("min_rank_fraction", min_rank_fraction, 0.0, 1.0, low_open=True)
         self.min_dim = self._check_int("min_dim", min_dim, 2)
-
-    def check(self, view):
-        import tensorflow as tf
-
-        n = len(view.table)
-        return tf.zeros([n], tf.bool), tf.zeros([n])
 
     @staticmethod
     def effective_rank(table=None, gram=None):
