@@ -51,6 +51,70 @@ def detector_variable(initial_value, name):
         return resource_variable_ops.ResourceVariable(initial_value, trainable=False, name=name)
 
 
+def plain_variable(initial_value, name, shape=None):
+    """A variable of gradtrace's own (the step's record for the host), made while the step is
+    traced, eagerly and past every variable creator: under a strategy each replica's trace makes
+    its own (no mirroring, no aggregation), and the function does not count it as its own (no
+    second trace). ``shape=tf.TensorShape(None)`` makes a variable that takes any shape."""
+    import tensorflow as tf
+    from tensorflow.python.ops import resource_variable_ops
+
+    with tf.init_scope():
+        value = initial_value() if callable(initial_value) else initial_value
+        return resource_variable_ops.ResourceVariable(value, trainable=False, name=name, shape=shape)
+
+
+def make_train_function(model, step_function):
+    """The train function Keras' own ``make_train_function`` builds (its ``steps_per_execution``
+    loop over the iterator, ``strategy.run``, replica reduction, ``tf.function`` with the model's
+    ``jit_compile``), around ``step_function`` instead of ``model.train_step``. The model's
+    ``train_step`` and ``train_function`` are left as they were.
+
+    Under ``MultiWorkerMirroredStrategy`` Keras' own function fails on its replica reduction
+    (``model.fit`` too, in Keras 3.15: see :func:`compile_step`), so the step is compiled by
+    :func:`compile_step` and called ``steps_per_execution`` times per call on the iterator."""
+    import tensorflow as tf
+
+    if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        one_step = compile_step(model, step_function)
+
+        def function(iterator):
+            outputs = None
+            for _, data in zip(range(max(1, int(model.steps_per_execution))), iterator):
+                outputs = one_step(data)
+            if outputs is None:
+                raise StopIteration
+            return outputs
+
+        return function
+    saved_function = model.train_function
+    had = "train_step" in model.__dict__
+    previous = model.__dict__.get("train_step")
+    object.__setattr__(model, "train_step", step_function)
+    try:
+        model.make_train_function(force=True)
+        return model.train_function
+    finally:
+        if had:
+            object.__setattr__(model, "train_step", previous)
+        else:
+            object.__delattr__(model, "train_step")
+        model.train_function = saved_function
+
+
+def optimizer_trainable_variables(optimizer):
+    """The variables an optimizer was built on (what ``apply(grads)`` without variables updates)."""
+    return list(optimizer._trainable_variables)
+
+
+def is_trainer(model) -> bool:
+    """True for a Keras ``Trainer`` (every ``keras.Model``, and Keras' own ``class M(TensorFlowTrainer,
+    Layer)`` pattern)."""
+    from keras.src.trainers.trainer import Trainer
+
+    return isinstance(model, Trainer) and isinstance(model, keras.layers.Layer)
+
+
 def op_callback_count() -> int:
     """How many op callbacks TensorFlow has registered in this thread: ``tf.debugging.enable_check_numerics``
     and ``tf.debugging.experimental.enable_dump_debug_info`` each add one; 0 when both are off."""
@@ -100,7 +164,12 @@ def iterations(optimizer):
 
 
 def current_learning_rate(optimizer):
-    return optimizer.learning_rate
+    """The optimizer's learning rate, or ``None`` for one without a single learning rate
+    (an optimizer that routes variables to several inner optimizers)."""
+    try:
+        return optimizer.learning_rate
+    except (ValueError, AttributeError, TypeError, NotImplementedError):
+        return None
 
 
 def is_history(cb) -> bool:

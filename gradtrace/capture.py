@@ -4,7 +4,7 @@ Keras 3 has no layer hooks, but ``Operation.__call__`` looks ``self.call`` up on
 the instance at call time, so an instance attribute ``call`` wins. gradtrace
 installs one small wrapper per layer for the duration of a fit and removes it
 in a ``finally`` block. The wrapper does nothing unless a :class:`Recorder` is
-active on this thread, which only happens inside gradtrace's own training step.
+active on this thread, which only happens inside a step gradtrace watches.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class Call:
     relu: bool = False
     shapes: list = field(default_factory=list)
     activation: str = ""
+    tapes: tuple = ()  # the gradient tapes open when the layer ran (they watch its outputs)
 
 
 SATURATING = ("sigmoid", "tanh", "hard_sigmoid")
@@ -158,6 +159,8 @@ class LayerTap:
                 out = rec.layer_call(self, layer, original, args, kwargs)
             else:
                 out = original(*args, **kwargs)
+                if rec is not None and rec.y_pred is None:
+                    rec.y_pred = out  # the model's own call: its predictions
         except Exception:
             if self.failure is None:
                 self.failure = (self.path_of(layer), type(layer).__name__, list(self.log))
@@ -211,14 +214,16 @@ def is_patched(layer) -> bool:
 class Recorder:
     """Collects the layer calls of one step (one trace, or one eager call).
 
-    ``tape`` is watched on every float output so that gradients with respect
-    to outputs of layers with no trainable weights upstream exist too.
+    Every tape in ``tapes`` (the tapes open at the time of the call) watches
+    every float output, so that gradients with respect to outputs of layers
+    with no trainable weights upstream exist too.
     ``sanitize_ids`` replaces out-of-range Embedding ids by 0 before the lookup,
     so the step completes (and the detector reports) instead of aborting on CPU.
     """
 
-    def __init__(self, tape=None, sanitize_ids=False, keep=True):
-        self.tape = tape
+    def __init__(self, tapes=(), sanitize_ids=False, keep=True):
+        self.tapes = tapes  # a live list: the tapes open now
+        self.y_pred = None
         self.sanitize_ids = sanitize_ids
         self.keep = keep
         self.calls: list[Call] = []
@@ -258,14 +263,15 @@ class Recorder:
         for i, t in enumerate(flat if self.keep else ()):
             if not isinstance(t, (tf.Tensor, tf.Variable)) or not t.dtype.is_floating:
                 continue
-            if self.tape is not None:
-                self.tape.watch(t)
+            for tape in self.tapes:
+                tape.watch(t)
             outputs.append(t)
             out_paths.append(path if len(flat) == 1 else f"{path}:{i}")
         if self.keep or ids is not None:
             self.calls.append(
                 Call(path, layer, outputs, out_paths, ids=ids, relu=is_relu_family(layer),
-                     shapes=[tuple(getattr(t, "shape", ())) for t in flat], activation=activation_name(layer))
+                     shapes=[tuple(getattr(t, "shape", ())) for t in flat], activation=activation_name(layer),
+                     tapes=tuple(self.tapes))
             )
         return out
 

@@ -29,7 +29,7 @@ from gradtrace.anomaly import (BLOCKING, Anomaly, AnomalyError, AnomalyLog, Dete
                                strongest)
 from gradtrace.capture import LayerTap, format_call_log
 from gradtrace.stats import row_dict
-from gradtrace.step import DETECTOR_SCOPE, KEY, Engine
+from gradtrace.step import DETECTOR_SCOPE, KEY, TRACED, UNTRACED, Engine, Plan
 
 _TENSOR_NAMES = {"ids": "input"}
 
@@ -84,7 +84,7 @@ class Run:
         self.snapshot_dir = snapshot_dir
         self.max_snapshots = max_snapshots
         self.snapshots: list[str] = []
-        self._forced = None
+        self._last = None  # the record of the last traced step
         self.trace_every = trace_every
         self.verbose = verbose
         self.log = AnomalyLog()
@@ -93,54 +93,75 @@ class Run:
         self.calls = 0
         self.epoch = 0
         self.halted = False
-        self.last_stats = None
         self.tensorboard = None  # a gradtrace.tensorboard.Writer when fit got tensorboard_dir
 
     # -- the train_function Keras calls ----------------------------------------
-    def train_function(self, traced_fn, plain_fn, summary_fn=None):
+    def train_function(self):
+        """What Keras' ``fit`` calls for each execution: Keras' own train function around the
+        watched step, then one boolean read; only when a detector fired, the record is read,
+        turned into :class:`~gradtrace.Anomaly` records and acted on."""
+        engine = self.engine
+
         def function(iterator):
-            summary = summary_fn is not None and self.calls % self.tensorboard.every == 0
-            traced = summary or plain_fn is None or self.calls % self.trace_every == 0
-            data = next(iterator)  # the batch stays on the host: a snapshot needs it, the step does not return it
-            out = (summary_fn if summary else traced_fn if traced else plain_fn)(data)
+            summary = self.tensorboard is not None and self.calls % self.tensorboard.every == 0
+            traced = summary or self.trace_every == 1 or self.calls % self.trace_every == 0
+            plan = Plan(True, summary_bins=self.tensorboard.bins) if summary else TRACED if traced else UNTRACED
+            logs = engine.train_function(plan)(iterator)
             self.calls += 1
-            extra = out.pop(KEY)
+            variant = engine.variants[plan]
+            record = variant.record()
+            if record is None:  # no update was applied: nothing was watched
+                return logs
             if traced:
-                self.last_stats = extra["stats"]
+                self._last = record
             if summary:
-                self.tensorboard.write_step(int(extra["step"]), self.engine.tables[True], extra["stats"].numpy(),
-                                            self.engine.histogram_rows, extra["histograms"].numpy())
-            if bool(extra["any"]):
-                redone = self._handle(extra, traced, data, complete=summary)
+                self.tensorboard.write_step(int(record.step.numpy()), variant.table, record.last.numpy(),
+                                            variant.histogram_rows, record.histograms.numpy())
+            if bool(record.any.numpy()):
+                redone = self._handle(variant, complete=summary)
                 if redone is not None:
                     return redone
-            return out
+            return logs
 
         return function
 
-    def _handle(self, extra, traced, data, complete=False):
-        """A detector fired. ``complete``: the step already measured every statistic."""
-        table = self.engine.tables[traced]
-        matrix, faults = extra["stats"], extra.get("replica_faults")
-        columns = None if complete else self.engine.columns_computed.get(traced)
-        if not complete and not bool(extra["committed"]) and data is not None:
+    @property
+    def last_stats(self):
+        """The statistics of the last traced step (``[rows, columns]``), or ``None``."""
+        return None if self._last is None else tf.convert_to_tensor(self._last.last)
+
+    def _handle(self, variant, complete=False):
+        """A detector fired in the last execution. ``complete``: the step measured every statistic."""
+        rec = variant.record()
+        matrix = rec.stats.numpy()
+        fired, values = rec.fired.numpy(), rec.values.numpy()
+        step, committed = int(rec.step.numpy()), bool(rec.committed.numpy())
+        faults = None if rec.faults is None else rec.faults.numpy()
+        data = dist_data = None
+        if not committed:
+            data, dist_data = variant.captured_batch(self.model.distribute_strategy)
+        variant.reset()
+        columns = None if complete else variant.columns
+        if not complete and dist_data is not None:
             # The step was held, so its pre-step state is intact: measure everything (exact
             # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.
-            # The compiled step itself only computes what the detectors read.
-            report = dict(self.engine.compiled_report(traced)(data))[KEY]
-            matrix, faults = report["stats"], report.get("replica_faults", faults)
+            # The watched step itself only computes what the detectors read.
+            report = dict(self.engine.batch_function(Plan(variant.plan.traced, "report"))(dist_data))[KEY]
+            matrix = report["stats"].numpy()
+            faults = report["replica_faults"].numpy() if "replica_faults" in report else faults
             columns = None
-        matrix = matrix.numpy()
-        step = int(extra["step"])
-        found = build_anomalies(self.engine.active[traced], self.engine.actions, table, extra["fired"].numpy(),
-                                extra["values"].numpy(), matrix, step, self.epoch,
-                                None if faults is None else faults.numpy(), columns)
+        found = build_anomalies(variant.detectors, self.engine.actions, variant.table, fired, values, matrix, step,
+                                self.epoch, faults, columns)
         if not found:
             return None
-        return self._act(found, StepRecord(step, self.epoch, table, matrix, found, columns), data)
+        if not committed and data is None and self.snapshot_dir is not None:
+            for a in found:
+                a.snapshot_error = "not written: the failing batch is not kept under jit_compile=True"
+        return self._act(found, StepRecord(step, self.epoch, variant.table, matrix, found, columns), data, dist_data)
 
-    def _act(self, found, record, data=None, stage="step"):
-        """Act on the findings of one step (``data``: its batch) or of an epoch's end (no batch).
+    def _act(self, found, record, data=None, dist_data=None, stage="step"):
+        """Act on the findings of one step (``data``: its batch, ``dist_data``: the same batch as the
+        step took it, distributed) or of an epoch's end (no batch).
 
         | action   | step finding                              | epoch-end finding                        |
         | warn     | record, print, go on                      | the same                                 |
@@ -172,9 +193,9 @@ class Run:
             raise AnomalyError(found)
         if action == "snapshot":
             # the step was held so the snapshot has its pre-step state; now redo it, committed
-            if self._forced is None:
-                self._forced = self.engine.make_forced_step()
-            out = dict(self._forced(data))
+            if dist_data is None:
+                return None
+            out = dict(self.engine.batch_function(Plan(False, "force"))(dist_data))
             out.pop(KEY, None)
             return out
         if action == "halt":
@@ -193,8 +214,6 @@ class Run:
                 a.snapshot_error = f"not written: the cap of {self.max_snapshots} snapshots per fit was reached"
             return
         try:
-            with self.model.distribute_strategy.scope():
-                data = distribute.host_batch(data)
             path = snapshot_module.write(
                 self.snapshot_dir, model=self.model, data=data, step=record.step, epoch=record.epoch,
                 anomalies=found, detectors=[d.name for d in self.engine.detectors],
@@ -269,34 +288,28 @@ class _RunCallback(keras.callbacks.Callback):
 
 
 class _Installed:
-    """Installs gradtrace on a model for one fit and always leaves it plain again."""
+    """Installs gradtrace on a model for one fit and always leaves it plain again: the hooks,
+    and a ``train_function`` (Keras' own, around the watched step, checked after each call)."""
 
-    def __init__(self, model, engine, run, trace_every):
+    def __init__(self, model, engine, run):
         self.model = model
         self.engine = engine
         self.run = run
-        self.trace_every = trace_every
+        self._hooks = None
 
     def __enter__(self):
         m = self.model
         self._saved_function = m.train_function
-        try:
-            self.engine.tap.install()
-            traced_fn, plain_fn = self.engine.compiled(self.trace_every)
-            tb = self.run.tensorboard
-            summary_fn = self.engine.compiled_summary(tb.bins) if tb is not None else None
-            m.train_function = self.run.train_function(traced_fn, plain_fn, summary_fn)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+        self._hooks = self.engine.installed()
+        self._hooks.__enter__()
+        m.train_function = self.run.train_function()
         return self
 
     def __exit__(self, *exc):
-        m = self.model
         try:
-            m.train_function = self._saved_function
+            self.model.train_function = self._saved_function
         finally:
-            self.engine.tap.uninstall()
+            self._hooks.__exit__(None, None, None)
         return False
 
 
@@ -314,6 +327,7 @@ def _engine_for(model, dets, actions):
         compat.compile_identity(model),
         bool(model.run_eagerly),
         bool(model.jit_compile),
+        int(getattr(model, "steps_per_execution", 1) or 1),
     )
     cached = _ENGINES.get(model)
     if cached is not None and cached[0] == key:
@@ -324,10 +338,10 @@ def _engine_for(model, dets, actions):
 
 
 def _check_model(model):
-    if not isinstance(model, keras.Model):
+    if not compat.is_trainer(model):
         raise TypeError(
-            f"gradtrace.fit expects a keras.Model as its first argument, got {type(model).__name__}. "
-            "Call it as gradtrace.fit(model, x, y, ...)."
+            f"gradtrace.fit expects a keras.Model (or another Keras Trainer) as its first argument, got "
+            f"{type(model).__name__}. Call it as gradtrace.fit(model, x, y, ...)."
         )
     if not compat.is_compiled(model):
         raise ValueError(
@@ -339,11 +353,6 @@ def _check_model(model):
             f"gradtrace.fit is called inside the scope of {type(tf.distribute.get_strategy()).__name__}, but the "
             f"variables of model {model.name!r} were made outside it. Build and compile the model inside "
             "`with strategy.scope():` (then call gradtrace.fit inside or outside that scope), as model.fit requires."
-        )
-    if model.built and not model.trainable_weights:
-        raise ValueError(
-            f"Model {model.name!r} has no trainable weights, so there is nothing to train or debug. "
-            "Check that its layers are trainable (layer.trainable = True)."
         )
 
 
@@ -475,12 +484,7 @@ def fit(
     if tensorboard_dir is not None and distribute.is_chief(model.distribute_strategy):
         tensorboard_dir = tb_module.check_dir(tensorboard_dir)
 
-    if compat.overrides_train_step(model):
-        warnings.warn(
-            f"{type(model).__name__} overrides train_step, so gradtrace cannot instrument its step; "
-            "running plain model.fit without detectors. Move custom loss logic to compute_loss to use gradtrace.",
-            stacklevel=2,
-        )
+    def plain_fit():
         history = model.fit(x, y, batch_size, epochs, verbose, callbacks, validation_split, validation_data,
                             shuffle, class_weight, sample_weight, initial_epoch, steps_per_epoch,
                             validation_steps, validation_batch_size, validation_freq)
@@ -488,38 +492,58 @@ def fit(
         history.gradtrace = None
         return history
 
-    engine = _engine_for(model, dets, actions)
-    resolved_verbose = 1 if verbose == "auto" else verbose
-    run = Run(model, engine, int(trace_every), resolved_verbose, snapshot_dir=snapshot_dir,
-              max_snapshots=int(max_snapshots))
-    if tensorboard_dir is not None:
-        run.tensorboard = tb_module.Writer(tensorboard_dir, every=int(tensorboard_every),
-                                           write=distribute.is_chief(model.distribute_strategy))
-    cb = _RunCallback(run)
-    if isinstance(callbacks, keras.callbacks.CallbackList):
-        callbacks.append(cb)
-        cb.set_model(model)
-        cb_arg = callbacks
-    else:
-        # the run's callback comes last, after a History: an epoch-end finding that raises or halts
-        # then finds that epoch recorded by every callback, as the epoch's updates were applied
-        cb_arg = list(callbacks or [])
-        if not any(compat.is_history(c) for c in cb_arg):
-            cb_arg.append(keras.callbacks.History())
-        cb_arg.append(cb)
-
-    spe = getattr(model, "steps_per_execution", 1)
-    if spe and spe > 1:
+    if compat.overrides_train_step(model):
         warnings.warn(
-            f"steps_per_execution={spe} runs several steps in one call; gradtrace checks every step, "
-            "so it trains with steps_per_execution=1 for this fit (the result is the same).",
+            f"{type(model).__name__} overrides train_step, so gradtrace cannot instrument its step; "
+            "running plain model.fit without detectors. Move custom loss logic to compute_loss to use gradtrace.",
             stacklevel=2,
         )
+        return plain_fit()
+    if model.built and not model.trainable_weights:
+        warnings.warn(
+            f"Model {model.name!r} has no trainable weights, so there is no update to watch: gradtrace trains "
+            "it as model.fit does (forward pass, loss tracker and metrics) and runs no detector. Make its "
+            "layers trainable (layer.trainable = True) to watch it.",
+            stacklevel=2,
+        )
+        return plain_fit()
+
+    spe = int(getattr(model, "steps_per_execution", 1) or 1)
+    if spe > 1 and "snapshot" in actions.values():
+        # a snapshotted step is held and then redone on the host: inside a multi-step execution the
+        # steps after it would run before the redo, so snapshot runs one step per execution
+        warnings.warn(
+            f"steps_per_execution={spe} with the action 'snapshot': the snapshotted step is redone on the host, "
+            "so gradtrace trains with steps_per_execution=1 for this fit (the result is the same).",
+            stacklevel=2,
+        )
+    else:
+        spe = 1
     _build_optimizer(model)
+    run = None
     try:
-        if spe and spe > 1:
+        if spe > 1:
             model.steps_per_execution = 1
-        with _Installed(model, engine, run, int(trace_every)), compat.first_batch_build_fix(model):
+        engine = _engine_for(model, dets, actions)
+        resolved_verbose = 1 if verbose == "auto" else verbose
+        run = Run(model, engine, int(trace_every), resolved_verbose, snapshot_dir=snapshot_dir,
+                  max_snapshots=int(max_snapshots))
+        if tensorboard_dir is not None:
+            run.tensorboard = tb_module.Writer(tensorboard_dir, every=int(tensorboard_every),
+                                               write=distribute.is_chief(model.distribute_strategy))
+        cb = _RunCallback(run)
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks.append(cb)
+            cb.set_model(model)
+            cb_arg = callbacks
+        else:
+            # the run's callback comes last, after a History: an epoch-end finding that raises or halts
+            # then finds that epoch recorded by every callback, as the epoch's updates were applied
+            cb_arg = list(callbacks or [])
+            if not any(compat.is_history(c) for c in cb_arg):
+                cb_arg.append(keras.callbacks.History())
+            cb_arg.append(cb)
+        with _Installed(model, engine, run), compat.first_batch_build_fix(model):
             previous_history = getattr(model, "history", None)
             try:
                 history = model.fit(
@@ -554,9 +578,9 @@ def fit(
                         raise
                 raise
     finally:
-        if spe and spe > 1:
+        if spe > 1:
             model.steps_per_execution = spe
-        if run.tensorboard is not None:
+        if run is not None and run.tensorboard is not None:
             run.tensorboard.close()
     history.anomalies = run.anomalies
     history.gradtrace = run

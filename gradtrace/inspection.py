@@ -42,7 +42,7 @@ def capture(model, x, y=None, sample_weight=None, training=False):
     x = _as_tensors(x)
     saved = [tf.identity(v.value) for v in model.non_trainable_variables] if training else []
     with LayerTap(model) as tap, tf.GradientTape() as tape:
-        recorder = Recorder(tape=tape)
+        recorder = Recorder(tapes=[tape])
         with recorder.active():
             y_pred = model(x, training=training) if compat.call_has_training_arg(model) else model(x)
         loss = None

@@ -131,29 +131,32 @@ def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
     data = tf.nest.map_structure(lambda a: None if a is None else tf.convert_to_tensor(a), snap.data)
 
     from gradtrace.fit import build_anomalies
-    from gradtrace.step import Engine
+    from gradtrace.step import INSPECT, KEY, Engine
 
     names = [n for n in snap.manifest["detectors"] if n in detectors_module.BUILTINS]
     dets = detectors_module.resolve(names or None)
     tap = LayerTap(model)
     engine = Engine(model, dets, {d.name: "warn" for d in dets}, tap)
 
-    def inspect(batch):  # mode "inspect" measures every statistic
-        out = engine._step(batch, traced=True, mode="inspect")
-        ins = engine.inspected
-        return out["__gradtrace__"], {k: ins[k] for k in ("loss", "outputs", "gradients")}, \
+    step = engine.step_function(INSPECT)  # the model's own step, watched; it measures everything, commits nothing
+
+    def inspect(batch):
+        out = step(batch)
+        ins = engine.variants[INSPECT].inspected
+        return out[KEY], {k: ins[k] for k in ("loss", "outputs", "gradients")}, \
             [g for _, g in ins["weight_gradients"]]
 
     # Compiled as the recorded step was (same graph rewrites, so NaN propagates through
     # fused ops exactly as it did in training), unless the model trains eagerly.
     if not model.run_eagerly:
         inspect = tf.function(tf.autograph.experimental.do_not_convert(inspect), jit_compile=bool(model.jit_compile))
-    with tap:
+    with engine.installed():
         extra, ins, wgrads = inspect(data)
         _restore(snap, model)  # the step ran in training mode: put BatchNorm and seed states back
-        table = engine.tables[True]
+        variant = engine.variants[INSPECT]
+        table = variant.table
         matrix = extra["stats"].numpy()
-        anomalies = build_anomalies(engine.active[True], engine.actions, table, extra["fired"].numpy(),
+        anomalies = build_anomalies(variant.detectors, engine.actions, table, extra["fired"].numpy(),
                                     extra["values"].numpy(), matrix, snap.step, snap.manifest["epoch"])
         origin = None
         if np.any(matrix[:, COL["nan"]] + matrix[:, COL["inf"]] > 0):

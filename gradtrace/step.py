@@ -1,31 +1,44 @@
-"""The one compiled training step: capture -> statistics -> detectors -> commit or hold.
+"""The watched step: Keras' own step, with capture -> statistics -> detectors -> commit or hold.
 
-``Engine._step`` has the signature of Keras' ``train_step``; it is compiled the
-way Keras compiles its own step (``_keras_compat.compile_step``: ``strategy.run``,
-``tf.function`` with the model's ``jit_compile``, eager under ``run_eagerly``),
-and Keras' own ``fit`` drives it, so data handling, callbacks, validation and
-the progress bar are Keras'.
+gradtrace does not replace the step that ``model.fit`` runs. It wraps it:
+the model's own ``train_step`` runs unchanged, inside the train function that
+Keras' own ``make_train_function`` builds (its ``steps_per_execution`` loop,
+its iterator, its replica reduction), and :mod:`gradtrace.hooks` adds three
+things while it is traced:
 
-Inside the step: the forward pass runs under ``tf.GradientTape`` with a
-:class:`~gradtrace.capture.Recorder` active, so every nested layer's outputs are
-recorded and watched. One ``tape.gradient`` call gives the gradients of the
-loss with respect to every trainable variable and every captured output. The
-statistics the detectors read are packed into one ``[rows, columns]`` tensor,
-each detector's check reads it, and a single ``tf.cond`` either commits the
-step (optimizer update, loss tracker and metrics) or, when a blocking detector
-fired, holds it back and restores every non-trainable variable (BatchNorm
-moving statistics, seed generator states) to its pre-step value. A held step
-is then measured in full by the ``"report"`` variant, which the host runs on
-the same batch.
+- every nested layer's outputs are recorded (:mod:`gradtrace.capture`);
+- the step's ``tape.gradient`` call also returns the gradients of those
+  outputs, from the same backward pass;
+- the optimizer's ``apply`` becomes :meth:`Engine.on_apply`: the statistics
+  the detectors read are packed into one ``[rows, columns]`` tensor, each
+  detector's check reads it, and one ``tf.cond`` commits the update or holds it.
+
+A held step leaves the state as it was before the step: the weights, the
+optimizer (``iterations`` included), the non-trainable variables (BatchNorm
+statistics, seed generator states) and the metric accumulators (Keras feeds
+the loss tracker before the gradient; they are restored after the step's logs
+are read, so the logs carry the held step's real loss, as under ``model.fit``).
+
+Each step variant is a :class:`Plan` (a small frozen value: does it detect,
+commit, measure every statistic, keep tensors) compiled once into a
+:class:`Variant`, which holds its own table, detectors and :class:`Record`.
+The record is a handful of variables the step writes in-graph on the first
+step of an execution at which a detector fired (and the failing batch, for
+a snapshot), so nothing extra crosses the replica reduction and the host
+reads one boolean per call.
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace import distribute
+from gradtrace import hooks
 from gradtrace import stats as st
 from gradtrace.anomaly import BLOCKING, DetectorError
 from gradtrace.capture import Recorder
@@ -37,6 +50,135 @@ KEY = "__gradtrace__"
 RANGE = ("min", "max")
 # every detector's in-graph check runs under this name scope, so a failing op names its detector
 DETECTOR_SCOPE = "gradtrace_detector_"
+STOPPING = ("halt", "raise")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One step variant.
+
+    - ``traced``: capture every layer (False: the weight gradients' sums only, for ``trace_every``);
+    - ``mode``: ``"train"`` (detect; commit unless a blocking detector fired), ``"force"``
+      (commit, detect nothing: the redo of a snapshotted step), ``"report"`` (measure every
+      statistic, commit nothing: a held step, measured in full), ``"inspect"`` (like report,
+      and keep every tensor: replay);
+    - ``summary_bins``: also measure every statistic and histograms (TensorBoard).
+    """
+
+    traced: bool = True
+    mode: str = "train"
+    summary_bins: int = 0
+
+    @property
+    def detects(self) -> bool:
+        return self.mode == "train"
+
+    @property
+    def commits(self) -> bool:
+        return self.mode in ("train", "force")
+
+    @property
+    def every_statistic(self) -> bool:
+        return bool(self.summary_bins) or self.mode in ("report", "inspect")
+
+    @property
+    def returns_result(self) -> bool:
+        """The step returns its statistics with its logs (it runs on a batch the host holds)."""
+        return self.mode in ("report", "inspect")
+
+
+TRACED = Plan(True)
+UNTRACED = Plan(False)
+INSPECT = Plan(True, "inspect")
+
+
+@dataclass
+class StepResult:
+    """What the gated update of one traced step computed."""
+
+    table: object
+    matrix: object
+    fired: object
+    values: object
+    per_detector: object
+    committed: object
+    faults: object
+    collector: object
+
+
+def _slot(t, name, shape=None):
+    """A variable (outside any strategy, one per replica trace) that can hold ``t``."""
+    t = tf.convert_to_tensor(t)
+    static = t.shape if shape is None else shape
+    dtype = t.dtype
+    if static.is_fully_defined():
+        return compat.plain_variable(lambda: tf.zeros(static, dtype), name=name)
+    rank = static.rank if static.rank else 1
+    return compat.plain_variable(lambda: tf.zeros([0] * rank, dtype), name=name, shape=tf.TensorShape(None))
+
+
+class Record:
+    """The variables one replica's step writes for the host (see the module docstring)."""
+
+    def __init__(self, result, step, histograms=None, batch=None):
+        self.any = compat.plain_variable(False, name="gradtrace_any")
+        self.blocked = compat.plain_variable(False, name="gradtrace_blocked")
+        self.fired = _slot(result.fired, "gradtrace_fired")
+        self.values = _slot(result.values, "gradtrace_values")
+        self.stats = _slot(result.matrix, "gradtrace_stats")
+        self.last = _slot(result.matrix, "gradtrace_last_stats")
+        self.step = _slot(step, "gradtrace_step")
+        self.committed = compat.plain_variable(True, name="gradtrace_committed")
+        self.faults = None if result.faults is None else _slot(result.faults, "gradtrace_faults")
+        self.histograms = None if histograms is None else _slot(histograms, "gradtrace_histograms")
+        # the failing batch's components (composite tensors expanded), any shape
+        self.batch = None if batch is None else [_slot(t, "gradtrace_batch", tf.TensorShape(None)) for t in batch]
+
+    def reset(self):
+        self.any.assign(False)
+        self.blocked.assign(False)
+
+
+class Variant:
+    """A :class:`Plan` compiled for one model: its table, its detectors, its record."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.table = None
+        self.detectors = []
+        self.columns = None  # the statistics its matrix really holds (None: every one)
+        self.histogram_rows = None
+        self.records = {}  # replica id -> Record
+        self.batch_structure = None  # the step's data, symbolic: how to rebuild the captured batch
+        self.inspected = None
+        self.function = None
+
+    def record(self):
+        """The record of the first replica (every replica decides alike), or ``None``."""
+        return self.records[min(self.records)] if self.records else None
+
+    def reset(self):
+        for r in self.records.values():
+            r.reset()
+
+    def captured_batch(self, strategy=None):
+        """The failing batch the step kept: host tensors (concatenated over this worker's
+        replicas), and the same batch distributed as the step took it; ``(None, None)``
+        when the step could not keep it."""
+        if not self.records or any(r.batch is None for r in self.records.values()):
+            return None, None
+        shards = []
+        for rid in sorted(self.records):
+            values = [tf.convert_to_tensor(v) for v in self.records[rid].batch]
+            shards.append(tf.nest.pack_sequence_as(self.batch_structure, values, expand_composites=True))
+        host = shards[0] if len(shards) == 1 else tf.nest.map_structure(
+            lambda *p: tf.concat(list(p), 0), *shards)
+        if len(shards) == 1 or strategy is None:
+            return host, host
+        ids = sorted(self.records)
+        dist = strategy.experimental_distribute_values_from_function(
+            lambda c: tf.nest.map_structure(tf.identity, shards[ids.index(int(c.replica_id_in_sync_group))]))
+        return host, dist
 
 
 def _float_tensors(structure, prefix):
@@ -64,6 +206,14 @@ def _batch_size(x):
     return tf.shape(first)[0]
 
 
+def _replica_id():
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:
+        return 0
+    value = tf.get_static_value(ctx.replica_id_in_sync_group)
+    return int(value) if value is not None else 0
+
+
 class Engine:
     """Everything gradtrace adds to one ``fit`` call, on the graph side."""
 
@@ -74,108 +224,181 @@ class Engine:
             d.reset()  # a new engine traces anew: its detectors start with fresh state
         self.actions = dict(actions)  # detector name -> action
         self.tap = tap
-        self.tables = {}  # traced (bool) -> stats.Table of the latest trace
-        self.active = {}  # traced (bool) -> detectors run in that variant
         self.sanitize_ids = any(d.wants_ids for d in self.detectors)
-        self._compiled = {}  # traced (bool) -> compiled step, made once per engine
         # the statistics the detectors read (each variant computes what its own detectors need)
         self.columns = {c for d in self.detectors for c in d.needs}
-        self.columns_computed = {}  # traced (bool) -> the columns its statistics really hold
+        self.variants = {}  # Plan -> Variant
+        # the step the model would have run: its own train_step (Keras' unless overridden)
+        self.model_train_step = model.train_step
+        self._optimizer_hook = hooks.OptimizerHook(model.optimizer, self.on_apply)
+        self.keep_batch = not bool(model.jit_compile)
 
-    def make_step(self, traced: bool):
+    # -- variants ---------------------------------------------------------------------
+    def variant(self, plan) -> Variant:
+        if plan not in self.variants:
+            self.variants[plan] = Variant(plan)
+        return self.variants[plan]
+
+    @property
+    def tables(self):
+        """``traced -> table`` of the train variants traced so far."""
+        return {p.traced: v.table for p, v in self.variants.items()
+                if p.mode == "train" and not p.summary_bins and v.table is not None}
+
+    @property
+    def active(self):
+        """``traced -> detectors`` run by the train variants traced so far."""
+        return {p.traced: v.detectors for p, v in self.variants.items() if p.mode == "train" and not p.summary_bins}
+
+    def step_function(self, plan):
+        """``train_step(data)`` for ``plan``: the model's own step, watched."""
+        variant = self.variant(plan)
+
         def train_step(data):
-            return self._step(data, traced)
+            return self._run_step(variant, data)
 
         return train_step
 
-    def compiled(self, trace_every):
-        """The compiled traced step and (for ``trace_every > 1``) the untraced one, made once."""
-        if True not in self._compiled:
-            self._compiled[True] = compat.compile_step(self.model, self.make_step(traced=True), (KEY,))
-        if trace_every > 1 and False not in self._compiled:
-            self._compiled[False] = compat.compile_step(self.model, self.make_step(traced=False), (KEY,))
-        return self._compiled[True], self._compiled.get(False) if trace_every > 1 else None
+    def train_function(self, plan):
+        """The train function Keras builds around the watched step (iterator in, logs out), made once."""
+        variant = self.variant(plan)
+        if variant.function is None:
+            variant.function = compat.make_train_function(self.model, self.step_function(plan))
+        return variant.function
 
-    def compiled_summary(self, bins):
-        """The traced step that also measures every statistic and histograms of every
-        output and gradient (for TensorBoard), made once per engine."""
-        key = ("summary", bins)
-        if key not in self._compiled:
-            self._compiled[key] = compat.compile_step(
-                self.model, lambda data: self._step(data, traced=True, summary_bins=bins), (KEY,))
-        return self._compiled[key]
+    def batch_function(self, plan):
+        """The watched step compiled as Keras compiles its step, on a batch the host holds."""
+        variant = self.variant(plan)
+        if variant.function is None:
+            variant.function = compat.compile_step(self.model, self.step_function(plan), (KEY,))
+        return variant.function
 
-    def compiled_report(self, traced):
-        """The step that measures every statistic (exact NaN/Inf counts included) and commits
-        nothing: run by the host on a held step, whose pre-step state is intact, to report it."""
-        key = ("report", traced)
-        if key not in self._compiled:
-            self._compiled[key] = compat.compile_step(
-                self.model, lambda data: self._step(data, traced=traced, mode="report"), (KEY,))
-        return self._compiled[key]
+    @contextlib.contextmanager
+    def installed(self):
+        """The layer tap, the tape hooks and the optimizer hook, for one fit (or one replay)."""
+        hooks.install_tape_hooks()
+        try:
+            self.tap.install()
+            self._optimizer_hook.install()
+            yield self
+        finally:
+            try:
+                self._optimizer_hook.uninstall()
+                self.tap.uninstall()
+            finally:
+                hooks.uninstall_tape_hooks()
 
-    def make_forced_step(self):
-        """The step that commits whatever the detectors say: used to redo a snapshotted step.
+    # -- the step ----------------------------------------------------------------------
+    def _detectors_for(self, plan):
+        if not plan.detects:
+            return []
+        return [d for d in self.detectors if d.checks_in_step and (plan.traced or d.every_step or d.wants_ids)]
 
-        It runs no detector (their state was already updated by the held run),
-        and is compiled as Keras compiles its own step.
-        """
-        def forced(data):
-            return self._step(data, traced=False, mode="force")
-
-        return compat.compile_step(self.model, forced, (KEY,))
-
-    # ------------------------------------------------------------------------------
-    def _weight_owners(self):
-        """``id(variable) -> (layer path, layer class, first-call order)``, deepest layer wins."""
-        owners = {}
-        layers = sorted(self.tap.layers.values(), key=lambda l: self.tap.path_of(l).count("/"))
-        for layer in layers:
-            for v in layer.trainable_weights:
-                owners[id(v)] = (self.tap.path_of(layer), type(layer).__name__, layer)
-        return owners
-
-    def _step(self, data, traced, mode="train", summary_bins=0):
-        """One step. ``mode``: ``"train"`` (commit unless a blocking detector fired),
-        ``"force"`` (commit, no detectors), ``"report"`` (no detectors, every statistic,
-        never commit, non-trainable variables restored), ``"inspect"`` (never commit;
-        every statistic; keep every tensor in ``self.inspected``, for replay).
-        ``summary_bins``: also return every statistic and ``summary_bins``-bin
-        histograms of outputs and gradients."""
+    def _run_step(self, variant, data):
+        plan = variant.plan
         model = self.model
-        optimizer = model.optimizer
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        step = tf.identity(compat.iterations(optimizer))
-        detectors = [d for d in self.detectors if d.checks_in_step and (traced or d.every_step or d.wants_ids)]
-        if mode in ("force", "report"):
-            detectors = []
+        detectors = self._detectors_for(plan)
         blocking = [i for i, d in enumerate(detectors) if self.actions[d.name] in BLOCKING]
-        rollback_vars = list(model.non_trainable_variables) if blocking or mode == "report" else []
-        saved = [tf.identity(v.value) for v in rollback_vars]
+        restores = bool(blocking) or plan.mode in ("report", "inspect")
+        rollback = list(model.non_trainable_variables) if restores else []
+        metric_vars = list(getattr(model, "metrics_variables", [])) if restores else []
+        saved = [tf.identity(v.value) for v in rollback]
+        saved_metrics = [tf.identity(v.value) for v in metric_vars]
 
+        recorder = Recorder(sanitize_ids=self.sanitize_ids or plan.mode in ("force", "report"), keep=plan.traced)
+        ctx = hooks.StepContext(plan, recorder)
+        recorder.tapes = ctx.open_tapes
+        ctx.variant, ctx.detectors, ctx.blocking = variant, detectors, blocking
+        ctx.rollback, ctx.saved = rollback, saved
+        ctx.data = data
+        ctx.x, ctx.y, ctx.sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        ctx.step = tf.identity(compat.iterations(model.optimizer))
+        with ctx.active():
+            logs = self.model_train_step(data)
+        return self._finish(ctx, logs, metric_vars, saved_metrics)
+
+    def _finish(self, ctx, logs, metric_vars, saved_metrics):
+        res, plan = ctx.result, ctx.plan
+
+        def restore_metrics():
+            for v, old in zip(metric_vars, saved_metrics):
+                v.assign(old)
+            return tf.constant(True)
+
+        if res is None:  # the step applied no update (nothing trainable): nothing was watched
+            return logs
+        if plan.returns_result:
+            restore_metrics()
+            logs = dict(logs)
+            logs[KEY] = {"fired": res.fired, "values": res.values, "stats": res.matrix, "step": ctx.step,
+                         "committed": res.committed}
+            if res.faults is not None:
+                logs[KEY]["replica_faults"] = res.faults
+            return logs
+        if metric_vars:  # a held step leaves the metric accumulators as they were (after its logs were read)
+            tf.cond(res.committed, lambda: tf.constant(False), restore_metrics)
+        if plan.mode == "train":
+            self._write_record(ctx, res)
+        return logs
+
+    def _write_record(self, ctx, res):
+        rec = ctx.record
+        stopping = [i for i, d in enumerate(ctx.detectors) if self.actions[d.name] in STOPPING]
+        first = tf.logical_and(tf.reduce_any(res.per_detector), tf.logical_not(rec.any))
+
+        def write():
+            rec.fired.assign(res.fired)
+            rec.values.assign(res.values)
+            rec.stats.assign(res.matrix)
+            rec.step.assign(ctx.step)
+            rec.committed.assign(res.committed)
+            if rec.faults is not None:
+                rec.faults.assign(res.faults)
+            if rec.batch is not None:
+                for v, t in zip(rec.batch, tf.nest.flatten(ctx.data, expand_composites=True)):
+                    v.assign(t)
+            if stopping:  # halt and raise hold the rest of this execution too
+                stops = tf.reduce_any(tf.gather(res.per_detector, stopping))
+                rec.blocked.assign(tf.logical_and(stops, tf.logical_not(res.committed)))
+            rec.any.assign(True)
+            return tf.constant(True)
+
+        tf.cond(first, write, lambda: tf.constant(False))
+        if ctx.plan.traced:
+            rec.last.assign(res.matrix)
+        if rec.histograms is not None:
+            rec.histograms.assign(ctx.histograms)
+
+    def _make_record(self, ctx, res):
+        variant = ctx.variant
+        rid = _replica_id()
+        if rid not in variant.records:
+            batch = None
+            if self.keep_batch:
+                batch = tf.nest.flatten(ctx.data, expand_composites=True)
+                if variant.batch_structure is None:
+                    variant.batch_structure = ctx.data
+            variant.records[rid] = Record(res, ctx.step, getattr(ctx, "histograms", None), batch)
+        return variant.records[rid]
+
+    # -- the hooked optimizer update -------------------------------------------------------
+    def on_apply(self, ctx, optimizer, original, grads, trainable_variables):
+        """``optimizer.apply(grads, trainable_variables)`` inside a watched step."""
+        grads = list(grads)
+        tvars = list(trainable_variables) if trainable_variables is not None \
+            else compat.optimizer_trainable_variables(optimizer)
+        ctx.applies += 1
+        plan = ctx.plan
+        if plan.mode == "force" or ctx.applies > 1:
+            # nothing to detect; a later update of the same step follows the first one's decision
+            if ctx.result is None or not ctx.blocking:
+                return original(grads, tvars)
+            return tf.cond(ctx.result.committed, lambda: _applied(original, grads, tvars), lambda: tf.constant(False))
+        model = self.model
         replicas = distribute.current()
-        recorder = Recorder(sanitize_ids=self.sanitize_ids or mode in ("force", "report"), keep=traced)
-        with tf.GradientTape() as tape:
-            recorder.tape = tape
-            with recorder.active():
-                if compat.call_has_training_arg(model):
-                    y_pred = model(x, training=True)
-                else:
-                    y_pred = model(x)
-            loss = compat.compute_loss(model, x, y, y_pred, sample_weight)
-            scaled_loss = optimizer.scale_loss(loss)
-
-        tvars = list(model.trainable_variables)
-        if not tvars:
-            raise ValueError(
-                f"Model {model.name!r} has no trainable weights, so there is nothing to train or debug. "
-                "Check that its layers are trainable (layer.trainable = True) and that it has weights."
-            )
-        outputs = [t for c in recorder.calls for t in c.outputs]
-        grads = tape.gradient(
-            scaled_loss, tvars + outputs, unconnected_gradients=tf.UnconnectedGradients.NONE
-        )
-        wgrads, ograds = grads[: len(tvars)], grads[len(tvars) :]
+        outputs = ctx.recorded_outputs()
+        gradient = ctx.gradients[-1] if ctx.gradients else None
+        ograds = gradient.output_gradients if gradient is not None else [None] * len(outputs)
         # statistics are of the true gradients: undo the loss scaling (mixed precision)
         loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         unscale = None
@@ -184,17 +407,21 @@ class Engine:
             unscale = 1.0 / tf.cast(tf.convert_to_tensor(scale), tf.float32)
         elif getattr(optimizer, "loss_scale_factor", None) is not None:
             unscale = tf.constant(1.0 / float(optimizer.loss_scale_factor), tf.float32)
+        loss = None
+        if gradient is not None:
+            loss = tf.cast(gradient.target, tf.float32)
+            if unscale is not None:
+                loss = loss * unscale
 
+        detectors = ctx.detectors
+        variant = ctx.variant
         # only what this variant's detectors read (an untraced step: the sums of its rows)
-        needs = st.base_needs({c for d in detectors for c in d.needs})
-        if summary_bins or mode in ("report", "inspect"):
-            needs = st.ALL_BASE
-        if mode == "train" and not summary_bins:
-            self.columns_computed[traced] = st.computed_columns(needs, self.columns)
-        table, matrix, collector, ids = self._rows(x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale,
-                                                   replicas, needs, y_pred)
-        examples = _batch_size(x) * (replicas.n if replicas is not None else 1)
-        view = st.StatsView(table, matrix, step, ids, loss_scaled=loss_scaled,
+        needs = st.ALL_BASE if plan.every_statistic else st.base_needs({c for d in detectors for c in d.needs})
+        table, matrix, collector, ids = self._rows(ctx, loss, tvars, grads, ograds, unscale, replicas, needs)
+        if plan.mode == "train" and not plan.summary_bins:
+            variant.columns = st.computed_columns(needs, self.columns)
+        examples = _batch_size(ctx.x) * (replicas.n if replicas is not None else 1)
+        view = st.StatsView(table, matrix, ctx.step, ids, loss_scaled=loss_scaled,
                             alive=getattr(collector, "alive", None), unit_rows=collector.unit_rows(),
                             examples=tf.cast(examples, tf.float32))
         fired, values = [], []
@@ -207,80 +434,64 @@ class Engine:
             fired.append(tf.cast(tf.reshape(f, [len(table)]), tf.bool))
             values.append(tf.cast(tf.reshape(v, [len(table)]), tf.float32))
         if detectors and len(table):
-            fired_m = tf.stack(fired)
-            values_m = tf.stack(values)
+            fired_m, values_m = tf.stack(fired), tf.stack(values)
             per_detector = tf.reduce_any(fired_m, axis=1)
         else:
             fired_m = tf.zeros([len(detectors), len(table)], tf.bool)
             values_m = tf.zeros([len(detectors), len(table)], tf.float32)
             per_detector = tf.zeros([len(detectors)], tf.bool)
-        if mode in ("train", "inspect"):
-            self.tables[traced] = table
-            self.active[traced] = detectors
+        variant.table, variant.detectors = table, detectors
+        if plan.summary_bins:
+            variant.histogram_rows, ctx.histograms = collector.histograms(matrix, ("output", "gradient"),
+                                                                           plan.summary_bins)
+        rollback = ctx.rollback
 
-        batch_size = _batch_size(x)
-
-        def commit(wgrads, x, y, y_pred, sample_weight, loss, batch_size):
-            optimizer.apply_gradients(zip(wgrads, tvars))
-            compat.update_loss_tracker(model, loss, batch_size)
-            model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-            return tf.constant(True)
+        def commit(grads):
+            return _applied(original, grads, tvars)
 
         def hold(saved):
-            for v, old in zip(rollback_vars, saved):
+            for v, old in zip(rollback, saved):
                 v.assign(old)
             return tf.constant(False)
 
-        commit_args = (wgrads, x, y, y_pred, sample_weight, loss, batch_size)
-
-        if mode == "report":
-            committed = hold(saved)
-        elif mode == "inspect":
-            paths = [p for c in recorder.calls for p in c.output_paths]
-            self.inspected = {
-                "loss": loss, "y_pred": y_pred,
+        result = StepResult(table, matrix, fired_m, values_m, per_detector, None, collector.faults, collector)
+        if plan.mode == "train":
+            ctx.record = self._make_record(ctx, result)
+        if plan.mode == "inspect":
+            paths = [p for c in ctx.recorder.calls for p in c.output_paths]
+            variant.inspected = {
+                "loss": loss, "y_pred": ctx.recorder.y_pred,
                 "outputs": dict(zip(paths, outputs)),
                 "gradients": dict(zip(paths, ograds)),
-                "weight_gradients": list(zip(tvars, wgrads)),
+                "weight_gradients": list(zip(tvars, grads)),
             }
-            committed = tf.constant(False)
-        elif blocking:
-            block = tf.reduce_any(tf.gather(per_detector, blocking))
+        if not plan.commits:
+            committed = hold(ctx.saved)
+        elif ctx.blocking:
+            block = tf.reduce_any(tf.gather(per_detector, ctx.blocking))
+            block = tf.logical_or(block, ctx.record.blocked)  # a stop earlier in this execution
             if replicas is not None:  # the statistics, and so block, are the same on every replica
-                committed = replicas.gate(block, commit, commit_args, hold, saved)
+                committed = replicas.gate(block, commit, (grads,), hold, ctx.saved)
             else:
-                committed = tf.cond(block, lambda: hold(saved), lambda: commit(*commit_args))
+                committed = tf.cond(block, lambda: hold(ctx.saved), lambda: commit(grads))
         else:
-            committed = commit(*commit_args)
-        logs = {} if mode in ("inspect", "report") else dict(model.get_metrics_result())
-        any_fired = tf.reduce_any(per_detector)
-        faults = collector.faults
-        logs[KEY] = {
-            "any": any_fired,
-            "fired": fired_m,
-            "values": values_m,
-            "stats": matrix,
-            "step": step,
-            "committed": committed,
-        }
-        if faults is not None:
-            logs[KEY]["replica_faults"] = faults  # [replicas, rows]: where NaN/Inf or bad ids were
-        if summary_bins:
-            self.histogram_rows, logs[KEY]["histograms"] = collector.histograms(
-                matrix, ("output", "gradient"), summary_bins)
-        return logs
+            committed = commit(grads)
+        result.committed = committed
+        ctx.result = result
+        return committed
 
-    def _rows(self, x, y, loss, recorder, tvars, wgrads, ograds, traced, unscale, replicas=None, needs=None,
-              y_pred=None):
+    def _rows(self, ctx, loss, tvars, wgrads, ograds, unscale, replicas=None, needs=None):
         """Register every captured tensor of the step with a stats Collector (in a fixed order).
         The model's output (head) rows and the targets also get their minimum and maximum."""
+        traced = ctx.plan.traced
+        recorder = ctx.recorder
         c = st.Collector()
         ids, heads = {}, []
-        predictions = [t for t in tf.nest.flatten(y_pred) if t is not None] if traced else []
+        predictions = [t for t in tf.nest.flatten(recorder.y_pred) if t is not None] if traced else []
         if traced:
-            for name, t in _float_tensors(x, ""):
+            for name, t in _float_tensors(ctx.x, ""):
                 c.add("input", "inputs", t, name=name, shape=tuple(t.shape))
-            for name, t in _float_tensors(y, ""):
+            for name, t in _float_tensors(ctx.y, ""):
                 c.add("target", "targets", t, name=name, shape=tuple(t.shape), always=RANGE)
         order = {}
         for i, call in enumerate(recorder.calls):
@@ -298,9 +509,10 @@ class Engine:
                       shape=tuple(t.shape), order=i, head=head, always=RANGE if head else ())
                 if head:
                     heads.append(t)
-        kind, from_logits = loss_kind(self.model)
-        c.add("loss", "loss", loss, layer_class="loss", order=len(recorder.calls), loss_kind=kind,
-              from_logits=from_logits)
+        if loss is not None:
+            kind, from_logits = loss_kind(self.model)
+            c.add("loss", "loss", loss, layer_class="loss", order=len(recorder.calls), loss_kind=kind,
+                  from_logits=from_logits)
         owners = self._weight_owners()
 
         def owner(v):
@@ -347,6 +559,21 @@ class Engine:
                 g_t = None if g is None else scaled(g)
             if g_t is not None:
                 c.ratio(c.add("weight_gradient", path, g_t, **meta), w_row)
-        lr = tf.cast(compat.current_learning_rate(self.model.optimizer), tf.float32)
+        lr = compat.current_learning_rate(self.model.optimizer)
+        lr = None if lr is None else tf.cast(lr, tf.float32)
         table, matrix, _ = c.build(lr=lr, needs=needs, replicas=replicas)
         return table, matrix, c, ids
+
+    def _weight_owners(self):
+        """``id(variable) -> (layer path, layer class, layer)``, deepest layer wins."""
+        owners = {}
+        layers = sorted(self.tap.layers.values(), key=lambda l: self.tap.path_of(l).count("/"))
+        for layer in layers:
+            for v in layer.trainable_weights:
+                owners[id(v)] = (self.tap.path_of(layer), type(layer).__name__, layer)
+        return owners
+
+
+def _applied(original, grads, tvars):
+    original(grads, tvars)
+    return tf.constant(True)

@@ -1,0 +1,173 @@
+"""The three places where gradtrace hooks into a training step it does not own.
+
+gradtrace runs the step that ``model.fit`` would have run (Keras' own
+``train_step``, inside Keras' own train function) and hooks in at three
+points, only while a :class:`StepContext` is active on the tracing thread:
+
+1. **layer calls** (:mod:`gradtrace.capture`): every nested layer's outputs
+   are recorded and watched by the tapes that are open;
+2. **``tf.GradientTape.gradient``**: a call whose tape was opened during the
+   step also asks for the gradients of the outputs recorded under that tape,
+   in the same backward pass, and keeps them;
+3. **the optimizer's ``apply``** (what ``apply_gradients`` calls): the
+   statistics are computed, the detectors run, and the update is committed or
+   held in-graph (:meth:`gradtrace.step.Engine.on_apply`).
+
+The tape methods are patched on the class for the duration of a fit (a
+``with`` statement looks ``__enter__`` up on the type); the optimizer's
+``apply`` on the instance. Both are removed when the fit ends, whatever
+happens, and do nothing on threads with no active step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import tensorflow as tf
+
+_STATE = threading.local()
+_LOCK = threading.Lock()
+_TAPE = {"count": 0, "saved": None}
+
+
+def current():
+    """The :class:`StepContext` being traced on this thread, or ``None``."""
+    return getattr(_STATE, "ctx", None)
+
+
+class GradientCall:
+    """One hooked ``tape.gradient`` call: its target and the gradients of the recorded outputs."""
+
+    def __init__(self, tape, target, output_gradients):
+        self.tape = tape
+        self.target = target
+        self.output_gradients = output_gradients  # aligned with every recorded output of the step
+
+
+class StepContext:
+    """What one traced step (one replica's trace) has seen so far."""
+
+    def __init__(self, plan, recorder):
+        self.plan = plan
+        self.recorder = recorder
+        self.open_tapes: list = []  # tapes entered during the step and not yet exited
+        self.tapes: list = []  # every tape entered during the step
+        self.gradients: list[GradientCall] = []
+        self.result = None  # the StepResult of the first gated optimizer update
+        self.applies = 0
+
+    @contextlib.contextmanager
+    def active(self):
+        previous = current()
+        _STATE.ctx = self
+        try:
+            with self.recorder.active():
+                yield self
+        finally:
+            _STATE.ctx = previous
+
+    def recorded_outputs(self):
+        return [t for c in self.recorder.calls for t in c.outputs]
+
+
+def _enter(self):
+    out = _TAPE["saved"]["__enter__"](self)
+    ctx = current()
+    if ctx is not None:
+        ctx.open_tapes.append(self)
+        ctx.tapes.append(self)
+    return out
+
+
+def _exit(self, *exc):
+    ctx = current()
+    if ctx is not None and self in ctx.open_tapes:
+        ctx.open_tapes.remove(self)
+    return _TAPE["saved"]["__exit__"](self, *exc)
+
+
+def _gradient(self, target, sources, output_gradients=None,
+              unconnected_gradients=tf.UnconnectedGradients.NONE):
+    original = _TAPE["saved"]["gradient"]
+    ctx = current()
+    if ctx is None or not any(t is self for t in ctx.tapes) or output_gradients is not None \
+            or not ctx.recorder.keep or not isinstance(target, (tf.Tensor, tf.Variable)):
+        return original(self, target, sources, output_gradients, unconnected_gradients)
+    calls = ctx.recorder.calls
+    mine = [(i, t) for i, (c, t) in enumerate((c, t) for c in calls for t in c.outputs) if any(x is self for x in c.tapes)]
+    n_outputs = sum(len(c.outputs) for c in calls)
+    flat = tf.nest.flatten(sources)
+    grads = original(self, target, flat + [t for _, t in mine], None, tf.UnconnectedGradients.NONE)
+    source_grads, mine_grads = grads[: len(flat)], grads[len(flat):]
+    aligned = [None] * n_outputs
+    for (i, _), g in zip(mine, mine_grads):
+        aligned[i] = g
+    ctx.gradients.append(GradientCall(self, target, aligned))
+    if unconnected_gradients == tf.UnconnectedGradients.ZERO or unconnected_gradients == "zero":
+        source_grads = [tf.zeros_like(s) if g is None else g for s, g in zip(flat, source_grads)]
+    return tf.nest.pack_sequence_as(sources, source_grads)
+
+
+def install_tape_hooks():
+    with _LOCK:
+        if _TAPE["count"] == 0:
+            _TAPE["saved"] = {name: tf.GradientTape.__dict__[name] for name in ("__enter__", "__exit__", "gradient")}
+            tf.GradientTape.__enter__ = _enter
+            tf.GradientTape.__exit__ = _exit
+            tf.GradientTape.gradient = _gradient
+        _TAPE["count"] += 1
+
+
+def uninstall_tape_hooks():
+    with _LOCK:
+        if _TAPE["count"] == 0:
+            return
+        _TAPE["count"] -= 1
+        if _TAPE["count"] == 0:
+            for name, fn in _TAPE["saved"].items():
+                setattr(tf.GradientTape, name, fn)
+            _TAPE["saved"] = None
+
+
+def tape_hooks_installed() -> bool:
+    return _TAPE["count"] > 0
+
+
+class OptimizerHook:
+    """Routes ``optimizer.apply`` through ``on_apply(ctx, original, grads, variables)`` while a step is active."""
+
+    def __init__(self, optimizer, on_apply):
+        self.optimizer = optimizer
+        self.on_apply = on_apply
+        self._had = False
+        self._previous = None
+        self.installed = False
+
+    def install(self):
+        opt = self.optimizer
+        self._had = "apply" in opt.__dict__
+        self._previous = opt.__dict__.get("apply")
+        original = opt.apply
+        on_apply = self.on_apply
+
+        def apply(grads, trainable_variables=None):
+            ctx = current()
+            if ctx is None:
+                return original(grads, trainable_variables)
+            return on_apply(ctx, opt, original, grads, trainable_variables)
+
+        apply.__gradtrace_wrapper__ = True
+        object.__setattr__(opt, "apply", apply)
+        self.installed = True
+        return self
+
+    def uninstall(self):
+        if not self.installed:
+            return
+        opt = self.optimizer
+        if self._had:
+            object.__setattr__(opt, "apply", self._previous)
+        elif "apply" in opt.__dict__:
+            object.__delattr__(opt, "apply")
+        self.installed = False
