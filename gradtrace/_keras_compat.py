@@ -16,6 +16,18 @@ def sublayers(layer) -> list:
     return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
+def flatten_layers(layer) -> list:
+    """``layer`` and every tracked layer reachable from it."""
+    return list(layer._flatten_layers(include_self=True, recursive=True))
+
+
+def summary_pb2():
+    """TensorFlow's ``Summary`` protocol buffers (the plugin metadata TensorBoard reads)."""
+    from tensorflow.core.framework import summary_pb2 as module
+
+    return module
+
+
 def all_layers(model) -> list:
     """Every tracked layer reachable from ``model``, the model itself excluded."""
     return list(model._flatten_layers(include_self=False, recursive=True))
@@ -105,6 +117,14 @@ def make_train_function(model, step_function):
 def optimizer_trainable_variables(optimizer):
     """The variables an optimizer was built on (what ``apply(grads)`` without variables updates)."""
     return list(optimizer._trainable_variables)
+
+
+def trainer_class():
+    """Keras' trainer class for the TensorFlow backend (``class M(trainer_class(), keras.layers.Dense)``
+    is Keras' own pattern for a Trainer that is not a ``keras.Model``)."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    return TensorFlowTrainer
 
 
 def is_trainer(model) -> bool:

@@ -85,6 +85,7 @@ class Run:
         self.max_snapshots = max_snapshots
         self.snapshots: list[str] = []
         self._last = None  # the record of the last traced step
+        self.held_logs = None  # the logs of a step held by a halt
         self.trace_every = trace_every
         self.verbose = verbose
         self.log = AnomalyLog()
@@ -115,12 +116,18 @@ class Run:
             if traced:
                 self._last = record
             if summary:
-                self.tensorboard.write_step(int(record.step.numpy()), variant.table, record.last.numpy(),
+                self.tensorboard.write_step(int(record.last_step.numpy()), variant.table, record.last.numpy(),
                                             variant.histogram_rows, record.histograms.numpy())
             if bool(record.any.numpy()):
+                held_logs = {k: v.numpy() for k, v in record.logs.items()}
                 redone = self._handle(variant, complete=summary)
                 if redone is not None:
                     return redone
+                if self.halted and not bool(record.committed.numpy()) and set(held_logs) == set(logs):
+                    # the callbacks see the held step's own logs (its real, non-finite loss), as they
+                    # would under model.fit; the epoch's logs too (see _HeldLogs)
+                    self.held_logs = held_logs
+                    return held_logs
             return logs
 
         return function
@@ -285,6 +292,21 @@ class _RunCallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.run.fit_end_checks()
+
+
+class _HeldLogs(keras.callbacks.Callback):
+    """First of the callbacks: when a halt held the epoch's last step, the epoch's logs are that step's
+    own logs (Keras would read the metric accumulators, which the held step left as before it)."""
+
+    def __init__(self, run):
+        super().__init__()
+        self.run = run
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.run.held_logs is not None and logs is not None:
+            for k, v in self.run.held_logs.items():
+                if k in logs:
+                    logs[k] = float(v)
 
 
 class _Installed:
@@ -539,7 +561,7 @@ def fit(
         else:
             # the run's callback comes last, after a History: an epoch-end finding that raises or halts
             # then finds that epoch recorded by every callback, as the epoch's updates were applied
-            cb_arg = list(callbacks or [])
+            cb_arg = [_HeldLogs(run)] + list(callbacks or [])
             if not any(compat.is_history(c) for c in cb_arg):
                 cb_arg.append(keras.callbacks.History())
             cb_arg.append(cb)

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradtrace import _keras_compat as compat
 from gradtrace import detectors as detectors_module
 from gradtrace import snapshot as snapshot_module
 from gradtrace.capture import LayerTap
@@ -38,7 +39,7 @@ _LIVE_CLASSES: dict = {}
 
 def remember_classes(path, model):
     classes = {type(model).__name__: type(model)}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in compat.all_layers(model):
         classes[type(layer).__name__] = type(layer)
     _LIVE_CLASSES[os.path.abspath(path)] = classes
 

@@ -60,8 +60,8 @@ class Plan:
     - ``traced``: capture every layer (False: the weight gradients' sums only, for ``trace_every``);
     - ``mode``: ``"train"`` (detect; commit unless a blocking detector fired), ``"force"``
       (commit, detect nothing: the redo of a snapshotted step), ``"report"`` (measure every
-      statistic, commit nothing: a held step, measured in full), ``"inspect"`` (like report,
-      and keep every tensor: replay);
+      statistic, commit nothing: a held step, measured in full), ``"inspect"`` (measure every
+      statistic, run the detectors, commit nothing, keep every tensor: replay);
     - ``summary_bins``: also measure every statistic and histograms (TensorBoard).
     """
 
@@ -71,7 +71,7 @@ class Plan:
 
     @property
     def detects(self) -> bool:
-        return self.mode == "train"
+        return self.mode in ("train", "inspect")
 
     @property
     def commits(self) -> bool:
@@ -128,11 +128,22 @@ class Record:
         self.stats = _slot(result.matrix, "gradtrace_stats")
         self.last = _slot(result.matrix, "gradtrace_last_stats")
         self.step = _slot(step, "gradtrace_step")
+        self.last_step = _slot(step, "gradtrace_last_step")
         self.committed = compat.plain_variable(True, name="gradtrace_committed")
         self.faults = None if result.faults is None else _slot(result.faults, "gradtrace_faults")
         self.histograms = None if histograms is None else _slot(histograms, "gradtrace_histograms")
         # the failing batch's components (composite tensors expanded), any shape
         self.batch = None if batch is None else [_slot(t, "gradtrace_batch", tf.TensorShape(None)) for t in batch]
+        self.logs = {}  # the failing step's own logs (scalars), as its train_step returned them
+
+    def keep_logs(self, logs):
+        """Slots for the step's scalar logs (made at the first trace)."""
+        if not self.logs and isinstance(logs, dict):
+            for k, v in logs.items():
+                if isinstance(v, (tf.Tensor, tf.Variable)) and v.shape.rank == 0 and (
+                        v.dtype.is_floating or v.dtype.is_integer):
+                    self.logs[k] = _slot(tf.cast(v, tf.float32), f"gradtrace_log_{len(self.logs)}")
+        return {k: logs[k] for k in self.logs}
 
     def reset(self):
         self.any.assign(False)
@@ -338,11 +349,12 @@ class Engine:
         if metric_vars:  # a held step leaves the metric accumulators as they were (after its logs were read)
             tf.cond(res.committed, lambda: tf.constant(False), restore_metrics)
         if plan.mode == "train":
-            self._write_record(ctx, res)
+            self._write_record(ctx, res, logs)
         return logs
 
-    def _write_record(self, ctx, res):
+    def _write_record(self, ctx, res, logs):
         rec = ctx.record
+        kept = rec.keep_logs(logs)
         stopping = [i for i, d in enumerate(ctx.detectors) if self.actions[d.name] in STOPPING]
         first = tf.logical_and(tf.reduce_any(res.per_detector), tf.logical_not(rec.any))
 
@@ -354,6 +366,8 @@ class Engine:
             rec.committed.assign(res.committed)
             if rec.faults is not None:
                 rec.faults.assign(res.faults)
+            for k, v in kept.items():
+                rec.logs[k].assign(tf.cast(v, tf.float32))
             if rec.batch is not None:
                 for v, t in zip(rec.batch, tf.nest.flatten(ctx.data, expand_composites=True)):
                     v.assign(t)
@@ -366,6 +380,7 @@ class Engine:
         tf.cond(first, write, lambda: tf.constant(False))
         if ctx.plan.traced:
             rec.last.assign(res.matrix)
+            rec.last_step.assign(ctx.step)
         if rec.histograms is not None:
             rec.histograms.assign(ctx.histograms)
 

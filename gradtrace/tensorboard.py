@@ -26,6 +26,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from gradtrace import _keras_compat as compat
 from gradtrace.stats import COL, SATURATION_LIMITS
 
 # which columns of each kind of row become scalars
@@ -45,8 +46,7 @@ def _metadata(plugin):
     version 0, empty content). Written with ``tf.summary.write``, which is part of
     TensorFlow, so gradtrace needs no ``tensorboard`` package to write the files
     (``tf.summary.scalar`` and friends do)."""
-    from tensorflow.core.framework import summary_pb2
-
+    summary_pb2 = compat.summary_pb2()
     meta = summary_pb2.SummaryMetadata()
     meta.plugin_data.plugin_name = plugin
     return meta

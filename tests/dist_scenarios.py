@@ -239,7 +239,9 @@ def worker_dies(out, out_path):
         out["message"] = (str(e) + "\n".join(getattr(e, "__notes__", [])))[-3000:]
     out["seconds"] = time.monotonic() - t0
     out["iterations"] = int(m.optimizer.iterations.numpy())
-    out["clean"] = not any(gradtrace.is_patched(l) for l in m._flatten_layers())
+    from gradtrace import _keras_compat as compat
+
+    out["clean"] = not any(gradtrace.is_patched(l) for l in compat.flatten_layers(m))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 import gradtrace
+from gradtrace import _keras_compat as compat
 from gradtrace import stats as st
 
 PKG = "gradtrace_test_capture"
@@ -86,7 +87,7 @@ def assert_matches(got, a, keys=("mean", "std", "min", "max", "norm", "size")):
 
 def assert_clean_and_usable(model, x, y, tmp_path, before_calls=None, reload=False, custom_objects=None):
     """No gradtrace state is left on the model or any layer, and Keras still works."""
-    flat = list(model._flatten_layers())
+    flat = list(compat.flatten_layers(model))
     assert len(flat) > 1
     for layer in flat:
         assert not gradtrace.is_patched(layer), layer.name
@@ -109,7 +110,7 @@ def assert_clean_and_usable(model, x, y, tmp_path, before_calls=None, reload=Fal
 
 
 def instance_calls(model):
-    return {id(layer): layer.__dict__.get("call") for layer in model._flatten_layers()}
+    return {id(layer): layer.__dict__.get("call") for layer in compat.flatten_layers(model)}
 
 
 # -- 1. a functional model nested in a functional model, two Embeddings -----------------
@@ -586,7 +587,7 @@ def test_second_fit_finds_the_same_rows():
     second = [(r.kind, r.path, r.name) for r in table(fit(model, x, y, batch_size=4))]
     assert first == second
     assert ("output", "net/block/dense_a", "") in first
-    assert not any(gradtrace.is_patched(layer) for layer in model._flatten_layers())
+    assert not any(gradtrace.is_patched(layer) for layer in compat.flatten_layers(model))
 
 
 # -- 8. more containers; Embedding on empty sequences ----------------------------------
@@ -611,7 +612,7 @@ def test_nested_sequential_and_tuple_sublayers():
     assert paths(rows, "output") == expected
     assert paths(rows, "gradient") == expected
     assert sorted(set(paths(rows, "weight"))) == ["top/seq/s0", "top/seq/s1", "top/t0", "top/t1"]
-    assert not any(gradtrace.is_patched(layer) for layer in model._flatten_layers())
+    assert not any(gradtrace.is_patched(layer) for layer in compat.flatten_layers(model))
 
 
 def empty_sequence_model():

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import gradtrace
+from gradtrace import _keras_compat as compat
 from tests import models as M
 
 
@@ -226,7 +227,7 @@ def test_report_prints_anomalies_and_layer_table(capsys):
 # -- the model is plain again ---------------------------------------------------------
 
 def _assert_clean(model, tmp_path=None):
-    assert not any(gradtrace.is_patched(l) for l in model._flatten_layers())
+    assert not any(gradtrace.is_patched(l) for l in compat.flatten_layers(model))
     assert "train_step" not in model.__dict__
     x = [np.zeros((4, 1), "int32"), np.zeros((4, 1), "int32")]
     model.fit(x, np.zeros((4, 1), "float32"), verbose=0)
@@ -309,5 +310,5 @@ def test_model_call_failure_is_reraised_with_the_layers_that_ran():
 
 
 def _assert_clean_generic(model):
-    assert not any(gradtrace.is_patched(l) for l in model._flatten_layers())
+    assert not any(gradtrace.is_patched(l) for l in compat.flatten_layers(model))
     assert "train_step" not in model.__dict__

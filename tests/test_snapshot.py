@@ -13,6 +13,7 @@ import tensorflow as tf
 from keras import layers
 
 import gradtrace
+from gradtrace import _keras_compat as compat
 from gradtrace import snapshot as snapshot_module
 from gradtrace.stats import COL
 from tests import models as M
@@ -317,4 +318,4 @@ def test_capture_and_summary_reach_every_nested_layer():
         np.testing.assert_array_equal(a, b)
     text = gradtrace.summary(model, x, print_fn=None)
     assert "outer/inner/user_emb" in text and "1,600" in text and "Embedding" in text
-    assert not any(gradtrace.is_patched(l) for l in model._flatten_layers())
+    assert not any(gradtrace.is_patched(l) for l in compat.flatten_layers(model))

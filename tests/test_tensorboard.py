@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import gradtrace
+from gradtrace import _keras_compat as compat
 from tests import models as M
 
 
@@ -96,4 +97,4 @@ def test_unwritable_tensorboard_dir_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="tensorboard_every=0"):
         gradtrace.fit(model, x, y, batch_size=32, verbose=0, tensorboard_dir=tmp_path / "ok", tensorboard_every=0)
     assert int(model.optimizer.iterations) == 0
-    assert not any(gradtrace.is_patched(l) for l in model._flatten_layers())
+    assert not any(gradtrace.is_patched(l) for l in compat.flatten_layers(model))
