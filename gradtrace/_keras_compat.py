@@ -150,17 +150,6 @@ def compute_loss(model, x, y, y_pred, sample_weight):
     )
 
 
-def update_loss_tracker(model, loss, batch_size):
-    """Feed the step's loss to the ``loss`` metric exactly as Keras' train_step does."""
-    from keras.src.losses import loss as loss_module
-
-    tracker = getattr(model, "_loss_tracker", None)
-    if tracker is not None:
-        tracker.update_state(
-            loss_module.unscale_loss_for_distribution(loss), sample_weight=batch_size
-        )
-
-
 def is_compiled(model) -> bool:
     return bool(getattr(model, "compiled", False)) and getattr(model, "optimizer", None) is not None
 

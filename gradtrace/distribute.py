@@ -114,19 +114,6 @@ def current():
     return Replicas(ctx)
 
 
-def host_batch(data):
-    """The batch as host arrays: a distributed batch's per-replica shards concatenated (this worker's)."""
-    strategy = tf.distribute.get_strategy()
-
-    def one(v):
-        if isinstance(v, tf.distribute.DistributedValues):
-            parts = strategy.experimental_local_results(v)
-            return tf.concat(list(parts), 0) if len(parts) > 1 else parts[0]
-        return v
-
-    return tf.nest.map_structure(one, data)
-
-
 def built_in_current_scope(model) -> bool:
     """False when a strategy with several replicas is in scope but the model's variables are not its own."""
     strategy = tf.distribute.get_strategy()

@@ -1,18 +1,18 @@
 """``gradtrace.fit``: a drop-in ``model.fit`` that watches every nested layer.
 
 Keras' own ``fit`` drives the run (data adapters, callbacks, validation, the
-progress bar, History), so every argument means what it means in Keras. For
-the duration of the call gradtrace installs three things on the model and
-removes them in a ``finally`` block: a wrapper on each layer's ``call``, its
-own ``train_step``, and a ``train_function`` that, after each compiled step,
-reads one boolean and, only when a detector fired, turns the packed
-statistics into :class:`~gradtrace.Anomaly` records and acts on them.
+progress bar, History), so every argument means what it means in Keras, and
+Keras' own train function runs the model's own ``train_step``. For the
+duration of the call gradtrace installs its hooks (:mod:`gradtrace.hooks`: a
+wrapper on each layer's ``call``, on ``tf.GradientTape`` and on the
+optimizer's ``apply``) and a ``train_function`` that calls Keras' own and hands
+the step's record to the run (:mod:`gradtrace.actions`); it removes them in a
+``finally`` block. This module is the entry point and nothing else.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 import weakref
 
@@ -25,289 +25,10 @@ from gradtrace import detectors as detectors_module
 from gradtrace import distribute
 from gradtrace import snapshot as snapshot_module
 from gradtrace import tensorboard as tb_module
-from gradtrace.anomaly import (BLOCKING, Anomaly, AnomalyError, AnomalyLog, DetectorError, check_action, stopped_how,
-                               strongest)
+from gradtrace.actions import HeldLogs, Run, RunCallback
+from gradtrace.anomaly import AnomalyError, DetectorError, check_action
 from gradtrace.capture import LayerTap, format_call_log
-from gradtrace.stats import row_dict
-from gradtrace.step import DETECTOR_SCOPE, KEY, TRACED, UNTRACED, Engine, Plan
-
-_TENSOR_NAMES = {"ids": "input"}
-
-
-def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoch, replica_faults=None, columns=None):
-    """Host side, on a step where something fired: each detector explains its rows.
-
-    ``replica_faults`` (``[replicas, rows]``, under a strategy) names the
-    replicas whose shard held the blamed row's NaN/Inf or bad ids; ``columns``
-    are the statistics ``matrix`` really holds (all when ``None``).
-    """
-    found = []
-    for d_i, d in enumerate(detectors):
-        if not fired[d_i].any():
-            continue
-        try:
-            explained = list(d.explain(table.rows, fired[d_i], values[d_i], matrix, table))
-        except Exception as e:
-            raise DetectorError(d.name, "explain", e) from e
-        for row, value, message, *hint in explained:
-            found.append(Anomaly(
-                detector=d.name, layer=row.path, tensor=_TENSOR_NAMES.get(row.kind, row.kind), step=step,
-                epoch=epoch, value=value, message=message, action=actions[d.name],
-                stats=row_dict(matrix[row.index], columns),
-                replicas=() if replica_faults is None else tuple(
-                    int(r) for r in np.flatnonzero(replica_faults[:, row.index])),
-                hint=hint[0] if hint else "",
-            ))
-    return found
-
-
-class StepRecord:
-    """The statistics of one step at which something fired (kept for the report)."""
-
-    def __init__(self, step, epoch, table, matrix, anomalies, columns=None):
-        self.step = step
-        self.epoch = epoch
-        self.table = table
-        self.matrix = matrix
-        self.anomalies = anomalies
-        # the statistics the matrix holds: all (None) on a held step, which is measured
-        # again in full; on a step that only warned, what the detectors needed
-        self.columns = columns
-
-
-class Run:
-    """Host-side state of one ``gradtrace.fit`` call."""
-
-    def __init__(self, model, engine, trace_every, verbose, keep_records=20, snapshot_dir=None, max_snapshots=5):
-        self.model = model
-        self.engine = engine
-        self.snapshot_dir = snapshot_dir
-        self.max_snapshots = max_snapshots
-        self.snapshots: list[str] = []
-        self._last = None  # the record of the last traced step
-        self.held_logs = None  # the logs of a step held by a halt
-        self.trace_every = trace_every
-        self.verbose = verbose
-        self.log = AnomalyLog()
-        self.records: list[StepRecord] = []
-        self.keep_records = keep_records
-        self.calls = 0
-        self.epoch = 0
-        self.halted = False
-        self.tensorboard = None  # a gradtrace.tensorboard.Writer when fit got tensorboard_dir
-
-    # -- the train_function Keras calls ----------------------------------------
-    def train_function(self):
-        """What Keras' ``fit`` calls for each execution: Keras' own train function around the
-        watched step, then one boolean read; only when a detector fired, the record is read,
-        turned into :class:`~gradtrace.Anomaly` records and acted on."""
-        engine = self.engine
-
-        def function(iterator):
-            summary = self.tensorboard is not None and self.calls % self.tensorboard.every == 0
-            traced = summary or self.trace_every == 1 or self.calls % self.trace_every == 0
-            plan = Plan(True, summary_bins=self.tensorboard.bins) if summary else TRACED if traced else UNTRACED
-            logs = engine.train_function(plan)(iterator)
-            self.calls += 1
-            variant = engine.variants[plan]
-            record = variant.record()
-            if record is None:  # no update was applied: nothing was watched
-                return logs
-            if traced:
-                self._last = record
-            if summary:
-                self.tensorboard.write_step(int(record.last_step.numpy()), variant.table, record.last.numpy(),
-                                            variant.histogram_rows, record.histograms.numpy())
-            if bool(record.any.numpy()):
-                held_logs = {k: v.numpy() for k, v in record.logs.items()}
-                redone = self._handle(variant, complete=summary)
-                if redone is not None:
-                    return redone
-                if self.halted and not bool(record.committed.numpy()) and set(held_logs) == set(logs):
-                    # the callbacks see the held step's own logs (its real, non-finite loss), as they
-                    # would under model.fit; the epoch's logs too (see _HeldLogs)
-                    self.held_logs = held_logs
-                    return held_logs
-            return logs
-
-        return function
-
-    @property
-    def last_stats(self):
-        """The statistics of the last traced step (``[rows, columns]``), or ``None``."""
-        return None if self._last is None else tf.convert_to_tensor(self._last.last)
-
-    def _handle(self, variant, complete=False):
-        """A detector fired in the last execution. ``complete``: the step measured every statistic."""
-        rec = variant.record()
-        matrix = rec.stats.numpy()
-        fired, values = rec.fired.numpy(), rec.values.numpy()
-        step, committed = int(rec.step.numpy()), bool(rec.committed.numpy())
-        faults = None if rec.faults is None else rec.faults.numpy()
-        data = dist_data = None
-        if not committed:
-            data, dist_data = variant.captured_batch(self.model.distribute_strategy)
-        variant.reset()
-        columns = None if complete else variant.columns
-        if not complete and dist_data is not None:
-            # The step was held, so its pre-step state is intact: measure everything (exact
-            # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.
-            # The watched step itself only computes what the detectors read.
-            report = dict(self.engine.batch_function(Plan(variant.plan.traced, "report"))(dist_data))[KEY]
-            matrix = report["stats"].numpy()
-            faults = report["replica_faults"].numpy() if "replica_faults" in report else faults
-            columns = None
-        found = build_anomalies(variant.detectors, self.engine.actions, variant.table, fired, values, matrix, step,
-                                self.epoch, faults, columns)
-        if not found:
-            return None
-        if not committed and data is None and self.snapshot_dir is not None:
-            for a in found:
-                a.snapshot_error = "not written: the failing batch is not kept under jit_compile=True"
-        return self._act(found, StepRecord(step, self.epoch, variant.table, matrix, found, columns), data, dist_data)
-
-    def _act(self, found, record, data=None, dist_data=None, stage="step"):
-        """Act on the findings of one step (``data``: its batch, ``dist_data``: the same batch as the
-        step took it, distributed) or of an epoch's end (no batch).
-
-        | action   | step finding                              | epoch-end finding                        |
-        | warn     | record, print, go on                      | the same                                 |
-        | snapshot | snapshot the held step, then redo it      | record, go on (no step to snapshot)      |
-        | halt     | stop; the step's update is not applied    | stop after this epoch (its updates stay) |
-        | raise    | raise; the step's update is not applied   | raise after this epoch                   |
-        """
-        for a in found:
-            a.stage = stage
-            self.log.add(a)
-        if len(self.records) < self.keep_records:
-            self.records.append(record)
-        action = strongest([a.action for a in found])
-        if stage != "step" and action == "snapshot":
-            for a in found:
-                a.snapshot_error = "not written: a finding at the end of an epoch or of training has no failing step"
-            action = "warn"
-        if stage == "fit_end" and action == "halt":
-            action = "warn"  # training has ended: there is nothing left to stop
-        if action in BLOCKING and data is not None and self.snapshot_dir is not None:
-            self._snapshot(found, record, data)
-        if self.tensorboard is not None:
-            self.tensorboard.write_anomalies(found)
-        if self.verbose:
-            for a in found:
-                print(f"\ngradtrace: {a}", file=sys.stdout, flush=True)
-        if action == "raise":
-            self.halted = True
-            raise AnomalyError(found)
-        if action == "snapshot":
-            # the step was held so the snapshot has its pre-step state; now redo it, committed
-            if dist_data is None:
-                return None
-            out = dict(self.engine.batch_function(Plan(False, "force"))(dist_data))
-            out.pop(KEY, None)
-            return out
-        if action == "halt":
-            self.halted = True
-            self.model.stop_training = True
-            if self.verbose:
-                from gradtrace.report import format_report
-
-                table = format_report(self, steps=[record.step]) if stage == "step" else ""
-                print(f"gradtrace: halted at step {record.step}; {stopped_how(stage, record.epoch)}.\n" + table,
-                      flush=True)
-
-    def _snapshot(self, found, record, data):
-        if len(self.snapshots) >= self.max_snapshots:
-            for a in found:
-                a.snapshot_error = f"not written: the cap of {self.max_snapshots} snapshots per fit was reached"
-            return
-        try:
-            path = snapshot_module.write(
-                self.snapshot_dir, model=self.model, data=data, step=record.step, epoch=record.epoch,
-                anomalies=found, detectors=[d.name for d in self.engine.detectors],
-                table=record.table, matrix=record.matrix,
-            )
-        except Exception as e:  # a snapshot must never crash training silently: say why on the anomaly
-            for a in found:
-                a.snapshot_error = f"{type(e).__name__}: {e}"
-            if self.verbose:
-                print(f"gradtrace: snapshot of step {record.step} failed ({type(e).__name__}: {e}); nothing was left behind",
-                      flush=True)
-            return
-        self.snapshots.append(path)
-        from gradtrace.replay import remember_classes
-
-        remember_classes(path, self.model)
-        for a in found:
-            a.snapshot = path
-        if self.verbose:
-            print(f"gradtrace: snapshot of step {record.step} written to {path}\n"
-                  f"           replay it with: gradtrace replay {path}", flush=True)
-
-    def epoch_begin(self, epoch):
-        self.epoch = epoch
-        for d in self.engine.detectors:
-            try:
-                d.epoch_begin(self)
-            except Exception as e:
-                raise DetectorError(d.name, "epoch_begin", e, self.anomalies) from e
-
-    def epoch_end_checks(self, epoch):
-        self._host_checks("epoch_end", epoch)
-
-    def fit_end_checks(self):
-        self._host_checks("fit_end", self.epoch)
-
-    def _host_checks(self, stage, epoch):
-        """Run every detector's ``epoch_end`` or ``fit_end`` hook and act on what they found."""
-        found = []
-        step = int(compat.iterations(self.model.optimizer).numpy())
-        for d in self.engine.detectors:
-            try:
-                results = list(getattr(d, stage)(self) or ())
-            except Exception as e:
-                raise DetectorError(d.name, stage, e, self.anomalies) from e
-            for layer, tensor, value, message, *hint in results:
-                found.append(Anomaly(d.name, layer, tensor, step, epoch, float(value), message,
-                                     action=self.engine.actions[d.name], stage=stage, hint=hint[0] if hint else ""))
-        if found:
-            self._act(found, StepRecord(step, epoch, None, None, found), stage=stage)
-
-    @property
-    def anomalies(self):
-        return self.log.as_list()
-
-
-class _RunCallback(keras.callbacks.Callback):
-    """Tells the run which epoch it is in and runs the epoch-end checks."""
-
-    def __init__(self, run):
-        super().__init__()
-        self.run = run
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.run.epoch_begin(epoch)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.run.epoch_end_checks(epoch)
-
-    def on_train_end(self, logs=None):
-        self.run.fit_end_checks()
-
-
-class _HeldLogs(keras.callbacks.Callback):
-    """First of the callbacks: when a halt held the epoch's last step, the epoch's logs are that step's
-    own logs (Keras would read the metric accumulators, which the held step left as before it)."""
-
-    def __init__(self, run):
-        super().__init__()
-        self.run = run
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.run.held_logs is not None and logs is not None:
-            for k, v in self.run.held_logs.items():
-                if k in logs:
-                    logs[k] = float(v)
-
+from gradtrace.step import DETECTOR_SCOPE, Engine
 
 class _Installed:
     """Installs gradtrace on a model for one fit and always leaves it plain again: the hooks,
@@ -553,7 +274,7 @@ def fit(
         if tensorboard_dir is not None:
             run.tensorboard = tb_module.Writer(tensorboard_dir, every=int(tensorboard_every),
                                                write=distribute.is_chief(model.distribute_strategy))
-        cb = _RunCallback(run)
+        cb = RunCallback(run)
         if isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks.append(cb)
             cb.set_model(model)
@@ -561,7 +282,7 @@ def fit(
         else:
             # the run's callback comes last, after a History: an epoch-end finding that raises or halts
             # then finds that epoch recorded by every callback, as the epoch's updates were applied
-            cb_arg = [_HeldLogs(run)] + list(callbacks or [])
+            cb_arg = [HeldLogs(run)] + list(callbacks or [])
             if not any(compat.is_history(c) for c in cb_arg):
                 cb_arg.append(keras.callbacks.History())
             cb_arg.append(cb)

@@ -30,19 +30,7 @@ from gradtrace import detectors as detectors_module
 from gradtrace import snapshot as snapshot_module
 from gradtrace.capture import LayerTap
 from gradtrace.snapshot import SnapshotError
-from gradtrace.stats import ALL_BASE, COL, row_dict
-
-# classes of the live models whose snapshots were written in this process, so that
-# replay works without custom_objects in the same process (custom layers included)
-_LIVE_CLASSES: dict = {}
-
-
-def remember_classes(path, model):
-    classes = {type(model).__name__: type(model)}
-    for layer in compat.all_layers(model):
-        classes[type(layer).__name__] = type(layer)
-    _LIVE_CLASSES[os.path.abspath(path)] = classes
-
+from gradtrace.stats import COL, row_dict
 
 class Replay:
     """What a replayed step holds: ``loss``, ``outputs``/``gradients`` by layer path,
@@ -131,7 +119,7 @@ def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
     _restore(snap, model)
     data = tf.nest.map_structure(lambda a: None if a is None else tf.convert_to_tensor(a), snap.data)
 
-    from gradtrace.fit import build_anomalies
+    from gradtrace.actions import build_anomalies
     from gradtrace.step import INSPECT, KEY, Engine
 
     names = [n for n in snap.manifest["detectors"] if n in detectors_module.BUILTINS]
@@ -183,7 +171,7 @@ def _model_for(snap, model, custom_objects, safe_mode):
             "(a subclassed model without get_config); pass the model: gradtrace.replay(path, model=build_model())"
         )
     config = json.loads((Path(snap.path) / "model.json").read_text())
-    objects = dict(_LIVE_CLASSES.get(os.path.abspath(snap.path), {}))
+    objects = snapshot_module.live_classes(snap.path)
     objects.update(custom_objects or {})
     try:
         model = keras.saving.deserialize_keras_object(config, custom_objects=objects, safe_mode=safe_mode)
@@ -272,8 +260,6 @@ def _is_library(filename):
 def _origin(model, data, tap):
     """Rerun forward and backward with numerics checks on; name the first op to produce NaN/Inf."""
     x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
-    from gradtrace import _keras_compat as compat
-
     tf.debugging.enable_check_numerics()
     stage = "forward"
     try:

@@ -278,3 +278,22 @@ def load(path) -> Snapshot:
         raise SnapshotError(f"{root}: stats.npz lacks the statistics matrix")
     rows = _load_json(root, "rows.json")
     return Snapshot(str(root), manifest, data, variables, opt, stats["matrix"], rows)
+
+
+# classes of the live models whose snapshots were written in this process, so that
+# replay works without custom_objects in the same process (custom layers included)
+_LIVE_CLASSES: dict = {}
+
+
+def remember_classes(path, model):
+    from gradtrace import _keras_compat as compat
+
+    classes = {type(model).__name__: type(model)}
+    for layer in compat.all_layers(model):
+        classes[type(layer).__name__] = type(layer)
+    _LIVE_CLASSES[os.path.abspath(path)] = classes
+
+
+def live_classes(path) -> dict:
+    """The classes of the model whose snapshot is at ``path``, when it was written in this process."""
+    return dict(_LIVE_CLASSES.get(os.path.abspath(path), {}))

@@ -356,7 +356,6 @@ class Collector:
         """This replica's ``(base [rows, len(BASE)], nan [rows], inf [rows], alive [units])``."""
         full = which >= ALL_BASE
         counted = list(self._counted)
-        n = len(self.rows)
         tensor_rows, value_rows, zero_rows = [], [], []
         for i, v in enumerate(self._vectors):
             if not isinstance(v, tuple):

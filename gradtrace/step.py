@@ -409,7 +409,6 @@ class Engine:
             if ctx.result is None or not ctx.blocking:
                 return original(grads, tvars)
             return tf.cond(ctx.result.committed, lambda: _applied(original, grads, tvars), lambda: tf.constant(False))
-        model = self.model
         replicas = distribute.current()
         outputs = ctx.recorded_outputs()
         gradient = ctx.gradients[-1] if ctx.gradients else None

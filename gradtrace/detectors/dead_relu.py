@@ -113,7 +113,7 @@ class DeadReLU(Detector):
         inact, rep, total = inactive.numpy(), reported.numpy(), float(seen.numpy()[0])
         if total < self.min_examples:
             return []
-        out, start, dead = [], 0, []
+        start, dead = 0, []
         for i, u in unit_rows:
             u = int(u)
             share = float(np.mean(inact[start:start + u] >= min(total, self.window)))

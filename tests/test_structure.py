@@ -74,3 +74,44 @@ def test_private_names_live_only_in_the_adapter():
                     and any(f"{m}." in node.value and " " not in node.value for m in PRIVATE_MODULES):
                 found.append(f"{where}: {node.value!r}")
     assert not found, "private Keras/TF names outside gradtrace/_keras_compat.py:\n" + "\n".join(found)
+
+
+def _imports(path):
+    """The gradtrace modules ``path`` imports (at any depth: lazy imports count too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "gradtrace":
+                out.update(f"gradtrace.{a.name}" for a in node.names)
+            elif node.module.startswith("gradtrace."):
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("gradtrace."))
+    return out
+
+
+def test_the_package_has_no_import_cycle():
+    package = ROOT / "gradtrace"
+    modules = {}
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        modules[name] = path
+    graph = {m: {i for i in _imports(p) if i in modules and i != m} for m, p in modules.items()}
+    # the package itself and the detectors registry re-export modules; edges out of them are not cycles
+    graph["gradtrace"] = set()
+    state = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            if n not in state:
+                visit(n, stack + [n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert "gradtrace.fit" not in graph["gradtrace.replay"] and "gradtrace.fit" not in graph["gradtrace.actions"]
