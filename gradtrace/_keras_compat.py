@@ -114,6 +114,30 @@ def make_train_function(model, step_function):
         model.train_function = saved_function
 
 
+def build_state_before_tracing(model, iterator):
+    """Build the compile metrics' and the compiled loss's state from the iterator's element spec,
+    as Keras' ``_symbolic_build`` does under a strategy, before the train function is traced.
+
+    Without a strategy Keras defers that building to the first trace of its train function; a
+    ``tf.function`` that creates variables while it is traced is traced a second time, so the
+    (watched) step would be traced twice. Returns False where the spec cannot be used (the step is
+    then traced as Keras would trace it)."""
+    if getattr(model, "_distribute_strategy", None) is not None:
+        return False  # Keras builds it itself, from the first batch
+    metrics = getattr(model, "_compile_metrics", None)
+    loss = getattr(model, "_compile_loss", None)
+    if (metrics is None or metrics.built) and (loss is None or loss.built):
+        return False
+    spec = getattr(iterator, "element_spec", None)
+    if spec is None:
+        return False
+    try:
+        model._symbolic_build(data_batch=spec)
+    except Exception:  # a spec Keras cannot turn into symbolic inputs (ragged, sparse): build on trace
+        return False
+    return True
+
+
 def optimizer_trainable_variables(optimizer):
     """The variables an optimizer was built on (what ``apply(grads)`` without variables updates)."""
     return list(optimizer._trainable_variables)

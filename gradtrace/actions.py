@@ -98,6 +98,8 @@ class Run:
             summary = self.tensorboard is not None and self.calls % self.tensorboard.every == 0
             traced = summary or self.trace_every == 1 or self.calls % self.trace_every == 0
             plan = Plan(True, summary_bins=self.tensorboard.bins) if summary else TRACED if traced else UNTRACED
+            if self.calls == 0:
+                compat.build_state_before_tracing(self.model, iterator)
             logs = engine.train_function(plan)(iterator)
             self.calls += 1
             variant = engine.variants[plan]

@@ -163,6 +163,7 @@ class Variant:
         self.batch_structure = None  # the step's data, symbolic: how to rebuild the captured batch
         self.inspected = None
         self.function = None
+        self.traces = 0  # how many times the step was traced (Python ran it)
 
     def record(self):
         """The record of the first replica (every replica decides alike), or ``None``."""
@@ -308,6 +309,7 @@ class Engine:
     def _run_step(self, variant, data):
         plan = variant.plan
         model = self.model
+        variant.traces += 1
         detectors = self._detectors_for(plan)
         blocking = [i for i, d in enumerate(detectors) if self.actions[d.name] in BLOCKING]
         restores = bool(blocking) or plan.mode in ("report", "inspect")

@@ -365,3 +365,16 @@ def test_terminate_on_nan_and_csv_logger_see_the_held_step(tmp_path):
     with open(log) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["loss"] == "nan"
+
+
+def test_the_watched_step_is_traced_once_whatever_the_batch_shapes():
+    # 50 examples in batches of 8: a partial last batch in each of 3 epochs. Keras' train function
+    # takes the iterator, so the batch shape is not part of its signature; the compile metrics are
+    # built before the first trace, so it is not traced a second time either
+    keras.utils.set_random_seed(3)
+    m = _dense()
+    m.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    h = gradtrace.fit(m, *_xy(50), batch_size=8, epochs=3, verbose=0)
+    from gradtrace.step import TRACED
+
+    assert h.gradtrace.engine.variants[TRACED].traces == 1
