@@ -30,6 +30,7 @@ from gradtrace.inspection import capture, summary
 from gradtrace.replay import Replay, replay
 from gradtrace.report import report
 from gradtrace.snapshot import SnapshotError
+from gradtrace.watch import Watch, watch
 
 __version__ = "0.1.0"
 
@@ -63,5 +64,7 @@ __all__ = [
     "replay",
     "report",
     "SnapshotError",
+    "Watch",
+    "watch",
     "__version__",
 ]

@@ -138,6 +138,25 @@ def build_state_before_tracing(model, iterator):
     return True
 
 
+def model_optimizers(model, extra=()):
+    """``[(name, optimizer)]``: the optimizers a step of ``model`` may apply, named as the model knows
+    them: ``model.optimizer`` ("optimizer") and every optimizer attribute of the model (a GAN's
+    ``d_optimizer`` and ``g_optimizer``), then ``extra``."""
+    out, seen = [], set()
+
+    def add(name, opt):
+        if isinstance(opt, keras.optimizers.Optimizer) and id(opt) not in seen:
+            seen.add(id(opt))
+            out.append((name, opt))
+
+    add("optimizer", getattr(model, "optimizer", None))
+    for name, value in vars(model).items():
+        add(name.lstrip("_"), value)
+    for opt in extra:
+        add(getattr(opt, "name", "optimizer"), opt)
+    return out
+
+
 def optimizer_trainable_variables(optimizer):
     """The variables an optimizer was built on (what ``apply(grads)`` without variables updates)."""
     return list(optimizer._trainable_variables)
@@ -178,14 +197,11 @@ def is_compiled(model) -> bool:
     return bool(getattr(model, "compiled", False)) and getattr(model, "optimizer", None) is not None
 
 
-def overrides_train_step(model) -> bool:
-    """True when the user's model class defines its own ``train_step``."""
+def runs_keras_train_step(model) -> bool:
+    """True when the model's step is Keras' own ``train_step`` (not overridden by its class)."""
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
-    for cls in type(model).__mro__:
-        if "train_step" in cls.__dict__:
-            return cls is not TensorFlowTrainer
-    return False
+    return type(model).train_step is TensorFlowTrainer.train_step
 
 
 def iterations(optimizer):

@@ -77,6 +77,7 @@ class Run:
         self.snapshots: list[str] = []
         self._last = None  # the record of the last traced step
         self.held_logs = None  # the logs of a step held by a halt
+        self.rerun_held = True  # measure a held step in full by running it again (the model's own step)
         self.trace_every = trace_every
         self.verbose = verbose
         self.log = AnomalyLog()
@@ -95,69 +96,98 @@ class Run:
         engine = self.engine
 
         def function(iterator):
-            summary = self.tensorboard is not None and self.calls % self.tensorboard.every == 0
-            traced = summary or self.trace_every == 1 or self.calls % self.trace_every == 0
-            plan = Plan(True, summary_bins=self.tensorboard.bins) if summary else TRACED if traced else UNTRACED
+            plan, traced, summary = self.next_plan()
             if self.calls == 0:
                 compat.build_state_before_tracing(self.model, iterator)
             logs = engine.train_function(plan)(iterator)
-            self.calls += 1
-            variant = engine.variants[plan]
-            record = variant.record()
-            if record is None:  # no update was applied: nothing was watched
-                return logs
-            if traced:
-                self._last = record
-            if summary:
-                self.tensorboard.write_step(int(record.last_step.numpy()), variant.table, record.last.numpy(),
-                                            variant.histogram_rows, record.histograms.numpy())
-            if bool(record.any.numpy()):
-                held_logs = {k: v.numpy() for k, v in record.logs.items()}
-                redone = self._handle(variant, complete=summary)
-                if redone is not None:
-                    return redone
-                if self.halted and not bool(record.committed.numpy()) and set(held_logs) == set(logs):
-                    # the callbacks see the held step's own logs (its real, non-finite loss), as they
-                    # would under model.fit; the epoch's logs too (see HeldLogs)
-                    self.held_logs = held_logs
-                    return held_logs
-            return logs
+            return self.after_call(plan, traced, summary, logs)
 
         return function
+
+    def next_plan(self):
+        """``(plan, traced, summary)`` for the next call of the step."""
+        summary = self.tensorboard is not None and self.calls % self.tensorboard.every == 0
+        traced = summary or self.trace_every == 1 or self.calls % self.trace_every == 0
+        plan = Plan(True, summary_bins=self.tensorboard.bins) if summary else TRACED if traced else UNTRACED
+        return plan, traced, summary
+
+    def after_call(self, plan, traced, summary=False, logs=None):
+        """After one call of the watched step (one execution): read one boolean per update; act
+        only when a detector fired. Returns the logs the callbacks get."""
+        self.calls += 1
+        variant = self.engine.variants.get(plan)
+        record = variant.record() if variant is not None else None
+        if record is None:  # no update was applied: nothing was watched
+            return logs
+        if traced:
+            self._last = record
+        if summary:
+            self.tensorboard.write_step(int(record.last_step.numpy()), variant.table, record.last.numpy(),
+                                        variant.histogram_rows, record.histograms.numpy())
+        fired = [seg for seg in variant.segments if seg.record() is not None and bool(seg.record().any.numpy())]
+        if fired:
+            held_logs = {k: v.numpy() for k, v in fired[0].record().logs.items()}
+            held = not all(bool(seg.record().committed.numpy()) for seg in fired)
+            redone = self._handle(variant, fired, complete=summary)
+            if redone is not None:
+                return redone
+            if self.halted and held and isinstance(logs, dict) and set(held_logs) == set(logs):
+                # the callbacks see the held step's own logs (its real, non-finite loss), as they
+                # would under model.fit; the epoch's logs too (see HeldLogs)
+                self.held_logs = held_logs
+                return held_logs
+        return logs
 
     @property
     def last_stats(self):
         """The statistics of the last traced step (``[rows, columns]``), or ``None``."""
         return None if self._last is None else tf.convert_to_tensor(self._last.last)
 
-    def _handle(self, variant, complete=False):
-        """A detector fired in the last execution. ``complete``: the step measured every statistic."""
-        rec = variant.record()
-        matrix = rec.stats.numpy()
-        fired, values = rec.fired.numpy(), rec.values.numpy()
-        step, committed = int(rec.step.numpy()), bool(rec.committed.numpy())
-        faults = None if rec.faults is None else rec.faults.numpy()
+    def _handle(self, variant, segments, complete=False):
+        """Detectors fired in the last execution, at the updates ``segments`` of one step (Keras' own
+        step has one update; a custom step may have several). ``complete``: the step measured every
+        statistic."""
+        found, records = [], []
         data = dist_data = None
-        if not committed:
-            data, dist_data = variant.captured_batch(self.model.distribute_strategy)
+        report = None
+        for seg in segments:
+            rec = seg.record()
+            matrix = rec.stats.numpy()
+            fired, values = rec.fired.numpy(), rec.values.numpy()
+            step, committed = int(rec.step.numpy()), bool(rec.committed.numpy())
+            faults = None if rec.faults is None else rec.faults.numpy()
+            if not committed and data is None:
+                data, dist_data = variant.captured_batch(seg, self.model.distribute_strategy)
+            columns = None if complete else seg.columns
+            if not complete and not committed and dist_data is not None and self.rerun_held:
+                # The step was held, so its pre-step state is intact: measure everything (exact
+                # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.
+                # The watched step itself only computes what the detectors read.
+                if report is None:
+                    report = dict(self.engine.batch_function(Plan(variant.plan.traced, "report"))(dist_data))[KEY]
+                if seg.index < len(report):
+                    matrix = report[seg.index]["stats"].numpy()
+                    faults = report[seg.index]["replica_faults"].numpy() if "replica_faults" in report[seg.index] \
+                        else faults
+                    columns = None
+            mine = build_anomalies(seg.detectors, self.engine.actions, seg.table, fired, values, matrix, step,
+                                   self.epoch, faults, columns)
+            for a in mine:
+                a.optimizer = seg.optimizer
+            if mine:
+                found.extend(mine)
+                records.append(StepRecord(step, self.epoch, seg.table, matrix, mine, columns))
         variant.reset()
-        columns = None if complete else variant.columns
-        if not complete and dist_data is not None:
-            # The step was held, so its pre-step state is intact: measure everything (exact
-            # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.
-            # The watched step itself only computes what the detectors read.
-            report = dict(self.engine.batch_function(Plan(variant.plan.traced, "report"))(dist_data))[KEY]
-            matrix = report["stats"].numpy()
-            faults = report["replica_faults"].numpy() if "replica_faults" in report else faults
-            columns = None
-        found = build_anomalies(variant.detectors, self.engine.actions, variant.table, fired, values, matrix, step,
-                                self.epoch, faults, columns)
         if not found:
             return None
-        if not committed and data is None and self.snapshot_dir is not None:
+        if data is None and self.snapshot_dir is not None and not all(bool(s.record().committed.numpy())
+                                                                      for s in segments):
             for a in found:
                 a.snapshot_error = "not written: the failing batch is not kept under jit_compile=True"
-        return self._act(found, StepRecord(step, self.epoch, variant.table, matrix, found, columns), data, dist_data)
+        for extra in records[1:]:
+            if len(self.records) < self.keep_records:
+                self.records.append(extra)
+        return self._act(found, records[0], data, dist_data)
 
     def _act(self, found, record, data=None, dist_data=None, stage="step"):
         """Act on the findings of one step (``data``: its batch, ``dist_data``: the same batch as the

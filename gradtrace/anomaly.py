@@ -51,6 +51,7 @@ class Anomaly:
     replicas: tuple = ()
     stage: str = "step"
     hint: str = ""  # the most likely fix, in the terms of the model (layer names, activations, values)
+    optimizer: str = ""  # the update it was found at: the name the model knows its optimizer by
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,7 +30,7 @@ from gradtrace.anomaly import AnomalyError, DetectorError, check_action
 from gradtrace.capture import LayerTap, format_call_log
 from gradtrace.step import DETECTOR_SCOPE, Engine
 
-class _Installed:
+class Installed:
     """Installs gradtrace on a model for one fit and always leaves it plain again: the hooks,
     and a ``train_function`` (Keras' own, around the watched step, checked after each call)."""
 
@@ -62,8 +62,9 @@ class _Installed:
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _engine_for(model, dets, actions):
+def _engine_for(model, dets, actions, optimizers=()):
     key = (
+        tuple(id(o) for o in optimizers),
         tuple((type(d), d.config()) for d in dets),
         tuple(sorted(actions.items())),
         id(model.optimizer),
@@ -75,12 +76,63 @@ def _engine_for(model, dets, actions):
     cached = _ENGINES.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    engine = Engine(model, dets, actions, LayerTap(model))
+    engine = Engine(model, dets, actions, LayerTap(model), optimizers=optimizers)
     _ENGINES[model] = (key, engine)
     return engine
 
 
-def _check_model(model):
+class Options:
+    """The options of gradtrace.fit, checked (shared by :class:`gradtrace.Watch` and :func:`gradtrace.watch`)."""
+
+    def __init__(self, detectors, actions, snapshot_dir, trace_every, max_snapshots, tensorboard_every):
+        self.detectors = detectors
+        self.actions = actions
+        self.snapshot_dir = snapshot_dir
+        self.trace_every = trace_every
+        self.max_snapshots = max_snapshots
+        self.tensorboard_every = tensorboard_every
+
+
+def resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots, tensorboard_every):
+    """Check gradtrace's own options and resolve the detectors and their actions."""
+    if on_anomaly is not None:
+        check_action(on_anomaly)
+    if isinstance(trace_every, bool) or not isinstance(trace_every, (int, np.integer)) or trace_every < 1:
+        raise ValueError(
+            f"trace_every={trace_every!r} is not allowed: it must be an integer >= 1 "
+            "(1 checks every step, 16 checks one step in 16)."
+        )
+    dets = detectors_module.resolve(detectors)
+    actions = {d.name: d.action_under(on_anomaly) for d in dets}
+    if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, (int, np.integer)) or max_snapshots < 0:
+        raise ValueError(f"max_snapshots={max_snapshots!r} is not allowed: it must be an integer >= 0.")
+    if snapshot_dir is None and "snapshot" in actions.values():
+        snapshot_dir = snapshot_module.DEFAULT_DIR
+    if snapshot_dir is not None:
+        snapshot_dir = os.fspath(snapshot_dir)
+        if os.path.exists(snapshot_dir) and not os.path.isdir(snapshot_dir):
+            raise ValueError(
+                f"snapshot_dir={snapshot_dir!r} exists and is not a directory. "
+                "Pass a directory path (it is created if missing)."
+            )
+    if isinstance(tensorboard_every, bool) or not isinstance(tensorboard_every, (int, np.integer)) \
+            or tensorboard_every < 1:
+        raise ValueError(f"tensorboard_every={tensorboard_every!r} is not allowed: it must be an integer >= 1.")
+    return Options(dets, actions, snapshot_dir, int(trace_every), int(max_snapshots), int(tensorboard_every))
+
+
+def start_run(model, options, tensorboard_dir, verbose, optimizer=None):
+    """The engine (compiled steps, kept per model) and a new run for one fit (or one watched loop)."""
+    engine = _engine_for(model, options.detectors, options.actions, () if optimizer is None else (optimizer,))
+    run = Run(model, engine, options.trace_every, verbose, snapshot_dir=options.snapshot_dir,
+              max_snapshots=options.max_snapshots)
+    if tensorboard_dir is not None:  # every worker runs the summary steps (collectives); the chief writes
+        run.tensorboard = tb_module.Writer(tensorboard_dir, every=options.tensorboard_every,
+                                           write=distribute.is_chief(model.distribute_strategy))
+    return run, engine
+
+
+def check_model(model):
     if not compat.is_trainer(model):
         raise TypeError(
             f"gradtrace.fit expects a keras.Model (or another Keras Trainer) as its first argument, got "
@@ -196,36 +248,14 @@ def fit(
     ``anomalies`` (a list of :class:`~gradtrace.Anomaly`), and ``gradtrace``
     (the run, for :func:`gradtrace.report`).
     """
-    _check_model(model)
+    check_model(model)
     _check_arguments(x, y, detectors)
-    if on_anomaly is not None:
-        check_action(on_anomaly)
-    if isinstance(trace_every, bool) or not isinstance(trace_every, (int, np.integer)) or trace_every < 1:
-        raise ValueError(
-            f"trace_every={trace_every!r} is not allowed: it must be an integer >= 1 "
-            "(1 checks every step, 16 checks one step in 16)."
-        )
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} is not allowed: it must be a positive integer or None.")
-    dets = detectors_module.resolve(detectors)
-    actions = {d.name: d.action_under(on_anomaly) for d in dets}
-    if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, (int, np.integer)) or max_snapshots < 0:
-        raise ValueError(f"max_snapshots={max_snapshots!r} is not allowed: it must be an integer >= 0.")
-    if snapshot_dir is None and "snapshot" in actions.values():
-        snapshot_dir = snapshot_module.DEFAULT_DIR
-    if snapshot_dir is not None:
-        snapshot_dir = os.fspath(snapshot_dir)
-        if os.path.exists(snapshot_dir) and not os.path.isdir(snapshot_dir):
-            raise ValueError(
-                f"snapshot_dir={snapshot_dir!r} exists and is not a directory. "
-                "Pass a directory path (it is created if missing)."
-            )
-
-    if isinstance(tensorboard_every, bool) or not isinstance(tensorboard_every, (int, np.integer)) \
-            or tensorboard_every < 1:
-        raise ValueError(f"tensorboard_every={tensorboard_every!r} is not allowed: it must be an integer >= 1.")
+    options = resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots, tensorboard_every)
+    actions = options.actions
     if tensorboard_dir is not None and distribute.is_chief(model.distribute_strategy):
-        tensorboard_dir = tb_module.check_dir(tensorboard_dir)
+        tb_module.check_dir(tensorboard_dir)  # refused before anything is installed
 
     def plain_fit():
         history = model.fit(x, y, batch_size, epochs, verbose, callbacks, validation_split, validation_data,
@@ -235,13 +265,6 @@ def fit(
         history.gradtrace = None
         return history
 
-    if compat.overrides_train_step(model):
-        warnings.warn(
-            f"{type(model).__name__} overrides train_step, so gradtrace cannot instrument its step; "
-            "running plain model.fit without detectors. Move custom loss logic to compute_loss to use gradtrace.",
-            stacklevel=2,
-        )
-        return plain_fit()
     if model.built and not model.trainable_weights:
         warnings.warn(
             f"Model {model.name!r} has no trainable weights, so there is no update to watch: gradtrace trains "
@@ -262,18 +285,13 @@ def fit(
         )
     else:
         spe = 1
-    _build_optimizer(model)
+    if compat.runs_keras_train_step(model):
+        _build_optimizer(model)  # (a custom step may never use model.optimizer: leave it as Keras would)
     run = None
     try:
         if spe > 1:
             model.steps_per_execution = 1
-        engine = _engine_for(model, dets, actions)
-        resolved_verbose = 1 if verbose == "auto" else verbose
-        run = Run(model, engine, int(trace_every), resolved_verbose, snapshot_dir=snapshot_dir,
-                  max_snapshots=int(max_snapshots))
-        if tensorboard_dir is not None:
-            run.tensorboard = tb_module.Writer(tensorboard_dir, every=int(tensorboard_every),
-                                               write=distribute.is_chief(model.distribute_strategy))
+        run, engine = start_run(model, options, tensorboard_dir, 1 if verbose == "auto" else verbose)
         cb = RunCallback(run)
         if isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks.append(cb)
@@ -286,7 +304,7 @@ def fit(
             if not any(compat.is_history(c) for c in cb_arg):
                 cb_arg.append(keras.callbacks.History())
             cb_arg.append(cb)
-        with _Installed(model, engine, run), compat.first_batch_build_fix(model):
+        with Installed(model, engine, run), compat.first_batch_build_fix(model):
             previous_history = getattr(model, "history", None)
             try:
                 history = model.fit(

@@ -37,12 +37,14 @@ def current():
 
 
 class GradientCall:
-    """One hooked ``tape.gradient`` call: its target and the gradients of the recorded outputs."""
+    """One hooked ``tape.gradient`` call: its target, the gradients it returned, and the gradients
+    of the outputs recorded under its tape (``id(call) -> [gradient per output]``)."""
 
-    def __init__(self, tape, target, output_gradients):
+    def __init__(self, tape, target, source_grads, by_call):
         self.tape = tape
         self.target = target
-        self.output_gradients = output_gradients  # aligned with every recorded output of the step
+        self.source_grads = source_grads
+        self.by_call = by_call
 
 
 class StepContext:
@@ -54,8 +56,11 @@ class StepContext:
         self.open_tapes: list = []  # tapes entered during the step and not yet exited
         self.tapes: list = []  # every tape entered during the step
         self.gradients: list[GradientCall] = []
-        self.result = None  # the StepResult of the first gated optimizer update
+        self.results = []  # one StepResult per gated optimizer update, in order
+        self.held = tf.constant(False)  # an update of this step was held: every later one is held too
         self.applies = 0
+        self._used_gradients = set()
+        self._used_calls = set()
 
     @contextlib.contextmanager
     def active(self):
@@ -67,8 +72,32 @@ class StepContext:
         finally:
             _STATE.ctx = previous
 
-    def recorded_outputs(self):
-        return [t for c in self.recorder.calls for t in c.outputs]
+    def gradient_for(self, grads):
+        """The tape.gradient call that produced ``grads`` (the latest one not used yet when the
+        gradients were transformed after it, clipped for example); ``None`` when no tape did."""
+        wanted = {id(g) for g in grads if g is not None}
+        candidates = [g for g in reversed(self.gradients) if id(g) not in self._used_gradients]
+        found = next((g for g in candidates if any(id(s) in wanted for s in g.source_grads if s is not None)),
+                     candidates[0] if candidates else None)
+        if found is not None:
+            self._used_gradients.add(id(found))
+        return found
+
+    def calls_for(self, gradient):
+        """The layer calls an update is about: those recorded under its tape, and those recorded
+        under no tape (forward passes outside any tape) not yet part of an earlier update."""
+        out = []
+        for c in self.recorder.calls:
+            if id(c) in self._used_calls:
+                continue
+            if not c.tapes or gradient is None or any(t is gradient.tape for t in c.tapes):
+                out.append(c)
+                self._used_calls.add(id(c))
+        return out
+
+    def output_gradients(self, gradient):
+        """Per recorded call, the gradients of its outputs from ``gradient`` (``None`` where it has none)."""
+        return [gradient.by_call.get(id(c), [None] * len(c.outputs)) for c in self.recorder.calls]
 
 
 def _enter(self):
@@ -94,16 +123,16 @@ def _gradient(self, target, sources, output_gradients=None,
     if ctx is None or not any(t is self for t in ctx.tapes) or output_gradients is not None \
             or not ctx.recorder.keep or not isinstance(target, (tf.Tensor, tf.Variable)):
         return original(self, target, sources, output_gradients, unconnected_gradients)
-    calls = ctx.recorder.calls
-    mine = [(i, t) for i, (c, t) in enumerate((c, t) for c in calls for t in c.outputs) if any(x is self for x in c.tapes)]
-    n_outputs = sum(len(c.outputs) for c in calls)
+    mine = [c for c in ctx.recorder.calls if any(x is self for x in c.tapes)]
+    outputs = [t for c in mine for t in c.outputs]
     flat = tf.nest.flatten(sources)
-    grads = original(self, target, flat + [t for _, t in mine], None, tf.UnconnectedGradients.NONE)
-    source_grads, mine_grads = grads[: len(flat)], grads[len(flat):]
-    aligned = [None] * n_outputs
-    for (i, _), g in zip(mine, mine_grads):
-        aligned[i] = g
-    ctx.gradients.append(GradientCall(self, target, aligned))
+    grads = original(self, target, flat + outputs, None, tf.UnconnectedGradients.NONE)
+    source_grads, output_grads = list(grads[: len(flat)]), list(grads[len(flat):])
+    by_call, k = {}, 0
+    for c in mine:
+        by_call[id(c)] = output_grads[k:k + len(c.outputs)]
+        k += len(c.outputs)
+    ctx.gradients.append(GradientCall(self, target, source_grads, by_call))
     if unconnected_gradients == tf.UnconnectedGradients.ZERO or unconnected_gradients == "zero":
         source_grads = [tf.zeros_like(s) if g is None else g for s, g in zip(flat, source_grads)]
     return tf.nest.pack_sequence_as(sources, source_grads)
@@ -135,11 +164,13 @@ def tape_hooks_installed() -> bool:
 
 
 class OptimizerHook:
-    """Routes ``optimizer.apply`` through ``on_apply(ctx, original, grads, variables)`` while a step is active."""
+    """Routes ``optimizer.apply`` through ``on_apply(ctx, optimizer, original, grads, variables)`` while a
+    step is active; an update applied with no active step is passed through, after ``outside(optimizer)``."""
 
-    def __init__(self, optimizer, on_apply):
+    def __init__(self, optimizer, on_apply, outside=None):
         self.optimizer = optimizer
         self.on_apply = on_apply
+        self.outside = outside
         self._had = False
         self._previous = None
         self.installed = False
@@ -149,11 +180,13 @@ class OptimizerHook:
         self._had = "apply" in opt.__dict__
         self._previous = opt.__dict__.get("apply")
         original = opt.apply
-        on_apply = self.on_apply
+        on_apply, outside = self.on_apply, self.outside
 
         def apply(grads, trainable_variables=None):
             ctx = current()
             if ctx is None:
+                if outside is not None:
+                    outside(opt)
                 return original(grads, trainable_variables)
             return on_apply(ctx, opt, original, grads, trainable_variables)
 

@@ -132,7 +132,7 @@ def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
     def inspect(batch):
         out = step(batch)
         ins = engine.variants[INSPECT].inspected
-        return out[KEY], {k: ins[k] for k in ("loss", "outputs", "gradients")}, \
+        return out[KEY][0], {k: ins[k] for k in ("loss", "outputs", "gradients")}, \
             [g for _, g in ins["weight_gradients"]]
 
     # Compiled as the recorded step was (same graph rewrites, so NaN propagates through

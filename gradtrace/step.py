@@ -31,6 +31,7 @@ reads one boolean per call.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import keras
@@ -104,6 +105,8 @@ class StepResult:
     committed: object
     faults: object
     collector: object
+    histograms: object = None
+    record: object = None
 
 
 def _slot(t, name, shape=None):
@@ -150,20 +153,20 @@ class Record:
         self.blocked.assign(False)
 
 
-class Variant:
-    """A :class:`Plan` compiled for one model: its table, its detectors, its record."""
+class Segment:
+    """One gated optimizer update of a step: its table, its detectors, its record per replica.
 
-    def __init__(self, plan):
-        self.plan = plan
+    Keras' own step applies one update; a custom step may apply several (a GAN's
+    discriminator and generator updates), each watched on its own."""
+
+    def __init__(self, index):
+        self.index = index
         self.table = None
         self.detectors = []
         self.columns = None  # the statistics its matrix really holds (None: every one)
         self.histogram_rows = None
         self.records = {}  # replica id -> Record
-        self.batch_structure = None  # the step's data, symbolic: how to rebuild the captured batch
-        self.inspected = None
-        self.function = None
-        self.traces = 0  # how many times the step was traced (Python ran it)
+        self.optimizer = ""  # the name the model knows the optimizer by ("optimizer", "d_optimizer")
 
     def record(self):
         """The record of the first replica (every replica decides alike), or ``None``."""
@@ -173,21 +176,67 @@ class Variant:
         for r in self.records.values():
             r.reset()
 
-    def captured_batch(self, strategy=None):
-        """The failing batch the step kept: host tensors (concatenated over this worker's
-        replicas), and the same batch distributed as the step took it; ``(None, None)``
+
+class Variant:
+    """A :class:`Plan` compiled for one model: one :class:`Segment` per optimizer update of its step."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.segments: list[Segment] = []
+        self.batch_structure = None  # the step's data, symbolic: how to rebuild the captured batch
+        self.inspected = None
+        self.function = None
+        self.traces = 0  # how many times the step was traced (Python ran it)
+
+    def segment(self, index) -> Segment:
+        while len(self.segments) <= index:
+            self.segments.append(Segment(len(self.segments)))
+        return self.segments[index]
+
+    # the first update's table, detectors and record (Keras' own step has exactly one)
+    @property
+    def table(self):
+        return self.segments[0].table if self.segments else None
+
+    @property
+    def detectors(self):
+        return self.segments[0].detectors if self.segments else []
+
+    @property
+    def columns(self):
+        return self.segments[0].columns if self.segments else None
+
+    @property
+    def histogram_rows(self):
+        return self.segments[0].histogram_rows if self.segments else None
+
+    @property
+    def records(self):
+        return self.segments[0].records if self.segments else {}
+
+    def record(self):
+        return self.segments[0].record() if self.segments else None
+
+    def reset(self):
+        for seg in self.segments:
+            seg.reset()
+
+    def captured_batch(self, segment=None, strategy=None):
+        """The failing batch the step kept (in ``segment``'s record): host tensors (concatenated over
+        this worker's replicas), and the same batch distributed as the step took it; ``(None, None)``
         when the step could not keep it."""
-        if not self.records or any(r.batch is None for r in self.records.values()):
+        records = (segment or self.segments[0]).records if self.segments else {}
+        if not records or any(r.batch is None for r in records.values()):
             return None, None
         shards = []
-        for rid in sorted(self.records):
-            values = [tf.convert_to_tensor(v) for v in self.records[rid].batch]
+        for rid in sorted(records):
+            values = [tf.convert_to_tensor(v) for v in records[rid].batch]
             shards.append(tf.nest.pack_sequence_as(self.batch_structure, values, expand_composites=True))
         host = shards[0] if len(shards) == 1 else tf.nest.map_structure(
             lambda *p: tf.concat(list(p), 0), *shards)
         if len(shards) == 1 or strategy is None:
             return host, host
-        ids = sorted(self.records)
+        ids = sorted(records)
         dist = strategy.experimental_distribute_values_from_function(
             lambda c: tf.nest.map_structure(tf.identity, shards[ids.index(int(c.replica_id_in_sync_group))]))
         return host, dist
@@ -229,7 +278,7 @@ def _replica_id():
 class Engine:
     """Everything gradtrace adds to one ``fit`` call, on the graph side."""
 
-    def __init__(self, model, detectors, actions, tap):
+    def __init__(self, model, detectors, actions, tap, optimizers=()):
         self.model = model
         self.detectors = list(detectors)
         for d in self.detectors:
@@ -242,8 +291,12 @@ class Engine:
         self.variants = {}  # Plan -> Variant
         # the step the model would have run: its own train_step (Keras' unless overridden)
         self.model_train_step = model.train_step
-        self._optimizer_hook = hooks.OptimizerHook(model.optimizer, self.on_apply)
-        self.keep_batch = not bool(model.jit_compile)
+        optimizers = compat.model_optimizers(model, optimizers)
+        self.optimizer_names = [name for name, _ in optimizers]
+        self._optimizer_label = {id(o): name for name, o in optimizers}
+        self._optimizer_hooks = [hooks.OptimizerHook(o, self.on_apply, self.outside_step) for _, o in optimizers]
+        self.keep_batch = not bool(getattr(model, "jit_compile", False))
+        self._warned = set()
 
     # -- variants ---------------------------------------------------------------------
     def variant(self, plan) -> Variant:
@@ -253,7 +306,7 @@ class Engine:
 
     @property
     def tables(self):
-        """``traced -> table`` of the train variants traced so far."""
+        """``traced -> table`` (of the first update) of the train variants traced so far."""
         return {p.traced: v.table for p, v in self.variants.items()
                 if p.mode == "train" and not p.summary_bins and v.table is not None}
 
@@ -270,6 +323,15 @@ class Engine:
             return self._run_step(variant, data)
 
         return train_step
+
+    def custom_step(self, plan, fn):
+        """``fn(*args)`` (a hand-written step) watched under ``plan``: its args are the batch."""
+        variant = self.variant(plan)
+
+        def step(*args, **kwargs):
+            return self._run_step(variant, args, body=lambda: fn(*args, **kwargs))
+
+        return step
 
     def train_function(self, plan):
         """The train function Keras builds around the watched step (iterator in, logs out), made once."""
@@ -291,11 +353,13 @@ class Engine:
         hooks.install_tape_hooks()
         try:
             self.tap.install()
-            self._optimizer_hook.install()
+            for hook in self._optimizer_hooks:
+                hook.install()
             yield self
         finally:
             try:
-                self._optimizer_hook.uninstall()
+                for hook in self._optimizer_hooks:
+                    hook.uninstall()
                 self.tap.uninstall()
             finally:
                 hooks.uninstall_tape_hooks()
@@ -306,7 +370,7 @@ class Engine:
             return []
         return [d for d in self.detectors if d.checks_in_step and (plan.traced or d.every_step or d.wants_ids)]
 
-    def _run_step(self, variant, data):
+    def _run_step(self, variant, data, body=None):
         plan = variant.plan
         model = self.model
         variant.traces += 1
@@ -324,38 +388,55 @@ class Engine:
         ctx.variant, ctx.detectors, ctx.blocking = variant, detectors, blocking
         ctx.rollback, ctx.saved = rollback, saved
         ctx.data = data
-        ctx.x, ctx.y, ctx.sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        ctx.step = tf.identity(compat.iterations(model.optimizer))
+        unpacked = data if isinstance(data, tuple) and 1 <= len(data) <= 3 else (data,)
+        ctx.x, ctx.y, ctx.sample_weight = (tuple(unpacked) + (None, None))[:3]
+        ctx.step = None  # the iterations of the step's first optimizer, read before its update
         with ctx.active():
-            logs = self.model_train_step(data)
+            logs = self.model_train_step(data) if body is None else body()
         return self._finish(ctx, logs, metric_vars, saved_metrics)
 
     def _finish(self, ctx, logs, metric_vars, saved_metrics):
-        res, plan = ctx.result, ctx.plan
+        results, plan = ctx.results, ctx.plan
 
         def restore_metrics():
             for v, old in zip(metric_vars, saved_metrics):
                 v.assign(old)
             return tf.constant(True)
 
-        if res is None:  # the step applied no update (nothing trainable): nothing was watched
+        if not results:  # the step applied no update gradtrace could see: nothing was watched
+            if model_has_weights(self.model) and plan.mode == "train":
+                self.warn_once("no_update", f"{type(self.model).__name__}.train_step applied no update through an "
+                               f"optimizer gradtrace sees ({', '.join(self.optimizer_names) or 'none'}), so nothing "
+                               "in it was checked; it trains exactly as under model.fit. Use the model's optimizers "
+                               "(attributes of the model) with apply_gradients or apply to have it watched.")
             return logs
         if plan.returns_result:
             restore_metrics()
             logs = dict(logs)
-            logs[KEY] = {"fired": res.fired, "values": res.values, "stats": res.matrix, "step": ctx.step,
-                         "committed": res.committed}
-            if res.faults is not None:
-                logs[KEY]["replica_faults"] = res.faults
+            logs[KEY] = [self._result_logs(ctx, res) for res in results]
             return logs
         if metric_vars:  # a held step leaves the metric accumulators as they were (after its logs were read)
-            tf.cond(res.committed, lambda: tf.constant(False), restore_metrics)
+            tf.cond(ctx.held, restore_metrics, lambda: tf.constant(False))
         if plan.mode == "train":
-            self._write_record(ctx, res, logs)
+            for res in results:
+                self._write_record(ctx, res, logs)
         return logs
 
+    @staticmethod
+    def _result_logs(ctx, res):
+        out = {"fired": res.fired, "values": res.values, "stats": res.matrix, "step": ctx.step,
+               "committed": res.committed}
+        if res.faults is not None:
+            out["replica_faults"] = res.faults
+        return out
+
+    def warn_once(self, key, message):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"gradtrace: {message}", stacklevel=2)
+
     def _write_record(self, ctx, res, logs):
-        rec = ctx.record
+        rec = res.record
         kept = rec.keep_logs(logs)
         stopping = [i for i, d in enumerate(ctx.detectors) if self.actions[d.name] in STOPPING]
         first = tf.logical_and(tf.reduce_any(res.per_detector), tf.logical_not(rec.any))
@@ -384,37 +465,59 @@ class Engine:
             rec.last.assign(res.matrix)
             rec.last_step.assign(ctx.step)
         if rec.histograms is not None:
-            rec.histograms.assign(ctx.histograms)
+            rec.histograms.assign(res.histograms)
 
-    def _make_record(self, ctx, res):
-        variant = ctx.variant
+    def _make_record(self, ctx, segment, res):
         rid = _replica_id()
-        if rid not in variant.records:
+        if rid not in segment.records:
             batch = None
             if self.keep_batch:
                 batch = tf.nest.flatten(ctx.data, expand_composites=True)
-                if variant.batch_structure is None:
-                    variant.batch_structure = ctx.data
-            variant.records[rid] = Record(res, ctx.step, getattr(ctx, "histograms", None), batch)
-        return variant.records[rid]
+                if ctx.variant.batch_structure is None:
+                    ctx.variant.batch_structure = ctx.data
+            segment.records[rid] = Record(res, ctx.step, res.histograms, batch)
+        return segment.records[rid]
 
     # -- the hooked optimizer update -------------------------------------------------------
+    def outside_step(self, optimizer):
+        """An optimizer update applied outside the watched step (a callback, a second loop)."""
+        name = self._optimizer_label.get(id(optimizer), getattr(optimizer, "name", "optimizer"))
+        self.warn_once(f"outside:{id(optimizer)}", f"an update of {name} was applied outside the training step "
+                       "(from a callback or another loop?); gradtrace does not watch it and applies it as it is.")
+
     def on_apply(self, ctx, optimizer, original, grads, trainable_variables):
-        """``optimizer.apply(grads, trainable_variables)`` inside a watched step."""
+        """``optimizer.apply(grads, trainable_variables)`` inside a watched step: one :class:`Segment`.
+
+        Its rows are the outputs recorded under the tape that computed ``grads`` (and those
+        recorded under no tape, not yet part of an earlier update), their gradients, the
+        weight gradients the optimizer receives, and that tape's target (the loss). A blocking
+        detector holds this update and every later update of the step."""
         grads = list(grads)
         tvars = list(trainable_variables) if trainable_variables is not None \
             else compat.optimizer_trainable_variables(optimizer)
+        index = ctx.applies
         ctx.applies += 1
+        if ctx.step is None:
+            ctx.step = tf.identity(compat.iterations(optimizer))
         plan = ctx.plan
-        if plan.mode == "force" or ctx.applies > 1:
-            # nothing to detect; a later update of the same step follows the first one's decision
-            if ctx.result is None or not ctx.blocking:
-                return original(grads, tvars)
-            return tf.cond(ctx.result.committed, lambda: _applied(original, grads, tvars), lambda: tf.constant(False))
+        if plan.mode == "force":
+            return _applied(original, grads, tvars)
+        variant = ctx.variant
+        segment = variant.segment(index)
+        segment.optimizer = self._optimizer_label.get(id(optimizer), getattr(optimizer, "name", "optimizer"))
         replicas = distribute.current()
-        outputs = ctx.recorded_outputs()
-        gradient = ctx.gradients[-1] if ctx.gradients else None
-        ograds = gradient.output_gradients if gradient is not None else [None] * len(outputs)
+        gradient = ctx.gradient_for(grads)
+        if gradient is None and plan.traced:
+            self.warn_once(f"no_tape:{segment.optimizer}", f"the gradients applied by {segment.optimizer} were not "
+                           "computed by a tf.GradientTape inside the step (no tape), so the layer outputs and their "
+                           "gradients cannot be followed; its weight gradients are still checked.")
+        calls = ctx.calls_for(gradient)
+        outputs = [t for c in calls for t in c.outputs]
+        if gradient is not None:
+            by_call = dict(zip(map(id, ctx.recorder.calls), ctx.output_gradients(gradient)))
+            ograds = [g for c in calls for g in by_call[id(c)]]
+        else:
+            ograds = [None] * len(outputs)
         # statistics are of the true gradients: undo the loss scaling (mixed precision)
         loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         unscale = None
@@ -424,18 +527,18 @@ class Engine:
         elif getattr(optimizer, "loss_scale_factor", None) is not None:
             unscale = tf.constant(1.0 / float(optimizer.loss_scale_factor), tf.float32)
         loss = None
-        if gradient is not None:
+        if gradient is not None and gradient.target.shape.rank == 0:
             loss = tf.cast(gradient.target, tf.float32)
             if unscale is not None:
                 loss = loss * unscale
 
         detectors = ctx.detectors
-        variant = ctx.variant
         # only what this variant's detectors read (an untraced step: the sums of its rows)
         needs = st.ALL_BASE if plan.every_statistic else st.base_needs({c for d in detectors for c in d.needs})
-        table, matrix, collector, ids = self._rows(ctx, loss, tvars, grads, ograds, unscale, replicas, needs)
+        table, matrix, collector, ids = self._rows(ctx, calls, outputs, loss, tvars, grads, ograds, unscale,
+                                                   replicas, needs)
         if plan.mode == "train" and not plan.summary_bins:
-            variant.columns = st.computed_columns(needs, self.columns)
+            segment.columns = st.computed_columns(needs, self.columns)
         examples = _batch_size(ctx.x) * (replicas.n if replicas is not None else 1)
         view = st.StatsView(table, matrix, ctx.step, ids, loss_scaled=loss_scaled,
                             alive=getattr(collector, "alive", None), unit_rows=collector.unit_rows(),
@@ -456,10 +559,11 @@ class Engine:
             fired_m = tf.zeros([len(detectors), len(table)], tf.bool)
             values_m = tf.zeros([len(detectors), len(table)], tf.float32)
             per_detector = tf.zeros([len(detectors)], tf.bool)
-        variant.table, variant.detectors = table, detectors
+        segment.table, segment.detectors = table, detectors
+        histograms = None
         if plan.summary_bins:
-            variant.histogram_rows, ctx.histograms = collector.histograms(matrix, ("output", "gradient"),
-                                                                           plan.summary_bins)
+            segment.histogram_rows, histograms = collector.histograms(matrix, ("output", "gradient"),
+                                                                      plan.summary_bins)
         rollback = ctx.rollback
 
         def commit(grads):
@@ -470,11 +574,12 @@ class Engine:
                 v.assign(old)
             return tf.constant(False)
 
-        result = StepResult(table, matrix, fired_m, values_m, per_detector, None, collector.faults, collector)
+        result = StepResult(table, matrix, fired_m, values_m, per_detector, None, collector.faults, collector,
+                            histograms)
         if plan.mode == "train":
-            ctx.record = self._make_record(ctx, result)
-        if plan.mode == "inspect":
-            paths = [p for c in ctx.recorder.calls for p in c.output_paths]
+            result.record = self._make_record(ctx, segment, result)
+        if plan.mode == "inspect" and index == 0:
+            paths = [p for c in calls for p in c.output_paths]
             variant.inspected = {
                 "loss": loss, "y_pred": ctx.recorder.y_pred,
                 "outputs": dict(zip(paths, outputs)),
@@ -485,7 +590,8 @@ class Engine:
             committed = hold(ctx.saved)
         elif ctx.blocking:
             block = tf.reduce_any(tf.gather(per_detector, ctx.blocking))
-            block = tf.logical_or(block, ctx.record.blocked)  # a stop earlier in this execution
+            # an earlier update of this step was held, or a stop earlier in this execution
+            block = tf.logical_or(tf.logical_or(block, ctx.held), result.record.blocked)
             if replicas is not None:  # the statistics, and so block, are the same on every replica
                 committed = replicas.gate(block, commit, (grads,), hold, ctx.saved)
             else:
@@ -493,14 +599,16 @@ class Engine:
         else:
             committed = commit(grads)
         result.committed = committed
-        ctx.result = result
+        ctx.held = tf.logical_or(ctx.held, tf.logical_not(committed))
+        ctx.results.append(result)
         return committed
 
-    def _rows(self, ctx, loss, tvars, wgrads, ograds, unscale, replicas=None, needs=None):
+    def _rows(self, ctx, calls, outputs, loss, tvars, wgrads, ograds, unscale, replicas=None, needs=None):
         """Register every captured tensor of the step with a stats Collector (in a fixed order).
         The model's output (head) rows and the targets also get their minimum and maximum."""
         traced = ctx.plan.traced
         recorder = ctx.recorder
+        n_calls = len(recorder.calls)
         c = st.Collector()
         ids, heads = {}, []
         predictions = [t for t in tf.nest.flatten(recorder.y_pred) if t is not None] if traced else []
@@ -510,7 +618,7 @@ class Engine:
             for name, t in _float_tensors(ctx.y, ""):
                 c.add("target", "targets", t, name=name, shape=tuple(t.shape), always=RANGE)
         order = {}
-        for i, call in enumerate(recorder.calls):
+        for i, call in enumerate(calls):
             order.setdefault(id(call.layer), i)
             cls = type(call.layer).__name__
             if call.ids is not None:
@@ -527,13 +635,13 @@ class Engine:
                     heads.append(t)
         if loss is not None:
             kind, from_logits = loss_kind(self.model)
-            c.add("loss", "loss", loss, layer_class="loss", order=len(recorder.calls), loss_kind=kind,
+            c.add("loss", "loss", loss, layer_class="loss", order=n_calls, loss_kind=kind,
                   from_logits=from_logits)
         owners = self._weight_owners()
 
         def owner(v):
             path, cls, layer = owners.get(id(v), (self.model.name, type(self.model).__name__, None))
-            return path, cls, order.get(id(layer), len(recorder.calls))
+            return path, cls, order.get(id(layer), n_calls)
 
         def scaled(g):
             return g if unscale is None else tf.cast(g, tf.float32) * unscale
@@ -551,7 +659,7 @@ class Engine:
             table, matrix, _ = c.build(needs=needs, replicas=replicas)
             return table, matrix, c, ids
         k = 0
-        for c_i, call in enumerate(recorder.calls):
+        for c_i, call in enumerate(calls):
             for p, t in zip(call.output_paths, call.outputs):
                 g = ograds[k]
                 k += 1
@@ -588,6 +696,10 @@ class Engine:
             for v in layer.trainable_weights:
                 owners[id(v)] = (self.tap.path_of(layer), type(layer).__name__, layer)
         return owners
+
+
+def model_has_weights(model) -> bool:
+    return bool(model.trainable_weights)
 
 
 def _applied(original, grads, tvars):

@@ -1,0 +1,213 @@
+"""Two more ways in: ``gradtrace.Watch`` (a callback, for someone else's ``fit``) and
+``gradtrace.watch`` (for your own ``GradientTape`` loop).
+
+Both run the same engine as :func:`gradtrace.fit`: the same hooks on layer
+calls, ``tape.gradient`` and the optimizer's ``apply``, the same detectors,
+the same in-graph gating of each update, the same anomalies and report.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from gradtrace.fit import Installed, check_model, resolve_options, start_run
+from gradtrace.step import TRACED, UNTRACED
+
+
+class Watch(keras.callbacks.Callback):
+    """``model.fit(..., callbacks=[gradtrace.Watch()])``: gradtrace inside a ``fit`` you do not call.
+
+    Takes the options of :func:`gradtrace.fit` (``detectors``, ``on_anomaly``,
+    ``snapshot_dir``, ``trace_every``, ``max_snapshots``, ``tensorboard_dir``,
+    ``tensorboard_every``) and gives the same detection, halting, anomalies and
+    report: ``watch.anomalies``, ``watch.run`` (for :func:`gradtrace.report`), and
+    ``history.anomalies`` / ``history.gradtrace`` on the History of the fit.
+
+    At ``on_train_begin`` it installs gradtrace's hooks and its train function
+    on the model (Keras' ``fit`` calls ``model.train_function`` for each
+    execution); at ``on_train_end``, or when its train function raises, it
+    removes them. Put it first in the callback list: on a halted step it hands
+    the callbacks after it the held step's own logs for the epoch.
+    """
+
+    def __init__(self, detectors=None, on_anomaly=None, snapshot_dir=None, trace_every=1, max_snapshots=5,
+                 tensorboard_dir=None, tensorboard_every=100, verbose=1):
+        super().__init__()
+        self.options = resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots,
+                                       tensorboard_every)
+        self.tensorboard_dir = tensorboard_dir
+        self.verbose = verbose
+        self.run = None  # the run of the latest fit
+        self.runs = []  # one run per fit watched, shared with the copies a tuner makes (KerasTuner deep-copies)
+        self._installed = None
+
+    def __deepcopy__(self, memo):
+        twin = Watch.__new__(Watch)
+        keras.callbacks.Callback.__init__(twin)
+        twin.options, twin.tensorboard_dir, twin.verbose = self.options, self.tensorboard_dir, self.verbose
+        twin.run, twin.runs, twin._installed = None, self.runs, None
+        return twin
+
+    @property
+    def anomalies(self):
+        """Every finding of every fit this callback (or a copy of it) watched, in order."""
+        return [a for run in self.runs for a in run.anomalies]
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        check_model(model)
+        self.run, engine = start_run(model, self.options, self.tensorboard_dir, self.verbose)
+        self.runs.append(self.run)
+        installed = Installed(model, engine, self.run)
+        installed.__enter__()
+        self._installed = installed
+        function = model.train_function
+
+        def guarded(iterator):
+            try:
+                return function(iterator)
+            except StopIteration:
+                raise
+            except BaseException as e:
+                self._attach(e)
+                self._remove()
+                raise
+
+        model.train_function = guarded
+
+    def _attach(self, e):
+        history = getattr(self.model, "history", None)
+        for target in (e, history):
+            if target is None:
+                continue
+            try:
+                target.anomalies = self.run.anomalies
+                target.gradtrace = self.run
+            except Exception:
+                pass
+
+    def _remove(self):
+        if self._installed is not None:
+            installed, self._installed = self._installed, None
+            installed.__exit__(None, None, None)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.run.epoch_begin(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.run.held_logs is not None and logs is not None:
+            for k, v in self.run.held_logs.items():
+                if k in logs:
+                    logs[k] = float(v)
+        self.run.epoch_end_checks(epoch)
+
+    def on_train_end(self, logs=None):
+        try:
+            self.run.fit_end_checks()
+        finally:
+            self._remove()
+            if self.run.tensorboard is not None:
+                self.run.tensorboard.close()
+            history = getattr(self.model, "history", None)
+            if history is not None:
+                history.anomalies = self.run.anomalies
+                history.gradtrace = self.run
+
+
+class watch:
+    """gradtrace around your own training loop.
+
+    ::
+
+        with gradtrace.watch(model, optimizer) as w:
+            @w.step
+            @tf.function
+            def train_step(x, y):
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(y, model(x, training=True))
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+                return loss
+
+            for x, y in dataset:
+                train_step(x, y)
+                if w.halted:
+                    break
+
+    ``w.step`` wraps the step (compiled with ``tf.function`` if you gave it one,
+    eager otherwise): every layer output recorded under the tape and its
+    gradient are checked at each ``optimizer.apply_gradients``, and a blocking
+    detector holds the update in-graph. After each call the detectors' findings
+    are acted on as in :func:`gradtrace.fit`: ``halt`` sets ``w.halted`` (the
+    update was not applied; stop your loop), ``raise`` raises
+    :class:`~gradtrace.AnomalyError`. ``w.anomalies`` and ``w.run`` (for
+    :func:`gradtrace.report`) hold what was found. The optimizers watched are
+    ``optimizer`` and the model's own (``model.optimizer`` and optimizer
+    attributes). Snapshots are not written for your own loop.
+    """
+
+    def __init__(self, model, optimizer=None, detectors=None, on_anomaly=None, trace_every=1, verbose=1):
+        if not isinstance(model, keras.layers.Layer):
+            raise TypeError(f"gradtrace.watch expects a Keras model or layer, got {type(model).__name__}.")
+        if optimizer is not None and not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(f"optimizer must be a keras.optimizers.Optimizer, got {type(optimizer).__name__}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.options = resolve_options(detectors, on_anomaly, None, trace_every, 0, 100)
+        self.verbose = verbose
+        self.run = None
+        self._engine = None
+        self._hooks = None
+
+    @property
+    def halted(self) -> bool:
+        return bool(self.run is not None and self.run.halted)
+
+    @property
+    def anomalies(self):
+        return self.run.anomalies if self.run is not None else []
+
+    def __enter__(self):
+        self.run, self._engine = start_run(self.model, self.options, None, self.verbose, optimizer=self.optimizer)
+        self.run.rerun_held = False  # a held step of your loop is reported from what it measured
+        self._hooks = self._engine.installed()
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._hooks is not None:
+            hooks, self._hooks = self._hooks, None
+            hooks.__exit__(None, None, None)
+        if exc[0] is not None and exc[1] is not None:
+            try:
+                exc[1].anomalies = self.anomalies
+                exc[1].gradtrace = self.run
+            except Exception:
+                pass
+        return False
+
+    def step(self, fn):
+        """Wrap your step function (a ``tf.function`` or a plain Python function)."""
+        if self.run is None:
+            raise RuntimeError("use w.step inside `with gradtrace.watch(model, optimizer) as w:`")
+        python_function = getattr(fn, "python_function", None)
+        compiled = python_function is not None
+        python_function = python_function or fn
+        engine, run = self._engine, self.run
+        functions = {}
+
+        def make(plan):
+            step = engine.custom_step(plan, python_function)
+            return tf.function(step, jit_compile=getattr(fn, "_jit_compile", None)) if compiled else step
+
+        def call(*args, **kwargs):
+            traced = run.trace_every == 1 or run.calls % run.trace_every == 0
+            plan = TRACED if traced else UNTRACED
+            if plan not in functions:
+                functions[plan] = make(plan)
+            out = functions[plan](*args, **kwargs)
+            run.after_call(plan, traced)
+            return out
+
+        return call
