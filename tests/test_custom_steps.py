@@ -141,7 +141,6 @@ def test_watch_callback_under_plain_fit_halts_like_gradtrace_fit():
 
 
 def test_watch_callback_with_a_custom_detector_under_keras_tuner():
-    import keras
     import keras_tuner
     import tensorflow as tf
 

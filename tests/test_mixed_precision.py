@@ -5,7 +5,6 @@ overflow in a layer's output is still caught and blamed."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import gradtrace
 from gradtrace.stats import COL

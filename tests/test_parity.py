@@ -4,9 +4,8 @@ Each case trains two identical models, one with each, and compares what a
 callback sees (every batch and epoch event, in order, with its logs), the
 History and the weights. Swapping one line must change nothing else.
 
-The stock callbacks not run here: ``TensorBoard`` (it needs the ``tensorboard``
-package, which neither Keras nor gradtrace installs), ``RemoteMonitor`` (a
-network endpoint) and ``SwapEMAWeights`` (an optimizer with ``use_ema``).
+The stock callbacks not run here: ``RemoteMonitor`` (a network endpoint) and
+``SwapEMAWeights`` (an optimizer with ``use_ema``).
 """
 
 import csv
@@ -212,6 +211,7 @@ def test_parity_every_stock_callback(tmp_path):
             keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: None),
             keras.callbacks.ProgbarLogger(),
             keras.callbacks.BackupAndRestore(str(d / "backup")),
+            keras.callbacks.TensorBoard(str(d / "tb"), write_graph=False),
             keras.callbacks.History(),
         ]
 
