@@ -202,3 +202,16 @@ def test_watch_your_own_loop_halts_before_the_bad_update(compiled):
     assert [(a.detector, a.step, a.layer) for a in w.anomalies] == [("nan", 4, "mlp/faulty")]
     assert steps == 5 and int(optimizer.iterations) == 4
     assert all(np.isfinite(np.asarray(v)).all() for v in model.weights)
+
+
+def test_a_custom_step_with_one_optimizer_snapshots_and_replays_exactly(tmp_path):
+    x = C.vae_data()
+    h = gradtrace.fit(C.vae(fault_at=2), x, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                      snapshot_dir=tmp_path / "snaps")
+    a = h.anomalies[0]
+    assert a.snapshot and a.snapshot_error is None, a.snapshot_error
+    r = gradtrace.replay(a.snapshot, model=C.vae(fault_at=2))  # a subclassed model: given, as for any
+    assert r.step == 2
+    assert np.isnan(r.loss) == np.isnan(r.recorded_loss)
+    assert [(x.detector, x.layer) for x in r.anomalies][:1] == [("nan", "vae/encoder/faulty")]
+    assert r.max_difference() < 1e-5
