@@ -157,6 +157,11 @@ def model_optimizers(model, extra=()):
     return out
 
 
+def function_jit_compile(fn):
+    """The ``jit_compile`` a ``tf.function`` was made with (``None`` when not set)."""
+    return getattr(fn, "_jit_compile", None)
+
+
 def optimizer_trainable_variables(optimizer):
     """The variables an optimizer was built on (what ``apply(grads)`` without variables updates)."""
     return list(optimizer._trainable_variables)

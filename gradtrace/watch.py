@@ -11,6 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from gradtrace import _keras_compat as compat
 from gradtrace.fit import Installed, check_model, resolve_options, start_run
 from gradtrace.step import TRACED, UNTRACED
 
@@ -199,9 +200,12 @@ class watch:
 
         def make(plan):
             step = engine.custom_step(plan, python_function)
-            return tf.function(step, jit_compile=getattr(fn, "_jit_compile", None)) if compiled else step
+            return tf.function(step, jit_compile=compat.function_jit_compile(fn)) if compiled else step
 
         def call(*args, **kwargs):
+            if self._hooks is None:
+                raise RuntimeError("the watched step was called after its `with gradtrace.watch(...)` block ended; "
+                                   "call it inside the block (or watch it again)")
             traced = run.trace_every == 1 or run.calls % run.trace_every == 0
             plan = TRACED if traced else UNTRACED
             if plan not in functions:
