@@ -233,9 +233,10 @@ def is_history(cb) -> bool:
 def compile_step(model, step_function, same_on_every_replica=()):
     """Compile ``step_function(data)`` the way Keras' ``make_train_function`` compiles its
     step (``strategy.run``, replica reduction, ``tf.function`` with ``reduce_retracing``
-    and the model's ``jit_compile``; eager when ``run_eagerly``). Unlike Keras' own train
-    function it takes the batch, not the iterator: gradtrace fetches the batch on the
-    host, so a snapshot has it for free instead of the step returning it.
+    and the model's ``jit_compile``; eager when ``run_eagerly``), on a batch rather than an
+    iterator: for the steps gradtrace runs on a batch it holds (the full report of a held
+    step, the redo of a snapshotted one) and, under ``MultiWorkerMirroredStrategy``, for
+    every step (see :func:`make_train_function`).
 
     Outputs named in ``same_on_every_replica`` hold the same values on every
     replica and are taken from the first; the others are reduced as Keras
