@@ -15,10 +15,17 @@ def _fresh_keras_state():
 
 def pytest_collection_modifyitems(session, config, items):
     """Start the scenario processes of the collected tests now, so they run beside the suite."""
-    if not config.option.collectonly and any(item.module.__name__.endswith("test_process") for item in items):
+    if config.option.collectonly:
+        return
+    modules = {item.module.__name__.rsplit(".", 1)[-1] for item in items}
+    if "test_process" in modules:
         from tests.test_process import start_scenarios
 
         start_scenarios()
+    if "test_distribute" in modules:
+        from tests.test_distribute import start_scenarios as start_distribute
+
+        start_distribute()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import background
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,12 +31,14 @@ def _read(path, proc_out=""):
     return res
 
 
+def start_scenarios():
+    background.start("dist_mirrored", "tests.dist_scenarios", "mirrored")
+
+
 @pytest.fixture(scope="module")
-def mirrored(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mirrored") / "result.json"
-    p = subprocess.run([sys.executable, "-m", "tests.dist_scenarios", "mirrored", str(out)], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=420)
-    return _read(out, p.stdout + p.stderr)
+def mirrored():
+    start_scenarios()  # no-op when conftest started it at collection (it then ran beside the suite)
+    return background.result("dist_mirrored", timeout=420)
 
 
 def test_mirrored_runs_on_two_replicas_with_the_same_weights_as_model_fit(mirrored):

@@ -176,20 +176,24 @@ def test_cli_replays_and_shows_in_a_fresh_process(tmp_path):
     h = _train(dropout_model_with_fault(at=2), tmp_path)
     path = h.anomalies[0].snapshot
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.getcwd()}
-    out = subprocess.run([sys.executable, "-m", "gradtrace", "replay", path, "--json", "--import", "tests.models"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    # three fresh processes, run side by side (each spends most of its time importing TensorFlow)
+    procs = [subprocess.Popen([sys.executable, "-m", "gradtrace", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+             for args in (["replay", path, "--json", "--import", "tests.models"], ["show", path, "--json"],
+                          ["replay", path])]
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    out, show, bad = done
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads(out.stdout)
     assert doc["step"] == 2 and doc["anomalies"][0]["layer"] == "outer/inner/faulty"
     assert doc["loss"] == pytest.approx(doc["recorded_loss"], rel=1e-6)
     assert doc["origin"]["layer"] == "outer/inner/faulty"
-    show = subprocess.run([sys.executable, "-m", "gradtrace", "show", path, "--json"],
-                          capture_output=True, text=True, env=env, timeout=300)
     assert show.returncode == 0, show.stderr[-2000:]
     assert json.loads(show.stdout)["manifest"]["step"] == 2
     # without the module that defines the custom layer, it says exactly what to pass
-    bad = subprocess.run([sys.executable, "-m", "gradtrace", "replay", path], capture_output=True, text=True,
-                         env=env, timeout=300)
     assert bad.returncode == 1
     assert "NaNAtStep" in bad.stderr and "custom_objects" in bad.stderr and "Traceback" not in bad.stderr
 
