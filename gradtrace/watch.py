@@ -28,8 +28,11 @@ class Watch(keras.callbacks.Callback):
     At ``on_train_begin`` it installs gradtrace's hooks and its train function
     on the model (Keras' ``fit`` calls ``model.train_function`` for each
     execution); at ``on_train_end``, or when its train function raises, it
-    removes them. Put it first in the callback list: on a halted step it hands
-    the callbacks after it the held step's own logs for the epoch.
+    removes them. A fit stopped by another callback's exception never reaches
+    ``on_train_end``: call :meth:`close` then (the next ``on_train_begin`` also
+    removes what a previous fit left). Put it first in the callback list: on a
+    halted step it hands the callbacks after it the held step's own logs for
+    the epoch.
     """
 
     def __init__(self, detectors=None, on_anomaly=None, snapshot_dir=None, trace_every=1, max_snapshots=5,
@@ -56,6 +59,7 @@ class Watch(keras.callbacks.Callback):
         return [a for run in self.runs for a in run.anomalies]
 
     def on_train_begin(self, logs=None):
+        self.close()  # what an interrupted earlier fit may have left
         model = self.model
         check_model(model)
         self.run, engine = start_run(model, self.options, self.tensorboard_dir, self.verbose)
@@ -92,6 +96,10 @@ class Watch(keras.callbacks.Callback):
         if self._installed is not None:
             installed, self._installed = self._installed, None
             installed.__exit__(None, None, None)
+
+    def close(self):
+        """Remove gradtrace from the model now (idempotent)."""
+        self._remove()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.run.epoch_begin(epoch)

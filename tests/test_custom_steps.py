@@ -215,3 +215,25 @@ def test_a_custom_step_with_one_optimizer_snapshots_and_replays_exactly(tmp_path
     assert np.isnan(r.loss) == np.isnan(r.recorded_loss)
     assert [(x.detector, x.layer) for x in r.anomalies][:1] == [("nan", "vae/encoder/faulty")]
     assert r.max_difference() < 1e-5
+
+
+def test_watch_close_leaves_the_model_plain_after_a_fit_another_callback_broke():
+    import keras
+
+    from gradtrace import _keras_compat as compat
+
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise KeyboardInterrupt
+
+    x, y = _xy()
+    m = _fault_mlp(at=100)
+    w = gradtrace.Watch()
+    with pytest.raises(KeyboardInterrupt):
+        m.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[w, Boom()])
+    assert any(gradtrace.is_patched(layer) for layer in compat.flatten_layers(m))  # on_train_end never ran
+    w.close()
+    assert not any(gradtrace.is_patched(layer) for layer in compat.flatten_layers(m))
+    m.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert int(m.optimizer.iterations) == 2 + 6
