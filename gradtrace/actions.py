@@ -55,8 +55,9 @@ def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoc
 class StepRecord:
     """The statistics of one step at which something fired (kept for the report)."""
 
-    def __init__(self, step, epoch, table, matrix, anomalies, columns=None):
+    def __init__(self, step, epoch, table, matrix, anomalies, columns=None, optimizer=""):
         self.step = step
+        self.optimizer = optimizer  # the update of the step these statistics are about
         self.epoch = epoch
         self.table = table
         self.matrix = matrix
@@ -176,7 +177,7 @@ class Run:
                 a.optimizer = seg.optimizer
             if mine:
                 found.extend(mine)
-                records.append(StepRecord(step, self.epoch, seg.table, matrix, mine, columns))
+                records.append(StepRecord(step, self.epoch, seg.table, matrix, mine, columns, seg.optimizer))
         variant.reset()
         if not found:
             return None
@@ -184,12 +185,9 @@ class Run:
                                                                       for s in segments):
             for a in found:
                 a.snapshot_error = "not written: the failing batch is not kept under jit_compile=True"
-        for extra in records[1:]:
-            if len(self.records) < self.keep_records:
-                self.records.append(extra)
-        return self._act(found, records[0], data, dist_data)
+        return self._act(found, records[0], data, dist_data, more_records=records[1:])
 
-    def _act(self, found, record, data=None, dist_data=None, stage="step"):
+    def _act(self, found, record, data=None, dist_data=None, stage="step", more_records=()):
         """Act on the findings of one step (``data``: its batch, ``dist_data``: the same batch as the
         step took it, distributed) or of an epoch's end (no batch).
 
@@ -202,8 +200,9 @@ class Run:
         for a in found:
             a.stage = stage
             self.log.add(a)
-        if len(self.records) < self.keep_records:
-            self.records.append(record)
+        for rec in (record, *more_records):  # one per update of the step that found something
+            if len(self.records) < self.keep_records:
+                self.records.append(rec)
         action = strongest([a.action for a in found])
         if stage != "step" and action == "snapshot":
             for a in found:

@@ -61,6 +61,8 @@ class Anomaly:
         if self.replicas:
             where = f" [replica{'s' if len(self.replicas) > 1 else ''} {', '.join(map(str, self.replicas))}]"
         when = f"step {self.step} (epoch {self.epoch})"
+        if self.optimizer and self.optimizer != "optimizer":  # a step with several updates (a GAN's)
+            when += f", update of {self.optimizer}"
         if self.stage == "epoch_end":
             when = f"end of epoch {self.epoch} (step {self.step})"
         elif self.stage == "fit_end":

@@ -85,14 +85,19 @@ def format_report(run, steps=None) -> str:
     parts.append(f"gradtrace: {run.log.total} anomal{'y' if run.log.total == 1 else 'ies'}"
                  + (f" ({dropped} not kept; counts by detector: {dict(run.log.counts)})" if dropped else ""))
     parts.append(anomaly_table(anomalies if steps is None else [a for a in anomalies if a.step in steps]))
+    first = None
     for rec in run.records:
         if rec.table is None or (steps is not None and rec.step not in steps):
             continue
-        parts.append(f"\nPer-layer statistics at step {rec.step} (epoch {rec.epoch}):")
+        if steps is None:  # the first anomaly step only (each of its updates, for a step with several)
+            first = rec.step if first is None else first
+            if rec.step != first:
+                break
+        update = getattr(rec, "optimizer", "")
+        of = f", update of {update}" if update and update != "optimizer" else ""
+        parts.append(f"\nPer-layer statistics at step {rec.step} (epoch {rec.epoch}{of}):")
         parts.append(layer_table(rec.table, rec.matrix, blamed={a.layer for a in rec.anomalies},
                                  columns=getattr(rec, "columns", None)))
-        if steps is None:
-            break
     return "\n".join(parts)
 
 
