@@ -171,6 +171,31 @@ def mirrored(out, out_path):
         res["outside_scope"] = {"error": None}
     except Exception as e:  # the test asserts on the type and message
         res["outside_scope"] = {"error": type(e).__name__, "message": str(e)[:2000]}
+
+    # 5. a custom train_step with two optimizers (the Keras DCGAN example, tests/custom_models.py):
+    # healthy, it trains as model.fit does; with a NaN in the generator, both updates of that step are held
+    from tests import custom_models as C
+
+    gx = C.gan_data()
+    gans = {}
+    with strategy.scope():
+        for who, fault in (("keras", None), ("gradtrace", None), ("faulty", 3)):
+            g = C.gan(fault_at=fault)
+            # Keras' own fit of this model under a strategy needs the optimizers built beforehand
+            g.d_optimizer.build(g.discriminator.trainable_variables)
+            g.g_optimizer.build(g.generator.trainable_variables)
+            gans[who] = g
+    hk = gans["keras"].fit(gx, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    hg = gradtrace.fit(gans["gradtrace"], gx, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    hf = gradtrace.fit(gans["faulty"], gx, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    res["gan"] = {
+        "weight_diff": _max_diff(_weights(gans["keras"]), _weights(gans["gradtrace"])),
+        "loss": [hk.history["g_loss"], hg.history["g_loss"]],
+        "healthy_anomalies": [str(a) for a in hg.anomalies],
+        "faulty": [[a.detector, a.step, a.layer, a.optimizer] for a in hf.anomalies],
+        "iterations": [int(gans["faulty"].d_optimizer.iterations.numpy()),
+                       int(gans["faulty"].g_optimizer.iterations.numpy())],
+    }
     out.update(res)
 
 

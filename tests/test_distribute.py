@@ -146,3 +146,11 @@ def test_a_worker_that_dies_gives_the_other_a_clear_error_not_a_hang(tmp_path):
     assert survivor["seconds"] < 120  # TensorFlow's heartbeat noticed; it did not hang
     assert survivor["iterations"] == 3  # the step the peer never joined was not applied
     assert survivor["clean"]
+
+
+def test_mirrored_custom_step_with_two_optimizers_is_watched(mirrored):
+    gan = mirrored["gan"]
+    assert gan["healthy_anomalies"] == [] and gan["weight_diff"] < 1e-5
+    assert gan["loss"][1] == pytest.approx(gan["loss"][0], rel=1e-5)
+    assert gan["faulty"][0] == ["nan", 3, "gan/generator/faulty", "d_optimizer"]
+    assert gan["iterations"] == [3, 3]  # both updates of the faulty step were held
