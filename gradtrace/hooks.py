@@ -121,7 +121,9 @@ def _gradient(self, target, sources, output_gradients=None,
     original = _TAPE["saved"]["gradient"]
     ctx = current()
     if ctx is None or not any(t is self for t in ctx.tapes) or output_gradients is not None \
-            or not isinstance(target, (tf.Tensor, tf.Variable)):
+            or not isinstance(target, (tf.Tensor, tf.Variable)) or target.shape.rank != 0:
+        # only the gradient of a scalar (a loss) is an update's; a gradient penalty's inner
+        # gradient (of a batch of outputs) passes through untouched
         return original(self, target, sources, output_gradients, unconnected_gradients)
     mine = [c for c in ctx.recorder.calls if any(x is self for x in c.tapes)]
     outputs = [t for c in mine for t in c.outputs]
