@@ -139,6 +139,13 @@ class Run:
                 return held_logs
         return logs
 
+    def hand_over_held_logs(self, epoch_logs):
+        """When a halt held the epoch's last step, put that step's own logs into the epoch's logs."""
+        if self.held_logs is not None and epoch_logs is not None:
+            for k, v in self.held_logs.items():
+                if k in epoch_logs:
+                    epoch_logs[k] = float(v)
+
     @property
     def last_stats(self):
         """The statistics of the last traced step (``[rows, columns]``), or ``None``."""
@@ -323,7 +330,4 @@ class HeldLogs(keras.callbacks.Callback):
         self.run = run
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.run.held_logs is not None and logs is not None:
-            for k, v in self.run.held_logs.items():
-                if k in logs:
-                    logs[k] = float(v)
+        self.run.hand_over_held_logs(logs)

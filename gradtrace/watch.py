@@ -105,10 +105,7 @@ class Watch(keras.callbacks.Callback):
         self.run.epoch_begin(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.run.held_logs is not None and logs is not None:
-            for k, v in self.run.held_logs.items():
-                if k in logs:
-                    logs[k] = float(v)
+        self.run.hand_over_held_logs(logs)
         self.run.epoch_end_checks(epoch)
 
     def on_train_end(self, logs=None):
