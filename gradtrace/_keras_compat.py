@@ -99,18 +99,15 @@ def make_train_function(model, step_function):
             return outputs
 
         return function
+    from gradtrace.hooks import set_on_instance
+
     saved_function = model.train_function
-    had = "train_step" in model.__dict__
-    previous = model.__dict__.get("train_step")
-    object.__setattr__(model, "train_step", step_function)
+    restore = set_on_instance(model, "train_step", step_function)
     try:
         model.make_train_function(force=True)
         return model.train_function
     finally:
-        if had:
-            object.__setattr__(model, "train_step", previous)
-        else:
-            object.__delattr__(model, "train_step")
+        restore()
         model.train_function = saved_function
 
 

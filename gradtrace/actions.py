@@ -125,7 +125,9 @@ class Run:
         if summary:
             self.tensorboard.write_step(int(record.last_step.numpy()), variant.table, record.last.numpy(),
                                         variant.histogram_rows, record.histograms.numpy())
-        fired = [seg for seg in variant.segments if seg.record() is not None and bool(seg.record().any.numpy())]
+        # one boolean read per update (Keras' own step has one)
+        fired = [seg for seg, rec in ((s, s.record()) for s in variant.segments)
+                 if rec is not None and bool(rec.any.numpy())]
         if fired:
             held_logs = {k: v.numpy() for k, v in fired[0].record().logs.items()}
             held = not all(bool(seg.record().committed.numpy()) for seg in fired)

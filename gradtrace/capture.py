@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
+from gradtrace.hooks import set_on_instance
 
 _STATE = threading.local()
 
@@ -102,7 +103,7 @@ class LayerTap:
         self.model = model
         self.paths: dict = {}
         self.layers: dict = {}
-        self._saved: dict = {}  # id(layer) -> (layer, had_instance_call, previous)
+        self._saved: dict = {}  # id(layer) -> the function that puts the layer's own ``call`` back
         self._stack: list = []
         self.log: list = []  # (path, class, output shapes) of the calls of the current model call
         self.failure = None  # (path, class, log) of the innermost layer whose call raised
@@ -130,8 +131,6 @@ class LayerTap:
             self._wrap(layer)
 
     def _wrap(self, layer):
-        had = "call" in layer.__dict__
-        previous = layer.__dict__.get("call")
         original = layer.call
         tap = self
 
@@ -140,8 +139,7 @@ class LayerTap:
             return tap.run(layer, original, args, kwargs)
 
         call.__gradtrace_wrapper__ = True
-        object.__setattr__(layer, "call", call)
-        self._saved[id(layer)] = (layer, had, previous)
+        self._saved[id(layer)] = set_on_instance(layer, "call", call)
 
     def run(self, layer, original, args, kwargs):
         """Every wrapped call goes through here: keep a short call log, find the failing layer."""
@@ -173,12 +171,9 @@ class LayerTap:
         return out
 
     def uninstall(self):
-        for layer, had, previous in self._saved.values():
+        for restore in self._saved.values():
             try:
-                if had:
-                    object.__setattr__(layer, "call", previous)
-                elif "call" in layer.__dict__:
-                    object.__delattr__(layer, "call")
+                restore()
             except Exception:  # pragma: no cover - never leave the rest patched
                 pass
         self._saved.clear()

@@ -327,15 +327,15 @@ def fit(
                 failed = _failed_detector(e, engine)
                 if failed is not None:
                     new = DetectorError(failed, "check", e, run.anomalies)
-                    _attach_run(new, history, run)
+                    attach_run(new, history, run)
                     raise new from e
-                _attach_run(e, history, run)
+                attach_run(e, history, run)
                 _note_peer_failure(e, model, run)
                 if isinstance(e, Exception) and not isinstance(e, AnomalyError):
                     try:
                         _reraise_with_layer_table(e, engine.tap.failure)
                     except BaseException as new:
-                        _attach_run(new, history, run)
+                        attach_run(new, history, run)
                         raise
                 raise
     finally:
@@ -384,7 +384,8 @@ def _note_peer_failure(e, model, run):
         )
 
 
-def _attach_run(e, history, run):
+def attach_run(e, history, run):
+    """Keep what was found reachable from an exception that ends a fit (or a watched loop)."""
     try:
         e.history = history
         e.gradtrace = run

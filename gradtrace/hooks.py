@@ -31,6 +31,22 @@ _LOCK = threading.Lock()
 _TAPE = {"count": 0, "saved": None}
 
 
+def set_on_instance(obj, name, value):
+    """Set ``obj.<name>`` on the instance (Keras looks ``call``, ``train_step`` and ``apply`` up there
+    first) and return a function that puts back exactly what the instance had before."""
+    had = name in obj.__dict__
+    previous = obj.__dict__.get(name)
+    object.__setattr__(obj, name, value)
+
+    def restore():
+        if had:
+            object.__setattr__(obj, name, previous)
+        elif name in obj.__dict__:
+            object.__delattr__(obj, name)
+
+    return restore
+
+
 def current():
     """The :class:`StepContext` being traced on this thread, or ``None``."""
     return getattr(_STATE, "ctx", None)
@@ -173,14 +189,10 @@ class OptimizerHook:
         self.optimizer = optimizer
         self.on_apply = on_apply
         self.outside = outside
-        self._had = False
-        self._previous = None
-        self.installed = False
+        self._restore = None
 
     def install(self):
         opt = self.optimizer
-        self._had = "apply" in opt.__dict__
-        self._previous = opt.__dict__.get("apply")
         original = opt.apply
         on_apply, outside = self.on_apply, self.outside
 
@@ -193,16 +205,10 @@ class OptimizerHook:
             return on_apply(ctx, opt, original, grads, trainable_variables)
 
         apply.__gradtrace_wrapper__ = True
-        object.__setattr__(opt, "apply", apply)
-        self.installed = True
+        self._restore = set_on_instance(opt, "apply", apply)
         return self
 
     def uninstall(self):
-        if not self.installed:
-            return
-        opt = self.optimizer
-        if self._had:
-            object.__setattr__(opt, "apply", self._previous)
-        elif "apply" in opt.__dict__:
-            object.__delattr__(opt, "apply")
-        self.installed = False
+        if self._restore is not None:
+            restore, self._restore = self._restore, None
+            restore()

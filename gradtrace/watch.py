@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
-from gradtrace.fit import Installed, check_model, resolve_options, start_run
+from gradtrace.fit import Installed, attach_run, check_model, resolve_options, start_run
 from gradtrace.step import TRACED, UNTRACED
 
 
@@ -75,22 +75,18 @@ class Watch(keras.callbacks.Callback):
             except StopIteration:
                 raise
             except BaseException as e:
-                self._attach(e)
+                history = getattr(self.model, "history", None)
+                attach_run(e, history, self.run)
+                self._attach_to_history(history)
                 self._remove()
                 raise
 
         model.train_function = guarded
 
-    def _attach(self, e):
-        history = getattr(self.model, "history", None)
-        for target in (e, history):
-            if target is None:
-                continue
-            try:
-                target.anomalies = self.run.anomalies
-                target.gradtrace = self.run
-            except Exception:
-                pass
+    def _attach_to_history(self, history):
+        if history is not None:
+            history.anomalies = self.run.anomalies
+            history.gradtrace = self.run
 
     def _remove(self):
         if self._installed is not None:
@@ -115,10 +111,7 @@ class Watch(keras.callbacks.Callback):
             self._remove()
             if self.run.tensorboard is not None:
                 self.run.tensorboard.close()
-            history = getattr(self.model, "history", None)
-            if history is not None:
-                history.anomalies = self.run.anomalies
-                history.gradtrace = self.run
+            self._attach_to_history(getattr(self.model, "history", None))
 
 
 class watch:
@@ -185,12 +178,8 @@ class watch:
         if self._hooks is not None:
             hooks, self._hooks = self._hooks, None
             hooks.__exit__(None, None, None)
-        if exc[0] is not None and exc[1] is not None:
-            try:
-                exc[1].anomalies = self.anomalies
-                exc[1].gradtrace = self.run
-            except Exception:
-                pass
+        if exc[1] is not None:
+            attach_run(exc[1], None, self.run)
         return False
 
     def step(self, fn):
