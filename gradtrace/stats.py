@@ -82,9 +82,28 @@ class Row:
 class Table:
     """The rows of one compiled step variant, with boolean masks for detectors."""
 
-    def __init__(self, rows):
+    def __init__(self, rows, graph=None):
         self.rows = list(rows)
         self._masks: dict = {}
+        # which layer feeds which (gradtrace.graph.LayerGraph), read from the traced step's graph;
+        # None (a step run eagerly, a table written by hand): execution order stands in
+        self.graph = graph
+        self.optimizer = None  # the optimizer whose update the rows are about (host side: its learning rate)
+
+    def feeds(self, path, other) -> bool:
+        """True when ``other`` lies on ``path``'s way to the loss (``other`` is above ``path``)."""
+        if self.graph is not None:
+            return self.graph.feeds(path, other)
+        order = {}
+        for r in self.rows:
+            order.setdefault(r.path, r.order)
+        return path in order and other in order and order[other] > order[path]
+
+    def nearness(self, row):
+        """Sort key of backward order: smaller is nearer the loss (graph distance, else reversed
+        execution order)."""
+        depth = self.graph.depth(row.path) if self.graph is not None else None
+        return (0, depth, -row.order) if depth is not None else (1, 0, -row.order)
 
     def __len__(self):
         return len(self.rows)

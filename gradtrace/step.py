@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace import distribute
+from gradtrace import graph as layer_graph
 from gradtrace import hooks
 from gradtrace import stats as st
 from gradtrace.anomaly import BLOCKING, DetectorError
@@ -536,7 +537,7 @@ class Engine:
         # only what this variant's detectors read (an untraced step: the sums of its rows)
         needs = st.ALL_BASE if plan.every_statistic else st.base_needs({c for d in detectors for c in d.needs})
         table, matrix, collector, ids = self._rows(ctx, calls, outputs, loss, tvars, grads, ograds, unscale,
-                                                   replicas, needs)
+                                                   replicas, needs, optimizer)
         if plan.mode == "train" and not plan.summary_bins:
             segment.columns = st.computed_columns(needs, self.columns)
         examples = _batch_size(ctx.x) * (replicas.n if replicas is not None else 1)
@@ -603,7 +604,8 @@ class Engine:
         ctx.results.append(result)
         return committed
 
-    def _rows(self, ctx, calls, outputs, loss, tvars, wgrads, ograds, unscale, replicas=None, needs=None):
+    def _rows(self, ctx, calls, outputs, loss, tvars, wgrads, ograds, unscale, replicas=None, needs=None,
+              optimizer=None):
         """Register every captured tensor of the step with a stats Collector (in a fixed order).
         The model's output (head) rows and the targets also get their minimum and maximum."""
         traced = ctx.plan.traced
@@ -657,6 +659,7 @@ class Engine:
                 c.add("weight_gradient", path, scaled(g_t), layer_class=cls, name=v.name, shape=tuple(v.shape),
                       order=o)
             table, matrix, _ = c.build(needs=needs, replicas=replicas)
+            table.optimizer = optimizer
             return table, matrix, c, ids
         k = 0
         for c_i, call in enumerate(calls):
@@ -683,9 +686,11 @@ class Engine:
                 g_t = None if g is None else scaled(g)
             if g_t is not None:
                 c.ratio(c.add("weight_gradient", path, g_t, **meta), w_row)
-        lr = compat.current_learning_rate(self.model.optimizer)
+        lr = compat.current_learning_rate(optimizer)
         lr = None if lr is None else tf.cast(lr, tf.float32)
         table, matrix, _ = c.build(lr=lr, needs=needs, replicas=replicas)
+        table.graph = layer_graph.build(calls, loss, lambda call: call.path)
+        table.optimizer = optimizer
         return table, matrix, c, ids
 
     def _weight_owners(self):

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import gradtrace
 from gradtrace.detectors import BUILTINS
+from gradtrace.graph import LayerGraph
 from gradtrace.stats import COL, COLUMNS, Row, StatsView, Table
 
 
@@ -26,9 +27,9 @@ def matrix(rows, **cols):
     return m
 
 
-def run(detector, rows, m, steps=1, **view_kw):
+def run(detector, rows, m, steps=1, graph=None, **view_kw):
     """Check ``steps`` times on the same statistics; return (fired [steps, rows], values, explained)."""
-    table = Table(rows)
+    table = Table(rows, graph)
     fired_all, values = [], None
     for s in range(steps):
         view = StatsView(table, tf.constant(m), step=tf.constant(s, tf.int64), **view_kw)
@@ -60,7 +61,7 @@ def mlp_rows(head_activation="linear", head_units=1, loss_kind="regression", fro
 def test_every_builtin_detector_has_a_contract_case_here():
     covered = {"nan", "exploding", "vanishing", "dead_relu", "head_mismatch", "no_gradient", "scale_growth",
                "saturation", "loss_plateau", "embedding_out_of_range", "unused_embedding", "embedding_twins",
-               "embedding_collapse"}
+               "embedding_collapse", "divergence"}
     assert set(BUILTINS) == covered
 
 
@@ -104,6 +105,90 @@ def test_vanishing_needs_a_run_from_the_first_layer_and_ignores_cut_gradients():
     assert not run(gradtrace.Vanishing(patience=1), rows, middle_only)[0].any()
     cut = matrix(rows, norm={8: 0.0, 9: 0.0, 10: 1.0})  # exactly zero: cut off, not vanishing
     assert not run(gradtrace.Vanishing(patience=1), rows, cut)[0].any()
+
+
+# an encoder-decoder: the encoder (run first) reaches the loss through cross-attention ("m/cross"), beside
+# the decoder's embedding, not below it
+SEQ2SEQ = LayerGraph(
+    depth={"m/enc": 3, "m/dec_emb": 3, "m/cross": 2, "m/ffn": 1, "m/out": 0},
+    downstream={"m/enc": {"m/cross", "m/ffn", "m/out"}, "m/dec_emb": {"m/cross", "m/ffn", "m/out"},
+                "m/cross": {"m/ffn", "m/out"}, "m/ffn": {"m/out"}, "m/out": set()},
+    order={"m/enc": 0, "m/dec_emb": 1, "m/cross": 2, "m/ffn": 3, "m/out": 4},
+    consumers={"m/enc": {"m/cross"}, "m/dec_emb": {"m/cross"}, "m/cross": {"m/ffn"}, "m/ffn": {"m/out"}})
+
+
+def seq2seq_rows():
+    paths = ["m/enc", "m/dec_emb", "m/cross", "m/ffn", "m/out"]
+    return ([R(i, "gradient", p, i) for i, p in enumerate(paths)]
+            + [R(5 + i, "weight_gradient", p, i, name="kernel") for i, p in enumerate(paths)]
+            + [R(10, "loss", "loss", 5, cls="loss")])
+
+
+def test_vanishing_compares_a_layer_with_the_layers_it_feeds_by_the_graph_not_by_execution_order():
+    rows = seq2seq_rows()
+    # the encoder's gradient is 1e-6 of the decoder embedding's (a position table: every example adds
+    # to its rows), but 1e-2 of the layers it feeds: healthy
+    m = matrix(rows, norm={5: 1e-6, 6: 1.0, 7: 1e-4, 8: 1e-4, 9: 1e-4})
+    assert run(gradtrace.Vanishing(patience=1), rows, m)[0].any()  # execution order: a false alarm
+    assert not run(gradtrace.Vanishing(patience=1), rows, m, graph=SEQ2SEQ)[0].any()
+    # vanished below everything it feeds: fires, and the bottom layer is blamed
+    m = matrix(rows, norm={5: 1e-9, 6: 1e-9, 7: 1e-9, 8: 1.0, 9: 1.0})
+    fired, _, ex = run(gradtrace.Vanishing(patience=1), rows, m, graph=SEQ2SEQ)
+    assert fired[0][[5, 6, 7]].all() and ex[0][0].path == "m/enc"
+
+
+def test_nan_made_by_a_backward_pass_blames_the_layer_that_reads_the_output():
+    rows = seq2seq_rows()
+    # forward finite; the encoder's output gradient is NaN, cross-attention's is finite: the NaN was made
+    # in cross-attention's backward pass (a sqrt of 0 there)
+    m = matrix(rows, nan={0: 4, 5: 8})
+    _, _, ex = run(gradtrace.NaN(), rows, m, graph=SEQ2SEQ)
+    assert ex[0][0].path == "m/cross" and "backward pass produced" in ex[0][2] and "epsilon" in ex[0][3]
+    _, _, ex = run(gradtrace.NaN(), rows, m)  # no graph: the first non-finite gradient in backward order
+    assert ex[0][0].path == "m/enc"
+
+
+def _divergence_run(det, rows, losses, table=None, **cols):
+    """Feed ``losses`` (one per step) to the loss row; return the fired flags per step and the last explanation."""
+    table = table or Table(rows)
+    loss_i = next(r.index for r in rows if r.kind == "loss")
+    fired_at, ex = [], []
+    for s, value in enumerate(losses):
+        m = matrix(rows, mean={loss_i: value}, **cols)
+        if not np.isfinite(value):
+            m[loss_i, COL["nan"]] = 1.0
+        f, v = det.check(StatsView(table, tf.constant(m), step=tf.constant(s, tf.int64)))
+        f = np.asarray(f, bool)
+        fired_at.append(bool(f.any()))
+        if f.any():
+            ex = list(det.explain(rows, f, np.asarray(v), m, table))
+    return fired_at, ex
+
+
+def test_divergence_fires_on_a_run_away_loss_and_blames_the_learning_rate_inputs_or_targets():
+    import keras
+
+    rows = mlp_rows() + [R(11, "input", "inputs", 0, cls="")]
+    table = Table(rows)
+    table.optimizer = keras.optimizers.SGD(0.5)
+    fired, ex = _divergence_run(gradtrace.Divergence(), rows, [1.0, 0.8, 30.0, 900.0, 2e4], table,
+                                norm={11: 10.0})  # inputs RMS 1 (norm 10 over 100 values)
+    assert fired == [False, False, False, True, False]  # two steps above 10x, once per run-away
+    assert ex[0][0].path == "learning rate" and "0.5" in ex[0][2] and "0.05" in ex[0][3]
+    # the same run-away on inputs of RMS 300: the data's scale is to blame
+    fired, ex = _divergence_run(gradtrace.Divergence(), rows, [1.0, 0.8, 30.0, 900.0], norm={11: 3000.0})
+    assert fired[3] and ex[0][0].path == "inputs" and "standardise" in ex[0][3]
+    # a regression whose targets have RMS 500
+    fired, ex = _divergence_run(gradtrace.Divergence(), rows, [1.0, 0.8, 30.0, 900.0], norm={0: 5000.0})
+    assert ex[0][0].path == "targets"
+    # overflow right after one step above 10x: at once
+    assert _divergence_run(gradtrace.Divergence(), rows, [1.0, 50.0, float("inf")])[0] == [False, False, True]
+    # silent: a slow climb (a GAN generator's loss), one bad batch, a loss that falls
+    assert not any(_divergence_run(gradtrace.Divergence(), rows, list(np.geomspace(1.0, 200.0, 60)))[0])
+    assert not any(_divergence_run(gradtrace.Divergence(), rows, [1.0, 0.5, 0.1, 12.0, 0.1, 0.1, 15.0, 0.1])[0])
+    assert not any(_divergence_run(gradtrace.Divergence(), rows, [2.3, 1.5, 0.9, 0.5, 0.2, 0.05])[0])
+    # NaN in the first step is not a run-away (nothing to grow from): the nan detector's
+    assert not any(_divergence_run(gradtrace.Divergence(), rows, [float("nan"), float("nan")])[0])
 
 
 def test_dead_relu_counts_examples_per_unit_and_blames_the_first_dead_layer():
@@ -177,8 +262,12 @@ def test_scale_growth_fires_on_growth_through_depth_not_on_a_large_input_scale()
 
 def test_saturation_and_loss_plateau():
     rows = [R(0, "output", "m/s", 0, activation="sigmoid"), R(1, "loss", "loss", 1, cls="loss")]
-    fired, _, _ = run(gradtrace.Saturation(patience=2), rows, matrix(rows, saturated={0: 0.95}), steps=2)
-    assert not fired[0].any() and fired[1][0]
+    fired, _, _ = run(gradtrace.Saturation(patience=2), rows, matrix(rows, saturated={0: 0.95}), steps=3)
+    assert fired[:, 0].tolist() == [False, True, False]  # once per episode
+    fired, _, _ = run(gradtrace.Saturation(), rows, matrix(rows, saturated={0: 0.995}), steps=3)
+    assert fired[:, 0].tolist() == [False, False, True]  # all but wholly saturated: after `quick` steps
+    head = [R(0, "output", "m/s", 0, activation="sigmoid", head=True), R(1, "loss", "loss", 1, cls="loss")]
+    assert not run(gradtrace.Saturation(), head, matrix(head, saturated={0: 1.0}), steps=30)[0].any()
     det = gradtrace.LossPlateau(window=3)
     fired, _, _ = run(det, rows, matrix(rows, mean={1: 1.0}), steps=6)
     assert fired.any() and not fired[:2].any()

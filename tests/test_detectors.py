@@ -240,8 +240,6 @@ def test_embedding_id_out_of_range_is_caught_on_untraced_steps_too():
     assert (a.layer, a.step) == ("outer/inner/user_emb", 5)
 
 
-# -- off-by-default detectors --------------------------------------------------------------
-
 def test_saturation_on_a_tanh_layer_with_huge_weights():
     inp = keras.Input((10,))
     h = layers.Dense(32, activation="tanh", kernel_initializer=keras.initializers.Constant(50.0), name="squashed")(inp)
@@ -253,6 +251,8 @@ def test_saturation_on_a_tanh_layer_with_huge_weights():
                       detectors=[gradtrace.Saturation(patience=3)])
     assert [(a.detector, a.layer, a.step) for a in h.anomalies] == [("saturation", "sat/squashed", 2)]
 
+
+# -- off-by-default detectors --------------------------------------------------------------
 
 def test_loss_plateau_when_nothing_learns():
     model = _compile_lr0()

@@ -237,8 +237,8 @@ def test_softmax_classifier():
 
 
 def test_tanh_mlp_with_saturation_and_loss_plateau():
-    # The two off-by-default detectors, on top of the defaults. 50 steps/epoch x 5 epochs
-    # = 250 steps: past loss_plateau's window of 200 and saturation's patience of 20, so
+    # loss_plateau (off by default) on top of the defaults (saturation among them). 50 steps/epoch
+    # x 5 epochs = 250 steps: past loss_plateau's window of 200 and saturation's patience of 20, so
     # both have a real chance to fire.
     x, y = _blobs(1600, 20, 4, seed=8)
     inp = keras.Input((20,))
@@ -247,7 +247,7 @@ def test_tanh_mlp_with_saturation_and_loss_plateau():
         h = layers.Dense(32, activation="tanh", name=f"tanh_{i}")(h)
     out = layers.Dense(4, activation="softmax", name="head")(h)
     model = keras.Model(inp, out, name="tanh_mlp")
-    extra = ["saturation", "loss_plateau"]
+    extra = ["loss_plateau"]
     history, steps = _train(
         model, x, y, "sparse_categorical_crossentropy", epochs=5, detectors=list(DEFAULT) + extra
     )
@@ -277,6 +277,65 @@ def test_small_transformer_encoder():
     history, steps = _train(model, x, y, "binary_crossentropy", lr=3e-3)
     rows = _assert_healthy(model, history, steps, min_drop=0.05, ids_paths=["enc/tok_emb"])
     assert any(r.path == "enc/mha0/key" for r in rows if r.kind == "weight_gradient")
+
+
+class _PositionalEmbedding(layers.Layer):
+    def __init__(self, seq_len, vocab, dim, **kw):
+        super().__init__(**kw)
+        self.token_embeddings = layers.Embedding(vocab, dim)
+        self.position_embeddings = layers.Embedding(seq_len, dim)
+
+    def call(self, x):
+        return self.token_embeddings(x) + self.position_embeddings(keras.ops.arange(0, keras.ops.shape(x)[-1]))
+
+
+class _Block(layers.Layer):
+    """The example's TransformerEncoder (``cross=False``) and TransformerDecoder (causal self-attention, then
+    attention over the encoder's output)."""
+
+    def __init__(self, dim, ff, heads, cross, **kw):
+        super().__init__(**kw)
+        self.cross = cross
+        self.attention_1 = layers.MultiHeadAttention(num_heads=heads, key_dim=dim)
+        self.attention_2 = layers.MultiHeadAttention(num_heads=heads, key_dim=dim) if cross else None
+        self.dense_proj = keras.Sequential([layers.Dense(ff, activation="relu"), layers.Dense(dim)])
+        self.norms = [layers.LayerNormalization() for _ in range(3 if cross else 2)]
+
+    def call(self, x, enc=None):
+        h = self.norms[0](x + self.attention_1(query=x, value=x, key=x, use_causal_mask=self.cross))
+        if self.cross:
+            h = self.norms[1](h + self.attention_2(query=h, value=enc, key=enc))
+        return self.norms[-1](h + self.dense_proj(h))
+
+
+def test_encoder_decoder_transformer():
+    """Keras example "English-to-Spanish translation with a sequence-to-sequence Transformer" (fchollet),
+    shrunk, on a copy-and-reverse task. The encoder runs first but reaches the loss only through the
+    decoder's cross-attention, beside the decoder's own embeddings: "below" comes from the graph."""
+    vocab, seq, dim = 60, 10, 16
+    rng = np.random.default_rng(21)
+    src = rng.integers(1, vocab, (640, seq)).astype("int32")
+    y = src[:, ::-1].copy()
+    tgt = np.concatenate([np.ones((640, 1), "int32"), y[:, :-1]], axis=1)
+    enc_in = keras.Input((seq,), dtype="int32", name="encoder_inputs")
+    encoder = keras.Model(enc_in, _Block(dim, 32, 2, False, name="encoder")(
+        _PositionalEmbedding(seq, vocab, dim, name="enc_emb")(enc_in)), name="enc")
+    dec_in = keras.Input((seq,), dtype="int32", name="decoder_inputs")
+    enc_seq = keras.Input((seq, dim), name="decoder_state_inputs")
+    h = _Block(dim, 32, 2, True, name="decoder")(_PositionalEmbedding(seq, vocab, dim, name="dec_emb")(dec_in), enc_seq)
+    decoder = keras.Model([dec_in, enc_seq], layers.Dense(vocab, activation="softmax", name="probs")(
+        layers.Dropout(0.1, name="drop")(h)), name="dec")
+    model = keras.Model([enc_in, dec_in], decoder([dec_in, encoder(enc_in)]), name="s2s")
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    history = gradtrace.fit(model, [src, tgt], y, batch_size=32, epochs=3, verbose=0)
+    _assert_healthy(model, history, 60, min_drop=0.05, ids_paths=["s2s/enc/enc_emb/embedding"])
+    graph = history.gradtrace.engine.tables[True].graph
+    enc_tok, dec_tok = "s2s/enc/enc_emb/embedding", "s2s/dec/dec_emb/embedding_2"
+    cross, self_attention = "s2s/dec/decoder/multi_head_attention_2", "s2s/dec/decoder/multi_head_attention_1"
+    assert graph.feeds(enc_tok, "s2s/dec/probs") and graph.feeds(enc_tok, f"{cross}/value")
+    assert not graph.feeds(enc_tok, f"{self_attention}/value") and graph.feeds(dec_tok, f"{self_attention}/value")
+    assert not graph.feeds(enc_tok, dec_tok) and not graph.feeds(dec_tok, enc_tok)
+    assert graph.depth("s2s/dec/probs") == 0 and graph.depth(enc_tok) > graph.depth("s2s/enc/encoder")
 
 
 # -- more of what real programs look like: small batches, Keras' default (Glorot) initialisation,

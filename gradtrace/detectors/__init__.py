@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gradtrace.detectors.base import Detector
 from gradtrace.detectors.dead_relu import DeadReLU
+from gradtrace.detectors.divergence import Divergence
 from gradtrace.detectors.embedding_out_of_range import EmbeddingOutOfRange
 from gradtrace.detectors.embedding_tables import EmbeddingCollapse, EmbeddingTwins
 from gradtrace.detectors.exploding import Exploding
@@ -23,14 +24,14 @@ from gradtrace.detectors.vanishing import Vanishing
 BUILTINS = {
     cls.name: cls
     for cls in (NaN, Exploding, Vanishing, DeadReLU, UnusedEmbedding, EmbeddingOutOfRange, Saturation, LossPlateau,
-                HeadMismatch, NoGradient, ScaleGrowth, EmbeddingTwins, EmbeddingCollapse)
+                HeadMismatch, NoGradient, ScaleGrowth, EmbeddingTwins, EmbeddingCollapse, Divergence)
 }
-# Used when detectors=None. saturation, loss_plateau and embedding_collapse are off by default.
-# In this order: the detectors that name a cause (the data, the output layer, the initialisation, a
-# cut in the gradient) come before those that see a symptom (a gradient that explodes or vanishes),
-# so the first anomaly of a step is its most likely origin.
-DEFAULT = ("nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding",
-           "vanishing", "dead_relu", "unused_embedding", "embedding_twins")
+# Used when detectors=None. loss_plateau and embedding_collapse are off by default.
+# In this order: the detectors that name a cause (the learning rate or the data's scale, the data, the
+# output layer, the initialisation, a cut in the gradient) come before those that see a symptom (a
+# gradient that explodes or vanishes), so the first anomaly of a step is its most likely origin.
+DEFAULT = ("divergence", "nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding",
+           "vanishing", "saturation", "dead_relu", "unused_embedding", "embedding_twins")
 
 
 def resolve(detectors) -> list[Detector]:
@@ -67,6 +68,7 @@ __all__ = [
     "DEFAULT",
     "DeadReLU",
     "Detector",
+    "Divergence",
     "EmbeddingCollapse",
     "EmbeddingOutOfRange",
     "EmbeddingTwins",

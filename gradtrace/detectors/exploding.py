@@ -20,8 +20,9 @@ class Exploding(Detector):
       test suite the largest step-to-average ratio was below 10; an injected
       explosion crossed 100 at its first step, long before float32 overflow.
 
-    It blames the layer whose gradient exploded first in backward order (the
-    one nearest the loss); the others are counted in the message.
+    Blame rule: the layer whose gradient exploded first in backward order (the
+    one nearest the loss, by the traced graph), where the growth starts on its
+    way down; the others are counted in the message.
     """
 
     name = "exploding"
@@ -54,7 +55,7 @@ class Exploding(Detector):
 
     def explain(self, rows, fired, values, matrix, table):
         idx = np.flatnonzero(fired)
-        first = max(idx, key=lambda i: (table.rows[i].order, table.rows[i].kind == "gradient"))
+        first = min(idx, key=lambda i: (table.nearness(table.rows[i]), table.rows[i].kind != "gradient"))
         row = table.rows[first]
         norm = float(matrix[first][COL["norm"]])
         what = "output gradient" if row.kind == "gradient" else f"gradient of weight {row.name}"

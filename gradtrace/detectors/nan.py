@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradtrace.detectors.base import Detector
+from gradtrace.graph import base_path
 from gradtrace.stats import COL
 
 # Where to look for the origin, in order: the data, the forward pass in execution
@@ -19,8 +20,13 @@ class NaN(Detector):
 
     Forward values: the first layer in execution order whose output is
     non-finite (all layers before it were finite, so its inputs were).
-    Non-finite inputs or targets blame the data, not a layer. Backward values:
-    the first layer in backward order.
+    Non-finite inputs or targets blame the data, not a layer. Backward values
+    (the forward pass finite): the first non-finite output gradient nearest the
+    loss (by the traced graph) was made by the backward pass of a layer that
+    reads that output, and whose own output gradient is finite: that layer is
+    blamed (a sqrt of 0 has a finite value and an infinite derivative); when
+    the loss alone reads it, the loss. Without a graph, or when no such reader
+    is measured, the first layer in backward order.
     """
 
     name = "nan"
@@ -55,12 +61,30 @@ class NaN(Detector):
         def rank(i):
             r = table.rows[i]
             k = _ORIGIN_ORDER.index(r.kind) if r.kind in _ORIGIN_ORDER else len(_ORIGIN_ORDER)
-            # backward order is the reverse of execution order
-            order = -r.order if r.kind in ("gradient", "weight_gradient") else r.order
+            # backward order: nearest the loss first (by the traced graph)
+            order = table.nearness(r) if r.kind in ("gradient", "weight_gradient") else (r.order,)
             return (k, order, i)
 
         origin = min(idx, key=rank)
         row = table.rows[origin]
+        if row.kind == "gradient" and table.graph is not None:
+            # The first non-finite output gradient (nearest the loss) was made by the backward pass
+            # of a layer reading that output whose own output gradient is finite: a sqrt or a
+            # division at 0 there (a distance layer's sqrt of 0) has a finite value and an
+            # infinite derivative. Blame that layer.
+            fired_rows = set(int(i) for i in idx)
+            readers = table.graph.consumers(row.path)
+            finite = [r for r in table.rows if r.kind == "gradient" and r.index not in fired_rows
+                      and base_path(r.path) in readers]
+            if not finite and table.graph.depth(row.path) == 0:
+                # read by the loss alone: the loss's own backward pass (a sqrt or log in a custom loss)
+                finite = [r for r in table.rows if r.kind == "loss" and r.index not in fired_rows]
+            if finite:
+                made_by = min(finite, key=table.nearness)
+                yield made_by, float(values[origin]), self.backward_message(made_by, row, matrix[origin]), (
+                    f"look in {made_by.path} for a sqrt, log, pow or division whose input can be 0 (the value is "
+                    "finite, its derivative is not): add a small epsilon, e.g. sqrt(maximum(x, 1e-12)).")
+                return
         others = len(idx) - 1
         yield row, float(values[origin]), self.message(row, float(values[origin]), matrix[origin], others), \
             self.hint(row)
@@ -79,6 +103,15 @@ class NaN(Detector):
             return "the loss scale cannot keep the gradients finite: lower the learning rate or clip gradients."
         return (f"the backward pass overflowed at {row.path}: lower the learning rate, or clip gradients "
                 "(clipnorm=1.0 on the optimizer).")
+
+    def backward_message(self, layer_row, grad_row, stats_row):
+        n = int(stats_row[COL["nan"]] + stats_row[COL["inf"]])
+        if layer_row.kind == "loss":
+            return (f"the loss is finite, but its backward pass produced {n} NaN/Inf in the gradient of the model's "
+                    f"output ({grad_row.path}): a function with an infinite derivative at the values it got.")
+        return (f"{layer_row.path} ({layer_row.layer_class}): its forward output and output gradient are finite, "
+                f"but its backward pass produced {n} NaN/Inf in the gradient of its input ({grad_row.path}'s output): "
+                "a function with an infinite derivative at the values it got.")
 
     def message(self, row, value, stats_row, others=0):
         n_nan, n_inf = int(stats_row[COL["nan"]]), int(stats_row[COL["inf"]])

@@ -1,4 +1,4 @@
-"""``saturation``: sigmoid/tanh outputs pinned near their limits for most units. Off by default."""
+"""``saturation``: a hidden sigmoid/tanh layer's outputs pinned near their limits."""
 
 from __future__ import annotations
 
@@ -7,37 +7,58 @@ import tensorflow as tf
 
 from gradtrace.detectors.base import Detector
 
+SATURATING = ("sigmoid", "tanh", "hard_sigmoid")
+
 
 class Saturation(Detector):
-    """Fires when over ``threshold`` (default 0.9) of a sigmoid/tanh layer's outputs are within 1% of
-    the activation's limits for ``patience`` (default 20) traced steps in a row.
+    """Fires when over ``threshold`` (default 0.9) of a hidden sigmoid/tanh layer's outputs are within
+    1% of the activation's limits for ``patience`` (default 20) traced steps in a row; or, sooner, when
+    over ``quick_threshold`` (default 0.99) of them are, for ``quick`` (default 3) steps: a layer that
+    is all but wholly saturated passes almost no gradient (inputs on a large scale, e.g. raw pixel
+    values 0..255 into a sigmoid layer, do this from the first step).
 
-    Off by default: a confident sigmoid output layer of a well-trained
-    classifier saturates by design. Enable it with ``detectors=[..., "saturation"]``.
+    The output layer is left out: a confident classifier's sigmoid or softmax head saturates by
+    design, and a head that cannot reach its targets is ``head_mismatch``'s. Measured on the healthy
+    suite (sigmoid and tanh networks, an LSTM, trained 3+ epochs): silent.
+
+    Blame rule: the saturated hidden layer itself, the first in execution order when several are
+    (a saturated layer's outputs are nearly constant, so the layers after it see little signal).
     """
 
     name = "saturation"
     default_action = "warn"
     needs = ("saturated",)
 
-    def __init__(self, threshold=0.9, patience=20, action=None):
+    def __init__(self, threshold=0.9, patience=20, quick_threshold=0.99, quick=3, action=None):
         super().__init__(action)
         self.threshold = self._check_range("threshold", threshold, 0.0, 1.0, high_open=True)
         self.patience = self._check_int("patience", patience, 1)
+        self.quick_threshold = self._check_range("quick_threshold", quick_threshold, 0.0, 1.0)
+        self.quick = self._check_int("quick", quick, 1)
 
     def check(self, view):
-        mask = view.mask(kinds=("output",), predicate=lambda r: r.activation in ("sigmoid", "tanh", "hard_sigmoid"))
+        mask = view.mask(kinds=("output",), predicate=lambda r: r.activation in SATURATING and not r.head)
         sat = view["saturated"]
         count = self.state(view, "count")
+        fast = self.state(view, "fast")
         new = tf.where(mask & (sat > self.threshold), count + 1.0, 0.0)
+        new_fast = tf.where(mask & (sat > self.quick_threshold), fast + 1.0, 0.0)
         self.update(count, new)
-        return tf.equal(new, float(self.patience)), sat
+        self.update(fast, new_fast)
+        reported = self.state(view, "reported")
+        hit = (new >= float(self.patience)) | (new_fast >= float(self.quick))
+        fired = hit & tf.equal(reported, 0.0)  # once per episode
+        self.update(reported, tf.cast(hit, tf.float32))
+        return fired, sat
 
     def explain(self, rows, fired, values, matrix, table):
-        for i in np.flatnonzero(fired):
-            row = table.rows[i]
-            yield row, float(values[i]), (
-                f"{row.path} ({row.layer_class}, {row.activation}): {float(values[i]):.0%} of its outputs are "
-                f"pinned within 1% of the activation's limits, for {self.patience} steps in a row (saturation)."
-            ), (f"standardise the inputs of {row.path}, lower the learning rate, or use a ReLU-family activation; "
-                "a saturated unit passes almost no gradient.")
+        idx = sorted(np.flatnonzero(fired), key=lambda i: table.rows[i].order)
+        row = table.rows[idx[0]]
+        v = float(values[row.index])
+        later = [table.rows[i].path for i in idx[1:]]
+        tail = f"; also saturated: {', '.join(later)}" if later else ""
+        yield row, v, (
+            f"{row.path} ({row.layer_class}, {row.activation}): {v:.0%} of its outputs are pinned within 1% of "
+            f"the activation's limits, step after step (saturation): its units pass almost no gradient{tail}."
+        ), (f"standardise or rescale the inputs of {row.path} (raw pixel values: divide by 255), lower the "
+            f"learning rate, or use a ReLU-family activation there.")

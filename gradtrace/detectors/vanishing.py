@@ -13,20 +13,28 @@ class Vanishing(Detector):
 
     Per layer, all its weight gradients together: ``rms = |g| / sqrt(n)``. The
     layer's gradient has vanished when ``rms < ratio * max(rms of the layers
-    above it)`` and ``rms < max_rms``. Defaults follow AUTOTRAINER (ICSE 2021:
-    first/last-layer norm ratio < 1e-3 with first-layer norm < 1e-4), made
-    stricter (``ratio=1e-4``, ``max_rms=1e-5``) because it is checked per layer
-    and at every step; ``patience=5``. Taking a layer's weights together keeps
-    a Dense bias before BatchNorm (whose gradient is 0 by construction) from
-    firing. Only a run of such layers starting at the first layer (in execution
-    order) counts: vanishing starts at the bottom of the network, and a single
-    small layer between healthy ones (measured: an attention key projection of
-    a Transformer at initialisation, 4e-6x the layers above) is not a fault. A
+    above it)`` and ``rms < max_rms``. "Above it" comes from the traced graph
+    (:mod:`gradtrace.graph`): the layers on its way to the loss, not the layers
+    that ran after it. Defaults follow AUTOTRAINER (ICSE 2021: first/last-layer
+    norm ratio < 1e-3 with first-layer norm < 1e-4), made stricter
+    (``ratio=1e-4``, ``max_rms=1e-5``) because it is checked per layer and at
+    every step; ``patience=5``. Taking a layer's weights together keeps a Dense
+    bias before BatchNorm (whose gradient is 0 by construction) from firing.
+
+    Vanishing starts at the bottom of the network: a layer counts only when
+    every layer with weights below it (feeding it, by the graph) has vanished
+    too. A single small layer between healthy ones (measured: an attention key
+    projection of a Transformer at initialisation, 4e-6x the layers above) is
+    not a fault, and an encoder that reaches the loss through cross-attention
+    is compared with the layers it feeds, not with the decoder beside it. A
     gradient that is exactly zero is cut off, not vanishing (a dead ReLU layer
     or a constant output above it, which ``dead_relu`` and ``no_gradient``
     name): such layers neither count nor break the run, and a run of only such
-    layers does not fire. It blames the earliest layer affected and counts the
-    others.
+    layers does not fire.
+
+    Blame rule: the vanished layer farthest from the loss (the bottom, where
+    the fix goes: its activation, initialisation or normalisation); the others
+    are counted.
     """
 
     name = "vanishing"
@@ -44,9 +52,13 @@ class Vanishing(Detector):
         paths = sorted({r.path for r in rows}, key=lambda p: min(r.order for r in rows if r.path == p))
         seg = np.array([paths.index(r.path) if r.kind == "weight_gradient" and r.path in paths else len(paths)
                         for r in table.rows], dtype=np.int32)
-        order = np.array([min(r.order for r in rows if r.path == p) for p in paths] + [-1])
-        above = (order[None, :] > order[:, None]).astype(np.float32)  # above[i, j]: layer j is above layer i
-        return len(paths), seg, above
+        k = len(paths)
+        # above[i, j]: layer j is on layer i's way to the loss; the padding column k is above nothing
+        above = np.zeros([k + 1, k + 1], np.float32)
+        for i, a in enumerate(paths):
+            for j, b in enumerate(paths):
+                above[i, j] = float(i != j and table.feeds(a, b))
+        return k, seg, above
 
     def check(self, view):
         n_layers, seg, above = self._layers(view.table)
@@ -62,12 +74,14 @@ class Vanishing(Detector):
         # An exactly-zero gradient is cut, not vanished (a dead ReLU layer or a constant output
         # above it: dead_relu and no_gradient say which); it neither counts nor breaks the run.
         zero = tf.equal(rms, 0.0) & (size > 0)
-        # Vanishing is a property of the earliest layers: only a run of vanished layers
-        # starting at the first one counts. A single small layer between healthy ones
-        # (an attention key projection at initialisation, a bias before a norm) does not.
-        prefix = tf.cast(tf.math.cumprod(tf.cast((small | zero)[:-1], tf.float32)), tf.bool)
-        real = tf.reduce_any(prefix & ~zero[:-1])  # at least one layer truly small, not only cut
-        vanished = tf.concat([prefix & real, [False]], 0)
+        # Vanishing is a property of the bottom of the network: a layer counts only when every
+        # layer feeding it has vanished (or is cut) too. A single small layer between healthy
+        # ones (an attention key projection at initialisation, a bias before a norm) does not.
+        gone = tf.cast(small | zero, tf.float32)
+        below = tf.constant(above.T)  # below[i, j]: layer j feeds layer i
+        closed = (small | zero) & tf.equal(tf.linalg.matvec(below, 1.0 - gone), 0.0)
+        real = tf.reduce_any(closed[:-1] & ~zero[:-1])  # at least one layer truly small, not only cut
+        vanished = tf.concat([closed[:-1] & real, [False]], 0)
         count = self.state(view, "count")  # per row; rows of one layer move together
         per_row = tf.gather(vanished, seg)
         new = tf.where(per_row, count + 1.0, 0.0)
@@ -80,7 +94,7 @@ class Vanishing(Detector):
         layers = {}
         for i in idx:
             layers.setdefault(table.rows[i].path, i)
-        first = min(layers.values(), key=lambda i: table.rows[i].order)
+        first = max(layers.values(), key=lambda i: table.nearness(table.rows[i]))  # the bottom
         row = table.rows[first]
         others = len(layers) - 1
         tail = f"; {others} more layer(s) affected" if others else ""
