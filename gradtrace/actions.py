@@ -22,7 +22,7 @@ from gradtrace.anomaly import BLOCKING, Anomaly, AnomalyError, AnomalyLog, Detec
 from gradtrace.stats import row_dict
 from gradtrace.step import KEY, TRACED, UNTRACED, Plan
 
-_TENSOR_NAMES = {"ids": "input"}
+_TENSOR_NAMES = {"ids": "input", "labels": "target"}
 
 
 def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoch, replica_faults=None, columns=None):

@@ -29,10 +29,11 @@ MAX_VISITS = 500_000
 class LayerGraph:
     """``depth`` and ``downstream`` per layer path (a layer called twice: both calls together)."""
 
-    def __init__(self, depth: dict, downstream: dict, order: dict, consumers=None):
+    def __init__(self, depth: dict, downstream: dict, order: dict, consumers=None, feeders=None):
         self._depth = depth
         self._downstream = downstream
         self._consumers = consumers or {}  # path -> the layers reading its output directly
+        self._feeders = feeders or {}  # path -> the layers whose outputs it reads directly
         self._order = order  # path -> execution order of its first call (the fallback)
 
     def _known(self, path):
@@ -57,6 +58,12 @@ class LayerGraph:
         """The layers that read ``path``'s output directly (empty when unknown)."""
         known = self._known(path)
         return self._consumers.get(known, frozenset()) if known is not None else frozenset()
+
+    def feeders(self, path):
+        """The layers whose outputs ``path`` reads directly (empty: it reads the model's inputs);
+        None when the graph does not know ``path``."""
+        known = self._known(path)
+        return None if known is None else self._feeders.get(known, frozenset())
 
     def feeds(self, path, other) -> bool:
         """True when ``other``'s output depends on ``path``'s (``other`` is above ``path``)."""
@@ -146,11 +153,14 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
                 depth_of[p] = depth_of[ref] + 1
                 queue.append(p)
     memo: dict = {}  # captured tensor -> every captured tensor it feeds, transitively
-    depth, downstream, consumers = {}, {}, {}
+    depth, downstream, consumers, feeders = {}, {}, {}, {}
     for ref, paths in owners.items():
         direct = {base_path(p) for c in children.get(ref, ()) for p in owners[c]}
+        fed_by = {base_path(p) for c in parents.get(ref, ()) for p in owners[c]}
         for path in paths:
             consumers.setdefault(path, set()).update(direct - {base_path(p) for p in paths})
+            for q in (path, base_path(path)):
+                feeders.setdefault(q, set()).update(fed_by - {base_path(p) for p in paths})
         d = depth_of.get(ref)
         reach = {base_path(p) for c in _iterative_above(ref, children, memo) for p in owners[c]}
         # a call and its layer (all of that layer's calls together: a shared layer)
@@ -162,7 +172,7 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
     for path in downstream:
         depth.setdefault(path, far)  # captured but not on the way to this loss (another head's)
     return LayerGraph(depth, {p: frozenset(s) for p, s in downstream.items()}, order,
-                      {p: frozenset(s) for p, s in consumers.items()})
+                      {p: frozenset(s) for p, s in consumers.items()}, {p: frozenset(s) for p, s in feeders.items()})
 
 
 def _iterative_above(ref, children, memo):

@@ -55,7 +55,7 @@ COLUMNS = (
 )
 COL = {name: i for i, name in enumerate(COLUMNS)}
 
-KINDS = ("input", "target", "output", "gradient", "weight", "weight_gradient", "loss", "ids")
+KINDS = ("input", "target", "output", "gradient", "weight", "weight_gradient", "loss", "ids", "labels")
 FORWARD_KINDS = ("output",)
 BACKWARD_KINDS = ("gradient", "weight_gradient")
 
@@ -132,11 +132,23 @@ class Table:
         return None
 
 
+@dataclass
+class Lookup:
+    """One Embedding call of a traced step: the ``ids`` it looked up, the ``rows`` it gathered (its
+    output, ``ids.shape + [d]``), their gradient (``None`` when no gradient reaches them) and the
+    ``layer``. Detectors reduce these per lookup, O(looked-up rows): nothing densifies a table."""
+
+    ids: object
+    rows: object
+    grad: object
+    layer: object
+
+
 class StatsView:
     """What a detector's in-graph check sees: columns of the packed matrix, by name."""
 
     def __init__(self, table: Table, matrix, step=None, ids=None, loss_scaled=False, alive=None,
-                 unit_rows=(), examples=None):
+                 unit_rows=(), examples=None, lookups=None):
         self.table = table
         self.matrix = matrix
         self.step = step
@@ -151,6 +163,8 @@ class StatsView:
         self.loss_scaled = loss_scaled
         # row index of each ``ids`` row -> the int ids tensor (before the lookup)
         self.ids = ids or {}
+        # row index of each ``ids`` row -> its :class:`Lookup` (traced steps, dense ids)
+        self.lookups = lookups or {}
 
     def __getitem__(self, name):
         return self.matrix[:, COL[name]]
@@ -323,6 +337,7 @@ class Collector:
 
     def __init__(self):
         self.rows: list[Row] = []
+        self.lookups: dict = {}  # ids row index -> Lookup
         self._vectors = []
         self._counted = []
         self._ratios = []  # (weight_gradient row, weight row)

@@ -243,8 +243,24 @@ class Variant:
         return host, dist
 
 
-def _float_tensors(structure, prefix):
-    """Flatten a data structure into ``[(name, tensor)]`` of float tensors."""
+def _label_units(model):
+    """The number of classes a sparse crossentropy's labels index: the last dimension of the model's
+    single output, when the loss is a sparse categorical crossentropy and the shape is known."""
+    if loss_kind(model)[0] != "sparse_categorical_crossentropy":
+        return None
+    outputs = getattr(model, "outputs", None)
+    try:
+        if outputs and len(outputs) == 1:
+            units = outputs[0].shape[-1]
+            return int(units) if units is not None and int(units) > 1 else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return None
+
+
+def _float_tensors(structure, prefix, integers=False):
+    """Flatten a data structure into ``[(name, tensor)]`` of float tensors (and integer ones, as float,
+    with ``integers``: class labels are targets too)."""
     out = []
     if isinstance(structure, dict):
         items = sorted(structure.items())
@@ -256,10 +272,12 @@ def _float_tensors(structure, prefix):
         if value is None:
             continue
         if isinstance(value, (dict, list, tuple)):
-            out.extend(_float_tensors(value, f"{prefix}{name}/"))
+            out.extend(_float_tensors(value, f"{prefix}{name}/", integers))
             continue
         if isinstance(value, (tf.Tensor, tf.Variable)) and value.dtype.is_floating:
             out.append((f"{prefix}{name}".rstrip("/"), value))
+        elif integers and isinstance(value, (tf.Tensor, tf.Variable)) and value.dtype.is_integer:
+            out.append((f"{prefix}{name}".rstrip("/"), tf.cast(value, tf.float32)))
     return out
 
 
@@ -287,6 +305,8 @@ class Engine:
         self.actions = dict(actions)  # detector name -> action
         self.tap = tap
         self.sanitize_ids = any(d.wants_ids for d in self.detectors)
+        # class labels of a sparse crossentropy, checked against the output's units before the loss
+        self.label_units = _label_units(model) if any(d.wants_labels for d in self.detectors) else None
         # the statistics the detectors read (each variant computes what its own detectors need)
         self.columns = {c for d in self.detectors for c in d.needs}
         self.variants = {}  # Plan -> Variant
@@ -369,7 +389,7 @@ class Engine:
     def _detectors_for(self, plan):
         if not plan.detects:
             return []
-        return [d for d in self.detectors if d.checks_in_step and (plan.traced or d.every_step or d.wants_ids)]
+        return [d for d in self.detectors if d.checks_in_step and (plan.traced or d.every_step or d.wants_ids or d.wants_labels)]
 
     def _run_step(self, variant, data, body=None):
         plan = variant.plan
@@ -392,6 +412,13 @@ class Engine:
         unpacked = data if isinstance(data, tuple) and 1 <= len(data) <= 3 else (data,)
         ctx.x, ctx.y, ctx.sample_weight = (tuple(unpacked) + (None, None))[:3]
         ctx.step = None  # the iterations of the step's first optimizer, read before its update
+        ctx.labels = None
+        if body is None and self.label_units and isinstance(ctx.y, tf.Tensor) and ctx.y.dtype.is_integer:
+            # a label outside [0, units) aborts the loss on CPU and gives NaN on GPU: check it first,
+            # and let the step complete on label 0 (the detector holds it)
+            ctx.labels = ctx.y
+            bad = (ctx.y < 0) | (ctx.y >= self.label_units)
+            data = (ctx.x, tf.where(bad, tf.zeros_like(ctx.y), ctx.y)) + tuple(unpacked[2:])
         with ctx.active():
             logs = self.model_train_step(data) if body is None else body()
         return self._finish(ctx, logs, metric_vars, saved_metrics)
@@ -541,7 +568,7 @@ class Engine:
         if plan.mode == "train" and not plan.summary_bins:
             segment.columns = st.computed_columns(needs, self.columns)
         examples = _batch_size(ctx.x) * (replicas.n if replicas is not None else 1)
-        view = st.StatsView(table, matrix, ctx.step, ids, loss_scaled=loss_scaled,
+        view = st.StatsView(table, matrix, ctx.step, ids, loss_scaled=loss_scaled, lookups=collector.lookups,
                             alive=getattr(collector, "alive", None), unit_rows=collector.unit_rows(),
                             examples=tf.cast(examples, tf.float32))
         fired, values = [], []
@@ -617,8 +644,11 @@ class Engine:
         if traced:
             for name, t in _float_tensors(ctx.x, ""):
                 c.add("input", "inputs", t, name=name, shape=tuple(t.shape))
-            for name, t in _float_tensors(ctx.y, ""):
+            for name, t in _float_tensors(ctx.y, "", integers=True):
                 c.add("target", "targets", t, name=name, shape=tuple(t.shape), always=RANGE)
+        if getattr(ctx, "labels", None) is not None:
+            c.add("labels", "targets", values=st.ids_stats(ctx.labels, self.label_units), counted=None,
+                  layer_class="labels", name="labels", input_dim=self.label_units, shape=tuple(ctx.labels.shape))
         order = {}
         for i, call in enumerate(calls):
             order.setdefault(id(call.layer), i)
@@ -662,13 +692,22 @@ class Engine:
             table.optimizer = optimizer
             return table, matrix, c, ids
         k = 0
+        grad_of = {}
         for c_i, call in enumerate(calls):
             for p, t in zip(call.output_paths, call.outputs):
                 g = ograds[k]
                 k += 1
                 if g is not None:
-                    c.add("gradient", p, scaled(tf.convert_to_tensor(g)), layer_class=type(call.layer).__name__,
-                          shape=tuple(t.shape), order=c_i)
+                    g = scaled(tf.convert_to_tensor(g))
+                    grad_of[id(t)] = g
+                    c.add("gradient", p, g, layer_class=type(call.layer).__name__, shape=tuple(t.shape), order=c_i)
+        # each Embedding call's looked-up rows (its output) and their gradients, beside its ids
+        by_path = {call.path: call for call in calls}
+        for i, ids_t in ids.items():
+            call = by_path.get(c.rows[i].path)
+            rows = call.outputs[0] if call is not None and len(call.outputs) == 1 else None
+            if rows is not None and rows.shape.rank == ids_t.shape.rank + 1:
+                c.lookups[i] = st.Lookup(ids_t, rows, grad_of.get(id(rows)), call.layer)
         # Weights only change through (gated) updates, so they are measured on reported
         # steps only, unless a detector needs their norm every step (update_ratio).
         deferred = "update_ratio" not in self.columns and not needs >= st.ALL_BASE

@@ -36,6 +36,7 @@ SCALARS = {
     "weight_gradient": ("norm", "update_ratio"),
     "weight": ("norm",),
     "ids": ("min", "max", "bad"),
+    "labels": ("min", "max", "bad"),
     "input": ("mean", "std"),
     "target": ("mean", "std"),
 }

@@ -10,7 +10,7 @@ import tensorflow as tf
 import gradtrace
 from gradtrace.detectors import BUILTINS
 from gradtrace.graph import LayerGraph
-from gradtrace.stats import COL, COLUMNS, Row, StatsView, Table
+from gradtrace.stats import COL, COLUMNS, Lookup, Row, StatsView, Table
 
 
 def R(i, kind, path, order, **kw):
@@ -61,7 +61,7 @@ def mlp_rows(head_activation="linear", head_units=1, loss_kind="regression", fro
 def test_every_builtin_detector_has_a_contract_case_here():
     covered = {"nan", "exploding", "vanishing", "dead_relu", "head_mismatch", "no_gradient", "scale_growth",
                "saturation", "loss_plateau", "embedding_out_of_range", "unused_embedding", "embedding_twins",
-               "embedding_collapse", "divergence"}
+               "embedding_collapse", "divergence", "labels_out_of_range", "embedding_rows"}
     assert set(BUILTINS) == covered
 
 
@@ -189,6 +189,63 @@ def test_divergence_fires_on_a_run_away_loss_and_blames_the_learning_rate_inputs
     assert not any(_divergence_run(gradtrace.Divergence(), rows, [2.3, 1.5, 0.9, 0.5, 0.2, 0.05])[0])
     # NaN in the first step is not a run-away (nothing to grow from): the nan detector's
     assert not any(_divergence_run(gradtrace.Divergence(), rows, [float("nan"), float("nan")])[0])
+
+
+def test_labels_out_of_range_names_the_label_and_the_units():
+    rows = [Row(index=0, kind="labels", path="targets", layer_class="labels", input_dim=3, shape=(8,))]
+    m = matrix(rows, bad={0: 2}, bad_value={0: 3}, bad_index={0: 5}, min={0: 1}, max={0: 3})
+    fired, _, ex = run(gradtrace.LabelsOutOfRange(), rows, m)
+    assert fired[0][0] and ex[0][0].path == "targets" and "label 3" in ex[0][2] and "y - 1" in ex[0][3]
+    assert not run(gradtrace.LabelsOutOfRange(), rows, matrix(rows, min={0: 0}, max={0: 2}))[0].any()
+
+
+def test_embedding_rows_exploding_rows_and_rows_that_never_learn():
+    import keras
+
+    layer = keras.layers.Embedding(10, 4)
+    layer.build((None,))
+    rows = [Row(index=0, kind="ids", path="m/items", layer_class="Embedding", input_dim=10, shape=(8,))]
+    ids = tf.constant([1, 2, 3, 4, 5, 6, 7, 2])
+    gathered = np.ones((8, 4), np.float32) * 0.5  # norm 1
+    gathered[3] *= 100.0  # id 4: norm 100
+    det = gradtrace.EmbeddingRows(patience=2)
+    table = Table(rows)
+    fired = []
+    for s in range(3):
+        view = StatsView(table, tf.constant(matrix(rows)), step=tf.constant(s, tf.int64),
+                         lookups={0: Lookup(ids, tf.constant(gathered), tf.zeros([8, 4]), layer)})
+        f, v = det.check(view)
+        fired.append(bool(np.asarray(f)[0]))
+    assert fired == [False, True, False]  # after `patience` steps, once per episode
+    ex = list(det.explain(rows, np.array([True]), np.asarray(v), matrix(rows), table))
+    assert ex[0][0].path == "m/items" and "worst ids: 4" in ex[0][2] and "100" in ex[0][2]
+    # no lookup ever got a gradient (the zeros above): the table never learns
+    det.min_lookups = 4
+    found = list(det.epoch_end(None))
+    assert found and found[0][0] == "m/items" and "none of the 7 rows" in found[0][3] and "stop_gradient" in found[0][4]
+    layer.trainable = False  # frozen on purpose: not a finding
+    assert not list(det.epoch_end(None))
+
+
+def test_exploding_blames_where_the_forward_pass_grew_or_the_data():
+    rows = mlp_rows() + [R(11, "input", "inputs", 0, cls="")]
+    graph = LayerGraph(depth={"m/d1": 2, "m/d2": 1, "m/out": 0},
+                       downstream={"m/d1": {"m/d2", "m/out"}, "m/d2": {"m/out"}, "m/out": set()},
+                       order={"m/d1": 0, "m/d2": 1, "m/out": 2},
+                       consumers={"m/d1": {"m/d2"}, "m/d2": {"m/out"}},
+                       feeders={"m/d1": set(), "m/d2": {"m/d1"}, "m/out": {"m/d2"}})
+    # d2's output is 1000x its input (RMS 1 -> 1000): the out layer's weight gradient explodes
+    m = matrix(rows, norm={11: 10.0, 1: 10.0, 2: 1e4, 3: 1e4, 10: 5e6})
+    _, _, ex = run(gradtrace.Exploding(), rows, m, graph=graph)
+    assert ex[0][0].path == "m/d2" and "blew up" in ex[0][2]
+    # no layer grows, the inputs are on a large scale (RMS 1000)
+    m = matrix(rows, norm={11: 1e4, 1: 1e4, 2: 1e4, 3: 1e4, 8: 5e6})
+    _, _, ex = run(gradtrace.Exploding(), rows, m, graph=graph)
+    assert ex[0][0].path == "inputs" and "standardise" in ex[0][3]
+    # nothing to blame outside: the layer nearest the loss, as without a graph
+    m = matrix(rows, norm={11: 10.0, 1: 10.0, 2: 10.0, 3: 10.0, 9: 5e6})
+    _, _, ex = run(gradtrace.Exploding(), rows, m, graph=graph)
+    assert ex[0][0].path == "m/d2"
 
 
 def test_dead_relu_counts_examples_per_unit_and_blames_the_first_dead_layer():

@@ -10,9 +10,11 @@ from gradtrace.detectors.base import Detector
 from gradtrace.detectors.dead_relu import DeadReLU
 from gradtrace.detectors.divergence import Divergence
 from gradtrace.detectors.embedding_out_of_range import EmbeddingOutOfRange
+from gradtrace.detectors.embedding_rows import EmbeddingRows
 from gradtrace.detectors.embedding_tables import EmbeddingCollapse, EmbeddingTwins
 from gradtrace.detectors.exploding import Exploding
 from gradtrace.detectors.head_mismatch import HeadMismatch
+from gradtrace.detectors.labels_out_of_range import LabelsOutOfRange
 from gradtrace.detectors.loss_plateau import LossPlateau
 from gradtrace.detectors.nan import NaN
 from gradtrace.detectors.no_gradient import NoGradient
@@ -24,14 +26,16 @@ from gradtrace.detectors.vanishing import Vanishing
 BUILTINS = {
     cls.name: cls
     for cls in (NaN, Exploding, Vanishing, DeadReLU, UnusedEmbedding, EmbeddingOutOfRange, Saturation, LossPlateau,
-                HeadMismatch, NoGradient, ScaleGrowth, EmbeddingTwins, EmbeddingCollapse, Divergence)
+                HeadMismatch, NoGradient, ScaleGrowth, EmbeddingTwins, EmbeddingCollapse, Divergence,
+                EmbeddingRows, LabelsOutOfRange)
 }
 # Used when detectors=None. loss_plateau and embedding_collapse are off by default.
 # In this order: the detectors that name a cause (the learning rate or the data's scale, the data, the
 # output layer, the initialisation, a cut in the gradient) come before those that see a symptom (a
 # gradient that explodes or vanishes), so the first anomaly of a step is its most likely origin.
-DEFAULT = ("divergence", "nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding",
-           "vanishing", "saturation", "dead_relu", "unused_embedding", "embedding_twins")
+DEFAULT = ("divergence", "nan", "embedding_out_of_range", "labels_out_of_range", "head_mismatch", "scale_growth",
+           "no_gradient", "exploding", "vanishing", "saturation", "dead_relu", "unused_embedding", "embedding_rows",
+           "embedding_twins")
 
 
 def resolve(detectors) -> list[Detector]:
@@ -71,9 +75,11 @@ __all__ = [
     "Divergence",
     "EmbeddingCollapse",
     "EmbeddingOutOfRange",
+    "EmbeddingRows",
     "EmbeddingTwins",
     "Exploding",
     "HeadMismatch",
+    "LabelsOutOfRange",
     "LossPlateau",
     "NaN",
     "NoGradient",

@@ -39,6 +39,9 @@ class Detector:
     every_step = False
     # Sees Embedding ids (rows of kind "ids") and wants them sanitised before the lookup.
     wants_ids = False
+    # Sees the class labels of a sparse crossentropy (a row of kind "labels") and wants them made safe
+    # before the loss.
+    wants_labels = False
     # Where its findings come from: "step" (check/explain) and/or "epoch_end" (epoch_end).
     reports_at: tuple = ("step",)
 

@@ -36,7 +36,7 @@ class EmbeddingOutOfRange(Detector):
             flat = int(st[COL["bad_index"]])
             yield row, float(bad_id), (
                 f"{row.path} ({row.layer_class}) got id {bad_id}, outside [0, input_dim={row.input_dim}), "
-                f"at {_where(flat, row.shape)}; {int(st[COL['bad']])} bad id(s) in this batch "
+                f"at {where_in_batch(flat, row.shape)}; {int(st[COL['bad']])} bad id(s) in this batch "
                 f"(ids seen: min {int(st[COL['min']])}, max {int(st[COL['max']])}). "
                 f"Raise input_dim to at least {max(bad_id + 1, row.input_dim)} or fix the id mapping."
             ), (f"Embedding(input_dim={max(bad_id + 1, row.input_dim)}, ...) in {row.path}, or map ids into "
@@ -44,7 +44,7 @@ class EmbeddingOutOfRange(Detector):
                 if bad_id >= 0 else f"negative ids read the table from its end: map ids into [0, {row.input_dim}).")
 
 
-def _where(flat, shape):
+def where_in_batch(flat, shape):
     inner = shape[1:] if len(shape) > 1 else ()
     if inner and all(isinstance(d, int) for d in inner):
         per = int(np.prod(inner))

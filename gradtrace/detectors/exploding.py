@@ -5,8 +5,18 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from gradtrace.detectors import culprit
 from gradtrace.detectors.base import Detector
+from gradtrace.graph import base_path
 from gradtrace.stats import COL
+
+
+# A layer's output this many times larger (RMS) than its input is where a forward pass blew up
+# (Glorot/He initialisation keeps the scale within ~2x per layer; N(0,1) kernels grow it ~6x at 64 units).
+GROWTH = 10.0
+# ... and only a large output counts (healthy activations are O(1); a sigmoid's 0.5 over tiny inputs is
+# growth but not a blow-up).
+LARGE = 100.0
 
 
 class Exploding(Detector):
@@ -20,9 +30,15 @@ class Exploding(Detector):
       test suite the largest step-to-average ratio was below 10; an injected
       explosion crossed 100 at its first step, long before float32 overflow.
 
-    Blame rule: the layer whose gradient exploded first in backward order (the
-    one nearest the loss, by the traced graph), where the growth starts on its
-    way down; the others are counted in the message.
+    Blame rule: the gradient that exploded first in backward order (nearest the
+    loss, by the traced graph), where the growth starts on its way down; the
+    others are counted. Two exceptions name the origin instead. A weight
+    gradient that exploded while its layer's output gradient did not is large
+    because the layer's input is: the layer feeding it is blamed (a ReLU
+    recurrence whose output grows), or the inputs when they are on a large
+    scale. An explosion at the output layer itself blames the data's scale or,
+    once an update has been applied, the learning rate
+    (:mod:`gradtrace.detectors.culprit`).
     """
 
     name = "exploding"
@@ -50,6 +66,7 @@ class Exploding(Detector):
         ok = mask & finite & ~fired & tf.math.is_finite(norm)
         self.update(ema, tf.where(ok, tf.where(seen > 0, self.decay * ema + (1 - self.decay) * norm, norm), ema))
         self.update(seen, seen + tf.cast(ok, tf.float32))
+        self._seen = seen
         ratio = norm / tf.maximum(ema, 1e-30)
         return fired, tf.where(norm > self.max_norm, norm, ratio)
 
@@ -64,6 +81,73 @@ class Exploding(Detector):
         else:
             why = f"norm {norm:.4g} is {float(values[first]):.4g}x its running average (factor={self.factor:g})"
         tail = f"; {len(idx) - 1} more gradient(s) below it exploded too" if len(idx) > 1 else ""
-        yield row, norm, f"{row.path} ({row.layer_class}): {what} {why}{tail}.", (
+        found = f"{row.path} ({row.layer_class}): {what} {why}{tail}"
+        origin = self._origin(row, set(int(i) for i in idx), matrix, table)
+        if origin is not None:
+            blamed, because, hint = origin
+            yield blamed, norm, f"{found}; {because}.", hint
+            return
+        yield row, norm, f"{found}.", (
             "lower the learning rate or clip gradients (clipnorm=1.0 on the optimizer); if it fires at step 0, "
             f"check the scale of {row.path}'s inputs and initialisation.")
+
+    def _origin(self, row, fired, matrix, table):
+        """Where the explosion comes from when it is not ``row``'s own doing: ``(row, why, hint)`` or None.
+
+        In order, on the step's own statistics and the traced graph:
+
+        1. the inputs, or a regression's targets, on a large scale (:mod:`gradtrace.detectors.culprit`);
+        2. a hidden layer whose output is large (RMS above ``LARGE``) and more than ``GROWTH`` times its
+           input's, the largest such growth: the forward pass blew up there (a ReLU recurrence), and
+           every gradient computed from its output (the weights above it, the loss) is large with it;
+        3. at the output layer (nothing between it and the loss), once an update has been applied:
+           the learning rate.
+        """
+        if table.graph is None:
+            return None
+        blamed, why, hint = culprit.outside_the_network(table, matrix, row)
+        if blamed.kind in ("input", "target"):
+            return blamed, why, hint
+        grown = self._largest_growth(matrix, table)
+        if grown is not None:
+            src, growth, scale = grown
+            return src, (f"the forward pass blew up at {src.path} ({src.layer_class}): its output (RMS {scale:.4g}) is "
+                         f"{growth:.3g}x its input's, and the gradients computed from it are large with it"), (
+                f"keep {src.path}'s output in range: a bounded activation (tanh) or normalisation after it, a lower "
+                "learning rate, or clipnorm=1.0 on the optimizer; a ReLU recurrence (an RNN/LSTM with "
+                "activation='relu') grows without bound.")
+        if table.graph.depth(row.path) == 0 and not self._first_step():
+            return blamed, why, hint
+        return None
+
+    @staticmethod
+    def _largest_growth(matrix, table):
+        """``(output row, growth, its RMS)`` of the layer whose output grew most over its input, when that
+        growth is above ``GROWTH``; None otherwise."""
+        graph = table.graph
+        out_rms = {}
+        for r in table.rows:
+            if r.kind == "output":
+                out_rms.setdefault(base_path(r.path), []).append((culprit.rms(matrix[r.index]), r))
+        inputs = [culprit.rms(matrix[r.index]) for r in table.rows if r.kind == "input"]
+        best = None
+        for path, outs in out_rms.items():
+            scale, row = max(outs, key=lambda p: p[0])
+            feeders = graph.feeders(path)
+            if feeders is None or not scale > LARGE or graph.depth(path) == 0:
+                continue  # the output layer's scale is the targets' (culprit's), not a blow-up
+            if feeders:
+                ins = [v for f in feeders for v, _ in out_rms.get(f, ())]
+            else:
+                ins = inputs
+            if not ins or not np.isfinite(scale):
+                continue
+            growth = scale / max(max(ins), 1e-30)
+            key = (growth, path.count("/"))
+            if growth > GROWTH and (best is None or key > best[0]):
+                best = (key, row, growth, scale)
+        return None if best is None else best[1:]
+    def _first_step(self):
+        """No update applied yet in this fit (the learning rate cannot be to blame)."""
+        seen = getattr(self, "_seen", None)
+        return seen is None or not bool(np.any(seen.numpy() > 0))

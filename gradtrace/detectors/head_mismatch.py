@@ -11,6 +11,7 @@ from gradtrace.heads import CROSSENTROPY
 # what was found, by code (the anomaly's value)
 SOFTMAX_ONE_UNIT, TARGETS_OUT_OF_RANGE, RELU_NEGATIVE_TARGETS, RELU_BEFORE_CROSSENTROPY, UNBOUNDED_CROSSENTROPY = \
     1, 2, 3, 4, 5
+TANH_TARGETS_OUT_OF_RANGE, BINARY_ON_SOFTMAX = 6, 7
 _BOUNDED = ("sigmoid", "softmax", "hard_sigmoid")
 
 
@@ -25,13 +26,19 @@ class HeadMismatch(Detector):
     4. a ReLU output feeding a crossentropy: a ReLU on logits (or on probabilities) cuts every
        negative score to 0;
     5. a crossentropy with ``from_logits=False`` on a linear (unbounded) output: Keras clips the
-       "probabilities" into [1e-7, 1 - 1e-7], so most gradients are zero.
+       "probabilities" into [1e-7, 1 - 1e-7], so most gradients are zero;
+    6. a tanh output with regression targets outside [-1, 1];
+    7. a softmax output feeding ``binary_crossentropy``: the units compete for one class while the
+       loss scores each as a separate yes/no.
+
+    The targets include integer labels (class indices); a sparse crossentropy's labels are indices,
+    not values, and are ``labels_out_of_range``'s to check.
 
     Blame rule: always the output layer; the data is never blamed, since the mismatch is between
-    the targets and the layer. Cases 1, 4 and 5 are read off the model and the compiled loss, and
-    fire at the first traced step; 2 and 3 read the batch's targets (minimum and maximum over the
+    the targets and the layer. Cases 1, 4, 5 and 7 are read off the model and the compiled loss, and
+    fire at the first traced step; 2, 3 and 6 read the batch's targets (minimum and maximum over the
     whole batch, under a strategy too), at the first traced step whose targets show it. Only one
-    output and one float target are compared (with several outputs, only cases 1, 4 and 5).
+    output and one target are compared (with several outputs, only cases 1, 4, 5 and 7).
     ``tolerance=1e-6`` leaves room for rounding of targets already in range.
     """
 
@@ -48,6 +55,8 @@ class HeadMismatch(Detector):
         units = row.shape[-1] if row.shape else None
         if row.activation == "softmax" and units == 1:
             return SOFTMAX_ONE_UNIT
+        if loss is not None and loss.loss_kind == "binary_crossentropy" and row.activation == "softmax":
+            return BINARY_ON_SOFTMAX
         if loss is not None and loss.loss_kind in CROSSENTROPY:
             if row.activation in ("relu", "relu6"):
                 return RELU_BEFORE_CROSSENTROPY
@@ -70,10 +79,14 @@ class HeadMismatch(Detector):
             head, target = heads[0], targets[0]
             lo, hi = view["min"][target.index], view["max"][target.index]
             code = 0.0
-            if head.activation in _BOUNDED:
+            sparse = loss is not None and loss.loss_kind == "sparse_categorical_crossentropy"
+            if head.activation in _BOUNDED and not sparse:  # sparse labels are indices: labels_out_of_range's
                 code = tf.where((lo < -self.tolerance) | (hi > 1.0 + self.tolerance), float(TARGETS_OUT_OF_RANGE), 0.0)
             elif head.activation in ("relu", "relu6") and (loss is None or loss.loss_kind not in CROSSENTROPY):
                 code = tf.where(lo < -self.tolerance, float(RELU_NEGATIVE_TARGETS), 0.0)
+            elif head.activation == "tanh" and (loss is None or loss.loss_kind not in CROSSENTROPY):
+                code = tf.where((lo < -1.0 - self.tolerance) | (hi > 1.0 + self.tolerance),
+                                float(TANH_TARGETS_OUT_OF_RANGE), 0.0)
             if static[head.index] == 0:
                 codes.append(tf.scatter_nd([[head.index]], tf.reshape(tf.cast(code, tf.float32), [1]), [n]))
         code = tf.reduce_max(tf.stack(codes), axis=0)
@@ -103,6 +116,19 @@ class HeadMismatch(Detector):
                        f"range over [{lo:.4g}, {hi:.4g}]: it saturates trying to reach them.")
                 hint = (f"for a regression target use a linear output (activation=None) on {row.path}, or scale "
                         "the targets into [0, 1]; for classes, one-hot or integer labels with a matching loss.")
+            elif code == TANH_TARGETS_OUT_OF_RANGE:
+                lo, hi = float(matrix[target.index][COL["min"]]), float(matrix[target.index][COL["max"]])
+                msg = (f"{what} is the output layer and can only produce values in [-1, 1], but the targets "
+                       f"range over [{lo:.4g}, {hi:.4g}]: it saturates trying to reach them.")
+                hint = (f"use a linear output (activation=None) on {row.path}, or scale the targets into [-1, 1] "
+                        "(and undo it on the predictions).")
+            elif code == BINARY_ON_SOFTMAX:
+                msg = (f"{what} is the output layer and feeds binary_crossentropy: a softmax makes its {units} "
+                       "units compete for one class, while binary_crossentropy scores each unit as a separate "
+                       "yes/no.")
+                hint = (f"for one class per example use sparse_categorical_crossentropy (integer labels) or "
+                        f"categorical_crossentropy (one-hot) with {row.path}; for several labels per example use "
+                        "a sigmoid output.")
             elif code == RELU_NEGATIVE_TARGETS:
                 lo = float(matrix[target.index][COL["min"]])
                 msg = (f"{what} is the output layer and can never produce a negative value, but the targets go "

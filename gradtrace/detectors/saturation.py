@@ -13,7 +13,7 @@ SATURATING = ("sigmoid", "tanh", "hard_sigmoid")
 class Saturation(Detector):
     """Fires when over ``threshold`` (default 0.9) of a hidden sigmoid/tanh layer's outputs are within
     1% of the activation's limits for ``patience`` (default 20) traced steps in a row; or, sooner, when
-    over ``quick_threshold`` (default 0.99) of them are, for ``quick`` (default 3) steps: a layer that
+    over ``quick_threshold`` (default 0.95) of them are, for ``quick`` (default 3) steps: a layer that
     is all but wholly saturated passes almost no gradient (inputs on a large scale, e.g. raw pixel
     values 0..255 into a sigmoid layer, do this from the first step).
 
@@ -29,7 +29,7 @@ class Saturation(Detector):
     default_action = "warn"
     needs = ("saturated",)
 
-    def __init__(self, threshold=0.9, patience=20, quick_threshold=0.99, quick=3, action=None):
+    def __init__(self, threshold=0.9, patience=20, quick_threshold=0.95, quick=3, action=None):
         super().__init__(action)
         self.threshold = self._check_range("threshold", threshold, 0.0, 1.0, high_open=True)
         self.patience = self._check_int("patience", patience, 1)

@@ -1,0 +1,155 @@
+"""``embedding_rows``: Embedding rows that explode, and rows that are looked up but never learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from gradtrace import _keras_compat as compat
+from gradtrace.detectors.base import Detector
+from gradtrace.graph import base_path
+
+WORST = 3  # ids named per table
+
+
+class EmbeddingRows(Detector):
+    """Two row-level checks of every Embedding table, from the rows each step already gathered (the
+    layer's output) and their gradients: O(looked-up rows) per step, never the whole table.
+
+    - **Exploding rows** (every traced step): the largest norm among the rows looked up in the
+      batch is more than ``factor`` (default 20) times their median, for ``patience`` (default 5)
+      steps in a row. A few hot ids under a learning rate too high for them (each lookup adds to
+      their row, so the most frequent ids move fastest) run away from the rest of the table.
+      Measured: rows of healthy recommenders with Zipf-distributed ids stay within 3x of the median
+      over hundreds of steps; Keras' default initialisation gives every row the same expected norm.
+    - **Rows that never learn** (epoch end): more than ``max_stuck`` (default 0.5) of the rows a
+      trainable table looked up this epoch never received a non-zero gradient. The table is
+      looked up, but its output does not reach the loss with a gradient: a ``stop_gradient``, a cast
+      to int, an ``argmax`` or a ``round`` after it, or a mask that zeroes it. The padding row of a
+      ``mask_zero=True`` table is left out; a frozen table (``trainable=False``) is frozen on purpose.
+
+    Blame rule: the table itself (its path), naming its worst ids.
+    """
+
+    name = "embedding_rows"
+    default_action = "warn"
+    needs = ()
+    reports_at = ("step", "epoch_end")
+
+    def __init__(self, factor=20.0, patience=5, max_stuck=0.5, min_lookups=32, action=None):
+        super().__init__(action)
+        self.factor = self._check_range("factor", factor, 1.0, float("inf"), low_open=True)
+        self.patience = self._check_int("patience", patience, 1)
+        self.max_stuck = self._check_range("max_stuck", max_stuck, 0.0, 1.0, high_open=True)
+        self.min_lookups = self._check_int("min_lookups", min_lookups, 1)
+        self._tables = {}
+
+    def reset(self):
+        super().reset()
+        self._tables = {}  # table path -> dict of state variables, the layer
+
+    def _vars(self, path, layer):
+        entry = self._tables.get(path)
+        if entry is None:
+            dim = int(layer.input_dim)
+            with tf.init_scope():
+                zeros, none, two = tf.zeros([dim], tf.float32), tf.fill([WORST], -1.0), tf.zeros([2])
+            entry = {
+                "used": compat.detector_variable(zeros, "gradtrace_rows_used"),
+                "moved": compat.detector_variable(zeros, "gradtrace_rows_moved"),
+                "worst": compat.detector_variable(none, "gradtrace_rows_worst"),
+                "norms": compat.detector_variable(two, "gradtrace_rows_norms"),  # max, median
+                "layer": layer,
+            }
+            self._tables[path] = entry
+        return entry
+
+    def check(self, view):
+        n = len(view.table)
+        fired, values = [tf.zeros([n], tf.bool)], [tf.zeros([n])]
+        streak = self.state(view, "streak")
+        reported = self.state(view, "reported")
+        new_streak, new_reported = streak, reported
+        for i, look in view.lookups.items():
+            layer = look.layer
+            entry = self._vars(base_path(view.table.rows[i].path), layer)
+            dim = int(layer.input_dim)
+            ids = tf.reshape(tf.cast(look.ids, tf.int32), [-1])
+            d = int(look.rows.shape[-1]) if look.rows.shape[-1] is not None else -1
+            rows = tf.reshape(tf.cast(look.rows, tf.float32), [-1, d])
+            ok = (ids >= 0) & (ids < dim)
+            if getattr(layer, "mask_zero", False):
+                ok = ok & (ids != 0)  # the padding row
+            okf = tf.cast(ok, tf.float32)
+            safe = tf.clip_by_value(ids, 0, dim - 1)
+            entry["used"].scatter_max(tf.IndexedSlices(okf, safe))
+            if look.grad is not None:
+                g = tf.reshape(tf.cast(look.grad, tf.float32), [-1, d])
+                got = tf.cast(tf.reduce_any(tf.not_equal(g, 0.0), axis=1), tf.float32) * okf
+                entry["moved"].scatter_max(tf.IndexedSlices(got, safe))
+            # exploding rows: the largest looked-up row against the median one (padded so that an
+            # empty batch has a top and a median too)
+            norms = tf.concat([tf.where(ok, tf.norm(rows, axis=1), -1.0), -tf.ones([WORST])], 0)
+            padded_ids = tf.concat([ids, -tf.ones([WORST], tf.int32)], 0)
+            count = tf.reduce_sum(tf.cast(ok, tf.int32))
+            worst = tf.math.top_k(norms, k=WORST)
+            ranked = tf.sort(norms, direction="DESCENDING")
+            top, median = ranked[0], tf.gather(ranked, count // 2)
+            ratio = tf.where(count > 1, top / tf.maximum(median, 1e-12), 0.0)
+            onehot = tf.one_hot(i, n)
+            s_i = tf.where(ratio > self.factor, streak[i] + 1.0, 0.0)
+            hit = s_i >= float(self.patience)
+            fire = hit & tf.equal(reported[i], 0.0)
+            ids_worst = tf.cast(tf.gather(padded_ids, worst.indices), tf.float32)
+            entry["worst"].assign(tf.where(fire, ids_worst, entry["worst"]))
+            entry["norms"].assign(tf.where(fire, tf.stack([top, median]), entry["norms"]))
+            new_streak = new_streak * (1.0 - onehot) + onehot * s_i
+            new_reported = new_reported * (1.0 - onehot) + onehot * tf.cast(hit, tf.float32)
+            fired.append(tf.cast(onehot, tf.bool) & fire)
+            values.append(onehot * ratio)
+        self.update(streak, new_streak)
+        self.update(reported, new_reported)
+        return tf.reduce_any(tf.stack(fired), axis=0), tf.reduce_sum(tf.stack(values), axis=0)
+
+    def explain(self, rows, fired, values, matrix, table):
+        for i in np.flatnonzero(fired):
+            row = table.rows[i]
+            entry = self._tables.get(base_path(row.path))
+            worst = [int(v) for v in entry["worst"].numpy() if v >= 0] if entry else []
+            top, median = (float(v) for v in entry["norms"].numpy()) if entry else (0.0, 0.0)
+            ids = ", ".join(map(str, worst)) or "?"
+            yield row, float(values[i]), (
+                f"{row.path} (Embedding): exploding rows: the largest row looked up has norm {top:.3g}, "
+                f"{float(values[i]):.3g}x the median row's {median:.3g}, for {self.patience} steps in a row "
+                f"(factor={self.factor:g}); worst ids: {ids}."
+            ), (f"lower the learning rate of {row.path} (hot ids are updated at every lookup), clip gradients, or add "
+                "an embeddings_regularizer / max-norm constraint (keras.constraints.MaxNorm) on the table.")
+
+    def epoch_begin(self, ctx):
+        for entry in self._tables.values():
+            entry["used"].assign(tf.zeros_like(entry["used"]))
+            entry["moved"].assign(tf.zeros_like(entry["moved"]))
+
+    def epoch_end(self, ctx):
+        for path, entry in self._tables.items():
+            layer = entry["layer"]
+            if not layer.trainable:
+                continue
+            used = entry["used"].numpy() > 0
+            stuck = used & (entry["moved"].numpy() == 0)
+            n_used, n_stuck = int(used.sum()), int(stuck.sum())
+            if n_used < self.min_lookups or n_stuck <= self.max_stuck * n_used:
+                continue
+            share = n_stuck / n_used
+            sample = ", ".join(str(int(j)) for j in np.flatnonzero(stuck)[:WORST])
+            if n_stuck == n_used:
+                what = (f"none of the {n_used} rows it looked up this epoch received a gradient: its output does "
+                        "not reach the loss with a gradient")
+                hint = (f"look after {path} for a stop_gradient, a cast to int, argmax or round, or a Lambda that "
+                        "leaves the graph; if the table is meant to stay fixed, set trainable=False on it.")
+            else:
+                what = (f"{n_stuck} of the {n_used} rows it looked up this epoch ({share:.0%}) never received a "
+                        f"gradient (e.g. ids {sample})")
+                hint = (f"check which positions of {path}'s output are masked or multiplied by 0 (padding ids "
+                        "without mask_zero=True, sample weights of 0).")
+            yield path, "weight", share, f"{path} (Embedding): rows that never learn: {what}.", hint
