@@ -87,6 +87,7 @@ class Run:
         self.calls = 0
         self.epoch = 0
         self.halted = False
+        self._periodic = {}  # detector name -> the last period (step // every) it was checked in
         self.tensorboard = None  # a gradtrace.tensorboard.Writer when fit got tensorboard_dir
 
     # -- the train_function Keras calls ----------------------------------------
@@ -101,7 +102,9 @@ class Run:
             if self.calls == 0:
                 compat.build_state_before_tracing(self.model, iterator)
             logs = engine.train_function(plan)(iterator)
-            return self.after_call(plan, traced, summary, logs)
+            logs = self.after_call(plan, traced, summary, logs)
+            self.periodic_checks()
+            return logs
 
         return function
 
@@ -283,14 +286,27 @@ class Run:
     def epoch_end_checks(self, epoch):
         self._host_checks("epoch_end", epoch)
 
+    def periodic_checks(self):
+        """After a call of the step: the detectors whose ``every`` steps have passed since their last
+        periodic check (one read of the step counter, only when some detector has a period)."""
+        due = [d for d in self.engine.detectors if d.every]
+        if not due or self.halted:
+            return
+        step = int(compat.iterations(self.model.optimizer).numpy())
+        ready = [d for d in due if step // d.every > self._periodic.get(d.name, 0)]
+        for d in ready:
+            self._periodic[d.name] = step // d.every
+        if ready:
+            self._host_checks("periodic", self.epoch, ready)
+
     def fit_end_checks(self):
         self._host_checks("fit_end", self.epoch)
 
-    def _host_checks(self, stage, epoch):
-        """Run every detector's ``epoch_end`` or ``fit_end`` hook and act on what they found."""
+    def _host_checks(self, stage, epoch, detectors=None):
+        """Run every detector's ``epoch_end``, ``fit_end`` or ``periodic`` hook and act on what they found."""
         found = []
         step = int(compat.iterations(self.model.optimizer).numpy())
-        for d in self.engine.detectors:
+        for d in self.engine.detectors if detectors is None else detectors:
             try:
                 results = list(getattr(d, stage)(self) or ())
             except Exception as e:

@@ -67,6 +67,8 @@ class Anomaly:
             when = f"end of epoch {self.epoch} (step {self.step})"
         elif self.stage == "fit_end":
             when = f"end of training (step {self.step}, epoch {self.epoch})"
+        elif self.stage == "periodic":
+            when = f"periodic check after step {self.step} (epoch {self.epoch})"
         text = f"[{self.detector}] {when}{where}: {self.message}"
         return f"{text}\n    hint: {self.hint}" if self.hint else text
 
@@ -78,6 +80,8 @@ def stopped_how(stage, epoch=None) -> str:
     if stage == "epoch_end":
         return (f"at the end of epoch {epoch}: the check reads the whole epoch, so that epoch's updates "
                 "were applied")
+    if stage == "periodic":
+        return "at a periodic check: it reads many steps, so the updates up to it were applied"
     return "after training ended: every update was applied"
 
 

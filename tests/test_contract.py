@@ -206,19 +206,22 @@ def test_embedding_rows_exploding_rows_and_rows_that_never_learn():
     layer.build((None,))
     rows = [Row(index=0, kind="ids", path="m/items", layer_class="Embedding", input_dim=10, shape=(8,))]
     ids = tf.constant([1, 2, 3, 4, 5, 6, 7, 2])
-    gathered = np.ones((8, 4), np.float32) * 0.5  # norm 1
-    gathered[3] *= 100.0  # id 4: norm 100
+    start = np.ones((8, 4), np.float32) * 0.05  # norm 0.1: the first step sets the table's reference
+    gathered = start * 10.0  # every row at norm 1: 10x its start, but below min_norm
+    hot = gathered.copy()
+    hot[3] *= 50.0  # id 4: norm 50, 500x its start
     det = gradtrace.EmbeddingRows(patience=2)
     table = Table(rows)
     fired = []
-    for s in range(3):
+    for s, g in enumerate((start, gathered, gathered, hot, hot, hot)):
         view = StatsView(table, tf.constant(matrix(rows)), step=tf.constant(s, tf.int64),
-                         lookups={0: Lookup(ids, tf.constant(gathered), tf.zeros([8, 4]), layer)})
+                         lookups={0: Lookup(ids, tf.constant(g), tf.zeros([8, 4]), layer)})
         f, v = det.check(view)
         fired.append(bool(np.asarray(f)[0]))
-    assert fired == [False, True, False]  # after `patience` steps, once per episode
-    ex = list(det.explain(rows, np.array([True]), np.asarray(v), matrix(rows), table))
-    assert ex[0][0].path == "m/items" and "worst ids: 4" in ex[0][2] and "100" in ex[0][2]
+        if fired[-1]:
+            ex = list(det.explain(rows, np.array([True]), np.asarray(v), matrix(rows), table))
+    assert fired == [False, False, False, False, True, False]  # after `patience` steps, once per episode
+    assert ex[0][0].path == "m/items" and "worst ids: 4" in ex[0][2] and "500x" in ex[0][2]
     # no lookup ever got a gradient (the zeros above): the table never learns
     det.min_lookups = 4
     found = list(det.epoch_end(None))
@@ -340,7 +343,7 @@ def test_embedding_out_of_range_reads_the_ids_rows():
 
 def test_unused_embedding_at_the_end_of_an_epoch():
     rows = [Row(index=0, kind="ids", path="m/emb", layer_class="Embedding", input_dim=100)]
-    det = gradtrace.UnusedEmbedding(coverage=3.0)
+    det = gradtrace.UnusedEmbedding()
     det.reset()  # as the engine does at the start of every fit
     ids = tf.constant(np.tile(np.arange(10), 40).astype("int32"))  # 400 lookups of ids 0..9
     table = Table(rows)
@@ -348,6 +351,24 @@ def test_unused_embedding_at_the_end_of_an_epoch():
     found = list(det.epoch_end(None))
     assert len(found) == 1 and found[0][0] == "m/emb" and found[0][2] == pytest.approx(0.9)
     assert "highest id seen 9" in found[0][3] and "input_dim=10" in found[0][4]
+
+
+def test_unused_embedding_leaves_a_frequency_sorted_vocabulary_alone():
+    """10,000 rows, 30,000 Zipf(1.3) lookups over frequency-sorted ids: ~80% of rows unused by nature (a
+    rule on coverage alone fires here); the ids are spread as a real vocabulary's are. The same table fed
+    ids from a 5% subset spread over its range (a vocabulary built on another split) is caught."""
+    rows = [Row(index=0, kind="ids", path="m/words", layer_class="Embedding", input_dim=10000)]
+    rng = np.random.default_rng(1)
+    p = np.arange(1, 10001) ** -1.3
+    zipf = rng.choice(10000, size=30000, p=p / p.sum()).astype("int32")
+    subset = rng.choice(np.arange(0, 10000, 20), size=30000).astype("int32")
+    for ids, fires in ((zipf, False), (subset, True)):
+        assert (1 - len(np.unique(ids)) / 10000 > 0.75)  # most rows unused either way
+        det = gradtrace.UnusedEmbedding()
+        det.check(StatsView(Table(rows), tf.constant(matrix(rows)), step=tf.constant(0), ids={0: tf.constant(ids)}))
+        found = list(det.periodic(None))  # the same check, run every `every` steps as at epoch end
+        assert bool(found) == fires, found
+    assert "Zipf-like" in found[0][3] and "500 of its 10000 rows" in found[0][3]
 
 
 def test_unused_embedding_on_a_small_dataset_reads_the_id_range():
@@ -386,5 +407,15 @@ def test_embedding_collapse_reads_the_effective_rank_of_the_table():
         layer.build((None,))
         layer.embeddings.assign((rank1 if k == 1 else rng.normal(size=(500, 16))).astype("float32"))
     Ctx.engine.tap.layers, Ctx.engine.tap.paths = layers, {1: "m/flat", 2: "m/rich"}
+    Ctx.model = type("M", (), {"optimizer": keras.optimizers.SGD()})
     found = list(gradtrace.EmbeddingCollapse().epoch_end(Ctx))
     assert [f[0] for f in found] == ["m/flat"] and "span about 1 of its 16 dimensions" in found[0][3] and found[0][4]
+    # a rank that keeps falling (16 -> 12 -> 8 -> 6 dimensions used), still above 10%: the trend fires
+    det, basis = gradtrace.EmbeddingCollapse(every=100), rng.normal(size=(500, 16))
+    layers[1].embeddings.assign(basis.astype("float32"))
+    fired = []
+    for k in (16, 12, 8, 6):
+        layers[2].embeddings.assign((basis[:, :k] @ rng.normal(size=(k, 16))).astype("float32"))
+        Ctx.model.optimizer.iterations.assign_add(100)
+        fired.append([f[0] for f in det.periodic(Ctx)])
+    assert fired == [[], [], [], ["m/rich"]] and det.history["m/rich"][0][0] == 100

@@ -29,13 +29,13 @@ BUILTINS = {
                 HeadMismatch, NoGradient, ScaleGrowth, EmbeddingTwins, EmbeddingCollapse, Divergence,
                 EmbeddingRows, LabelsOutOfRange)
 }
-# Used when detectors=None. loss_plateau and embedding_collapse are off by default.
+# Used when detectors=None. loss_plateau is off by default.
 # In this order: the detectors that name a cause (the learning rate or the data's scale, the data, the
 # output layer, the initialisation, a cut in the gradient) come before those that see a symptom (a
 # gradient that explodes or vanishes), so the first anomaly of a step is its most likely origin.
 DEFAULT = ("divergence", "nan", "embedding_out_of_range", "labels_out_of_range", "head_mismatch", "scale_growth",
            "no_gradient", "exploding", "vanishing", "saturation", "dead_relu", "unused_embedding", "embedding_rows",
-           "embedding_twins")
+           "embedding_twins", "embedding_collapse")
 
 
 def resolve(detectors) -> list[Detector]:

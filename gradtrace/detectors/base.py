@@ -44,6 +44,8 @@ class Detector:
     wants_labels = False
     # Where its findings come from: "step" (check/explain) and/or "epoch_end" (epoch_end).
     reports_at: tuple = ("step",)
+    # Steps between two calls of :meth:`periodic` (None: not called).
+    every = None
 
     def __init__(self, action=None):
         what = f"{type(self).__name__}(action=...)"
@@ -143,6 +145,12 @@ class Detector:
     def epoch_end(self, ctx):
         """Host-side checks at the end of an epoch; return a list of ``(layer, tensor, value, message)``
         (optionally with a fifth item, the hint)."""
+        return []
+
+    def periodic(self, ctx):
+        """Host-side checks every ``self.every`` steps (``every`` None: never), for what is too costly
+        to check at every step (a whole table's spectrum) but should not wait for an epoch's end;
+        same return value as :meth:`epoch_end`. Declare ``"periodic"`` in ``reports_at``."""
         return []
 
     def fit_end(self, ctx):

@@ -61,27 +61,38 @@ class EmbeddingTwins(Detector):
 
 
 class EmbeddingCollapse(Detector):
-    """At each epoch's end, fires for an Embedding table whose rows span only a few of its dimensions: its
-    effective rank (Roy & Vetterli 2007: exp of the entropy of the normalised singular values) is below
-    ``min_rank_fraction`` (default 0.1) of its width, with at least ``min_dim`` (default 8) dimensions.
-    Guo et al. (ICML 2024) measure this "embedding collapse" in recommenders: the model learns, but
-    the table is no better than a narrower one. A random initialisation has an effective rank near its
-    width. Off by default (``detectors=[..., "embedding_collapse"]``): how low is too low depends on
-    the model, and the default has not been measured on a corpus of healthy models.
+    """Every ``every`` steps (default 1000) and at each epoch's end, the effective rank of each trainable
+    Embedding table (Roy & Vetterli 2007: exp of the entropy of its normalised singular values) from its
+    d x d Gram matrix: O(rows * d^2) on the device, then O(d^3), never per step. Guo et al. (ICML 2024)
+    measure this "embedding collapse" in recommenders: the model learns, but the table is no better
+    than a narrower one. It fires when the effective rank is below ``min_rank_fraction`` (default 0.1)
+    of ``min(rows, d)``, or has fallen at each of the last ``falling`` (default 3) checks, by more than
+    ``max_drop`` (default 0.5) of its first value. A random initialisation has an effective rank near
+    ``min(rows, d)``; measured on the healthy embedding models of the test suite (two-table recommenders,
+    a token + position text model, hashed ids, a shared table): never below 0.6 of it. Tables narrower
+    than ``min_dim`` (default 8) are left alone.
 
-    Computed from the d x d Gram matrix of the table (one pass over it, on the host, at epoch end).
     Blame rule: the collapsed table itself.
     """
 
     name = "embedding_collapse"
     default_action = "warn"
     needs = ()
-    reports_at = ("epoch_end",)
+    reports_at = ("epoch_end", "periodic")
 
-    def __init__(self, min_rank_fraction=0.1, min_dim=8, action=None):
+    def __init__(self, min_rank_fraction=0.1, falling=3, max_drop=0.5, every=1000, min_dim=8, action=None):
         super().__init__(action)
         self.min_rank_fraction = self._check_range("min_rank_fraction", min_rank_fraction, 0.0, 1.0, low_open=True)
+        self.falling = self._check_int("falling", falling, 2)
+        self.max_drop = self._check_range("max_drop", max_drop, 0.0, 1.0, low_open=True, high_open=True)
+        self.every = None if every is None else self._check_int("every", every, 1)
         self.min_dim = self._check_int("min_dim", min_dim, 2)
+        self.history = {}  # table path -> [(step, effective rank)]
+        self._reported = set()
+
+    def reset(self):
+        super().reset()
+        self.history, self._reported = {}, set()
 
     @staticmethod
     def effective_rank(table=None, gram=None):
@@ -96,19 +107,58 @@ class EmbeddingCollapse(Detector):
         p = p[p > 0]
         return float(np.exp(-(p * np.log(p)).sum()))
 
-    def epoch_end(self, ctx):
+    def ranks(self, ctx):
+        """``{path: (effective rank, min(rows, d))}`` of the trainable tables, measured now."""
         import tensorflow as tf
 
+        out = {}
         for path, layer in _tables(ctx):
             n, d = layer.embeddings.shape
             if d < self.min_dim or not layer.trainable:
                 continue
             table = tf.cast(layer.embeddings, tf.float64)
-            erank = self.effective_rank(gram=tf.matmul(table, table, transpose_a=True).numpy())
-            if erank < self.min_rank_fraction * d:
-                yield path, "weight", erank, (
-                    f"{path} (Embedding {n}x{d}): its rows span about {erank:.2g} of its {d} "
-                    f"dimensions (effective rank; below {self.min_rank_fraction:.0%} of its width): the table has "
-                    "collapsed."
-                ), (f"lower the learning rate or add weight decay on {path}; check for an interaction (a dot "
-                    "product with a collapsed table) that pulls every row the same way.")
+            gram = tf.matmul(table, table, transpose_a=True).numpy()
+            if not np.all(np.isfinite(gram)):
+                continue  # a table with NaN/Inf in it is the nan detector's finding, not a rank
+            out[path] = (self.effective_rank(gram=gram), min(n, d))
+        return out
+
+    def epoch_end(self, ctx):
+        return self._check(ctx)
+
+    def periodic(self, ctx):
+        return self._check(ctx)
+
+    def _check(self, ctx):
+        from gradtrace import _keras_compat as compat
+
+        step = int(compat.iterations(ctx.model.optimizer).numpy())
+        for path, (erank, width) in self.ranks(ctx).items():
+            hist = self.history.setdefault(path, [])
+            if hist and hist[-1][0] == step:
+                continue
+            hist.append((step, erank))
+            if path in self._reported:
+                continue
+            trend = [r for _, r in hist[-(self.falling + 1):]]
+            falling = (len(trend) == self.falling + 1 and all(b < a for a, b in zip(trend, trend[1:]))
+                       and erank < (1.0 - self.max_drop) * hist[0][1])
+            low = erank < self.min_rank_fraction * width
+            if not (low or falling):
+                continue
+            self._reported.add(path)
+            n, d = _shape(ctx, path)
+            how = (f"below {self.min_rank_fraction:.0%} of min(rows, d)={width}" if low else
+                   f"falling at each of the last {self.falling} checks, from {hist[0][1]:.3g} at step {hist[0][0]}")
+            yield path, "weight", erank, (
+                f"{path} (Embedding {n}x{d}): its rows span about {erank:.3g} of its {d} dimensions "
+                f"(effective rank, {how}): the table is collapsing."
+            ), (f"lower the learning rate or add weight decay on {path}; check for an interaction (a dot "
+                "product with a collapsed table) that pulls every row the same way.")
+
+
+def _shape(ctx, path):
+    for p, layer in _tables(ctx):
+        if p == path:
+            return tuple(layer.embeddings.shape)
+    return ("?", "?")

@@ -22,11 +22,12 @@ class NaN(Detector):
     non-finite (all layers before it were finite, so its inputs were).
     Non-finite inputs or targets blame the data, not a layer. Backward values
     (the forward pass finite): the first non-finite output gradient nearest the
-    loss (by the traced graph) was made by the backward pass of a layer that
-    reads that output, and whose own output gradient is finite: that layer is
-    blamed (a sqrt of 0 has a finite value and an infinite derivative); when
-    the loss alone reads it, the loss. Without a graph, or when no such reader
-    is measured, the first layer in backward order.
+    loss (by the traced graph), when it holds NaN, was made by the backward
+    pass of a layer that reads that output, and whose own output gradient is
+    finite: that layer is blamed (a sqrt of 0 has a finite value and an
+    infinite derivative); when the loss alone reads it, the loss. An overflow
+    (Inf only, or under a loss scale), no graph, or no such reader: the first
+    layer in backward order.
     """
 
     name = "nan"
@@ -67,11 +68,14 @@ class NaN(Detector):
 
         origin = min(idx, key=rank)
         row = table.rows[origin]
-        if row.kind == "gradient" and table.graph is not None:
-            # The first non-finite output gradient (nearest the loss) was made by the backward pass
-            # of a layer reading that output whose own output gradient is finite: a sqrt or a
+        made_nan = matrix[origin][COL["nan"]] > 0  # an overflow makes Inf; 0 * Inf of a derivative makes NaN
+        overflow = getattr(self, "_loss_scaled", False)
+        if row.kind == "gradient" and table.graph is not None and made_nan and not overflow:
+            # The first non-finite output gradient (nearest the loss) holds NaN made by the backward
+            # pass of a layer reading that output whose own output gradient is finite: a sqrt or a
             # division at 0 there (a distance layer's sqrt of 0) has a finite value and an
-            # infinite derivative. Blame that layer.
+            # infinite derivative, times 0. Blame that layer. (Only Inf, or mixed precision: an
+            # overflow, blamed where it happened.)
             fired_rows = set(int(i) for i in idx)
             readers = table.graph.consumers(row.path)
             finite = [r for r in table.rows if r.kind == "gradient" and r.index not in fired_rows

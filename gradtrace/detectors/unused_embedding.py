@@ -7,25 +7,59 @@ import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace.detectors.base import Detector
+from gradtrace.graph import base_path
+
+
+_EXACT = 2_000_000  # ranks summed term by term; beyond, the tail is integrated
+
+
+def harmonic(n, s):
+    """``sum(r ** -s for r in 1..n)`` (the Zipf normaliser)."""
+    n = int(n)
+    if n <= 0:
+        return 0.0
+    if n <= _EXACT:
+        return float(np.sum(np.arange(1, n + 1, dtype=np.float64) ** -s))
+    m = float(_EXACT)
+    tail = np.log(n / m) if s == 1 else (n ** (1 - s) - m ** (1 - s)) / (1 - s)
+    return harmonic(_EXACT, s) + float(tail)
+
+
+def expected_distinct(rows, lookups, s=None):
+    """Distinct ids expected in ``lookups`` draws over ``rows`` ids: uniform (``s=None``), or Zipf with
+    exponent ``s`` over ids sorted by frequency (id 0 the most frequent, as a vocabulary built by
+    counting is)."""
+    if lookups <= 0:
+        return 0.0
+    if s is None:
+        return float(rows * -np.expm1(lookups * np.log1p(-1.0 / rows)))
+    head = min(rows, _EXACT)
+    p = np.arange(1, head + 1, dtype=np.float64) ** -s / harmonic(rows, s)
+    out = float(np.sum(-np.expm1(lookups * np.log1p(-p))))
+    if rows > head:  # ranks so rare that each is drawn at most about once: their mass times the draws
+        out += min(rows - head, lookups * (1.0 - harmonic(head, s) / harmonic(rows, s)))
+    return out
 
 
 class UnusedEmbedding(Detector):
-    """At each epoch's end, per Embedding layer, counts the rows looked up (and so given a gradient).
+    """Per Embedding table, the ids an epoch looked up, against what that many lookups would show.
 
-    Fires when more than ``max_unused`` (default 0.75) of the table went
-    unused although the epoch made at least ``coverage`` (default 3) times as
-    many lookups as the table has rows: with uniformly drawn ids that many
-    lookups leave only about 5% of rows unused, so a large unused share means
-    the table is far bigger than the ids the data holds (a vocabulary-size
-    mismatch) rather than bad luck. The message gives rows used, rows in the
-    table and the highest id seen.
+    Two rules, at each epoch's end (and every ``every`` steps when set), each against a *Zipf-like*
+    draw (exponent ``zipf_s``, default 1.5, over ids sorted by frequency: steeper than word
+    frequencies, ~1, and most item popularity curves, 0.6-1.2), so that a real frequency-sorted
+    vocabulary, whose rare ids are rarely seen, is not flagged:
 
-    A small dataset makes fewer lookups than the table has rows, so it also
-    fires on the id range: when the highest id seen is below ``max_reach``
-    (default 0.5) of ``input_dim`` although, had the ids been spread over the
-    whole table, so many lookups would all have stayed that low with
-    probability below ``1e-6`` (``reach ** lookups``). A table sized for
-    50,000 ids fed ids below 500 is caught after 3 lookups, not 150,000.
+    - **distinct ids**: more than ``max_unused`` (default 0.75) of the table was never looked up, and
+      the distinct ids seen are fewer than ``margin`` (default 0.5) times those expected from that many
+      lookups under the Zipf-like draw (a uniform draw would show more still; both are reported). The
+      rows are there, the data never reaches them: a vocabulary built on another split, ids hashed
+      into a few buckets;
+    - **id range**: the highest id seen is below ``max_reach`` (default 0.5) of ``input_dim``,
+      although under the Zipf-like draw so many lookups would all have stayed that low with
+      probability below 1e-6. A table sized for 50,000 ids fed ids below 500 is caught after about
+      400 lookups, at any dataset size.
+
+    Blame rule: the table, with rows used, the highest id seen and the ``input_dim`` that would do.
     """
 
     name = "unused_embedding"
@@ -33,20 +67,26 @@ class UnusedEmbedding(Detector):
     needs = ("size",)
     every_step = True
     wants_ids = True
-    reports_at = ("epoch_end",)
+    reports_at = ("epoch_end", "periodic")
 
-    def __init__(self, max_unused=0.75, coverage=3.0, max_reach=0.5, action=None):
+    def __init__(self, max_unused=0.75, margin=0.5, zipf_s=1.5, max_reach=0.5, every=None, action=None):
         super().__init__(action)
         self.max_unused = self._check_range("max_unused", max_unused, 0.0, 1.0, high_open=True)
-        self.coverage = self._check_range("coverage", coverage, 0.0, float("inf"), low_open=True)
+        self.margin = self._check_range("margin", margin, 0.0, 1.0, low_open=True)
+        self.zipf_s = self._check_range("zipf_s", zipf_s, 0.0, 10.0, low_open=True)
         self.max_reach = self._check_range("max_reach", max_reach, 0.0, 1.0, low_open=True, high_open=True)
+        self.every = None if every is None else self._check_int("every", every, 1)
+        self._tables = {}
+        self._reported = set()
 
     def reset(self):
         super().reset()
         self._tables = {}  # path -> (used [input_dim], lookups, max id, input_dim, layer class)
+        self._reported = set()
 
     def _vars(self, row):
-        entry = self._tables.get(row.path)
+        path = base_path(row.path)  # a table called twice: one table, its lookups together
+        entry = self._tables.get(path)
         if entry is None:
             with tf.init_scope():
                 zeros = tf.zeros([row.input_dim], tf.float32)
@@ -57,7 +97,7 @@ class UnusedEmbedding(Detector):
                 row.input_dim,
                 row.layer_class,
             )
-            self._tables[row.path] = entry
+            self._tables[path] = entry
         return entry
 
     def check(self, view):
@@ -74,31 +114,48 @@ class UnusedEmbedding(Detector):
         return tf.zeros([n], tf.bool), tf.zeros([n])
 
     def epoch_begin(self, ctx):
+        self._reported = set()
         for used, lookups, max_id, _, _ in self._tables.values():
             used.assign(tf.zeros_like(used))
             lookups.assign(0.0)
             max_id.assign(-1.0)
 
     def epoch_end(self, ctx):
+        return self._findings("this epoch")
+
+    def periodic(self, ctx):
+        return self._findings("so far this epoch")
+
+    def _findings(self, when):
         for path, (used, lookups, max_id, dim, cls) in self._tables.items():
+            if path in self._reported:
+                continue
             n_used = int(np.count_nonzero(used.numpy()))
             n_lookups = float(lookups.numpy())
             top = int(max_id.numpy())
-            unused = 1.0 - n_used / dim
-            reach = min(top + 1, dim) / dim
-            # had the ids been spread over the whole table, all of them stay <= top with probability reach**n
-            low_range = n_lookups > 0 and reach < self.max_reach and n_lookups * np.log(reach) < np.log(1e-6)
-            coverage = n_lookups >= self.coverage * dim and unused > self.max_unused
-            if not (coverage or low_range):
+            if n_lookups <= 0:
                 continue
-            if coverage:
-                what = (f"only {n_used} of its {dim} rows were looked up this epoch ({unused:.0%} unused) in "
-                        f"{int(n_lookups)} lookups; highest id seen {top}.")
+            unused = 1.0 - n_used / dim
+            zipf = expected_distinct(dim, n_lookups, self.zipf_s)
+            uniform = expected_distinct(dim, n_lookups)
+            few = unused > self.max_unused and n_used < self.margin * zipf
+            reach = min(top + 1, dim) / dim
+            # under the Zipf-like draw, every lookup stays <= top with probability H(top + 1) / H(dim)
+            p_low = harmonic(top + 1, self.zipf_s) / harmonic(dim, self.zipf_s)
+            low_range = reach < self.max_reach and n_lookups * np.log(max(p_low, 1e-300)) < np.log(1e-6)
+            if not (few or low_range):
+                continue
+            self._reported.add(path)
+            if few:
+                what = (f"only {n_used} of its {dim} rows were looked up {when} ({unused:.0%} unused) in "
+                        f"{int(n_lookups)} lookups, where a uniform draw would reach about {uniform:.0f} distinct "
+                        f"ids and a Zipf-like one (frequency-sorted ids, s={self.zipf_s:g}) about {zipf:.0f}; "
+                        f"highest id seen {top}.")
             else:
-                what = (f"the highest id seen in {int(n_lookups)} lookups this epoch is {top}, but input_dim={dim}: "
-                        f"{1 - reach:.0%} of the table is never reached by this data ({n_used} rows used; ids spread "
-                        f"over the table would have gone above {top} with probability 1 - {reach:.3g}^"
-                        f"{int(n_lookups)}).")
+                what = (f"the highest id seen in {int(n_lookups)} lookups {when} is {top}, but input_dim={dim}: "
+                        f"{1 - reach:.0%} of the table is never reached by this data ({n_used} rows used; even "
+                        f"frequency-sorted ids with a Zipf-like draw would have gone above {top} with probability "
+                        f"1 - {p_low:.3g}^{int(n_lookups)}).")
             yield path, "weight", unused, (
                 f"{path} ({cls}): {what} If the ids only go up to {top}, input_dim={top + 1} would do."
             ), (f"size {path} for the vocabulary the data really has (input_dim={top + 1}), or "
