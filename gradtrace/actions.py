@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
+from gradtrace import embeddings
 from gradtrace import snapshot as snapshot_module
 from gradtrace.anomaly import BLOCKING, Anomaly, AnomalyError, AnomalyLog, DetectorError, stopped_how, strongest
 from gradtrace.stats import row_dict
@@ -285,6 +286,22 @@ class Run:
 
     def epoch_end_checks(self, epoch):
         self._host_checks("epoch_end", epoch)
+        if self.tensorboard is not None:
+            infos = self.embedding_tables()
+            if infos:
+                self.tensorboard.write_tables(int(compat.iterations(self.model.optimizer).numpy()), infos,
+                                              dict(self.embedding_layers()))
+
+    def embedding_tables(self):
+        """Every Embedding table of the model: size, ids seen, rows used, rows that never learned,
+        effective rank (:mod:`gradtrace.embeddings`)."""
+        return embeddings.tables(self)
+
+    def embedding_layers(self):
+        """``[(path, layer)]`` of every Embedding layer of the model."""
+        tap = self.engine.tap
+        return [(tap.paths.get(lid, layer.name), layer) for lid, layer in tap.layers.items()
+                if isinstance(layer, keras.layers.Embedding)]
 
     def periodic_checks(self):
         """After a call of the step: the detectors whose ``every`` steps have passed since their last

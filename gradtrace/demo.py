@@ -1,4 +1,5 @@
-"""A real fault, caught and explained: ``python -m gradtrace.demo``.
+"""A real fault, caught and explained: ``python -m gradtrace.demo`` (and ``python -m gradtrace.demo
+embeddings`` for a recommender whose item table is sized for a catalogue its data never reaches).
 
 A recommender in the style of the mission: an outer model wraps an "inner"
 model with two Embedding layers (users and items) and a numeric ``price``
@@ -12,6 +13,7 @@ layer inside the inner model, and leaves the weights finite.
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -63,7 +65,52 @@ def make_data(n=64 * 40, free_item_at=37 * 64 + 5, seed=0):
     return [user, item, price], y
 
 
-def main():
+N_CATALOGUE, N_SOLD = 50_000, 480
+
+
+def build_recommender():
+    """Users and items, each an Embedding inside an inner model; the item table is sized for the whole
+    catalogue (50,000 ids), but the interactions only ever hold the 480 items the shop sold."""
+    user = keras.Input((1,), dtype="int32", name="user")
+    item = keras.Input((1,), dtype="int32", name="item")
+    u = keras.layers.Flatten(name="user_vec")(keras.layers.Embedding(N_USERS, 16, name="user_emb")(user))
+    i = keras.layers.Flatten(name="item_vec")(keras.layers.Embedding(N_CATALOGUE, 16, name="item_emb")(item))
+    inner = keras.Model([user, item], keras.layers.Concatenate(name="features")([u, i]), name="towers")
+    user2 = keras.Input((1,), dtype="int32", name="user")
+    item2 = keras.Input((1,), dtype="int32", name="item")
+    z = keras.layers.Dense(32, activation="relu", name="hidden")(inner([user2, item2]))
+    model = keras.Model([user2, item2], keras.layers.Dense(1, activation="sigmoid", name="click")(z),
+                        name="recommender")
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    return model
+
+
+def embeddings_demo():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    n = 2560
+    ranks = np.arange(1, N_SOLD + 1, dtype=np.float64) ** -1.1  # popular items first
+    item = rng.choice(N_SOLD, size=(n, 1), p=ranks / ranks.sum()).astype("int32")
+    user = rng.integers(0, N_USERS, (n, 1)).astype("int32")
+    y = (rng.random((n, 1)) < np.where(item < 50, 0.5, 0.2)).astype("float32")
+    model = build_recommender()
+    print(f"Training a recommender with gradtrace.fit: its item table has {N_CATALOGUE:,} rows, and the "
+          f"{n:,} interactions only hold items below {N_SOLD}...\n")
+    history = gradtrace.fit(model, [user, item], y, batch_size=BATCH, epochs=1, verbose=1)
+    print("\nEvery table at a glance (history.gradtrace.embedding_tables(), also in gradtrace.report):")
+    from gradtrace.embeddings import table_text
+
+    print(table_text(history.gradtrace.embedding_tables()))
+    found = [a for a in history.anomalies if a.detector == "unused_embedding"]
+    return 0 if found and found[0].layer == "recommender/towers/item_emb" else 1
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "embeddings":
+        return embeddings_demo()
+    if argv:
+        raise SystemExit(f"usage: python -m gradtrace.demo [embeddings] (got {' '.join(argv)!r})")
     keras.utils.set_random_seed(0)
     model = build_model()
     x, y = make_data()

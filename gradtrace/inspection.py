@@ -73,6 +73,19 @@ def summary(model, x, print_fn=print) -> str:
         rows.append((c.path, type(c.layer).__name__, shapes, params))
     text = tabulate(rows, headers=["layer path", "class", "output shape", "params"])
     text += f"\n{len(seen)} layers called, {model.count_params():,} parameters in {model.name!r}"
+    tables = [(c.path, c.layer, c.ids) for c in cap.calls if c.ids is not None]
+    if tables:
+        from gradtrace.embeddings import effective_rank
+
+        lines = []
+        for path, layer, ids in tables:
+            flat = tf.reshape(tf.cast(ids, tf.int64), [-1]).numpy()
+            n, d = (int(v) for v in layer.embeddings.shape)
+            erank = effective_rank(layer.embeddings)
+            lines.append((path, f"{n} x {d}", f"{flat.min()}..{flat.max()}" if flat.size else "",
+                          len(set(flat.tolist())), "" if erank is None else f"{erank:.3g} of {min(n, d)}"))
+        text += "\n\n" + tabulate(lines, headers=["Embedding", "input_dim x d", "ids in this batch",
+                                                   "distinct ids", "effective rank"])
     if print_fn:
         print_fn(text)
     return text

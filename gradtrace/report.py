@@ -7,6 +7,7 @@ import sys
 
 from tabulate import tabulate
 
+from gradtrace import embeddings
 from gradtrace.stats import COL
 
 
@@ -98,6 +99,11 @@ def format_report(run, steps=None) -> str:
         parts.append(f"\nPer-layer statistics at step {rec.step} (epoch {rec.epoch}{of}):")
         parts.append(layer_table(rec.table, rec.matrix, blamed={a.layer for a in rec.anomalies},
                                  columns=getattr(rec, "columns", None)))
+    if steps is None and hasattr(run, "embedding_tables"):  # the whole run's report: the tables too
+        infos = run.embedding_tables()
+        if infos:
+            parts.append("\nEmbedding tables (ids and rows: this epoch so far):")
+            parts.append(embeddings.table_text(infos))
     return "\n".join(parts)
 
 

@@ -130,6 +130,34 @@ class Writer:
     def _scalar(self, tag, value):
         tf.summary.write(tag, tf.constant(float(value), tf.float32), metadata=self._meta["scalars"])
 
+    def write_tables(self, step, infos, layers, bins=30):
+        """At an epoch's end, per Embedding table (``infos``: :mod:`gradtrace.embeddings`): its effective
+        rank, the ids seen and the rows used this epoch, and a histogram of its row norms (computed where
+        the table lives; only the bucket counts come back)."""
+        if not self.write:
+            return
+        with self._writer.as_default(step=int(step)):
+            for t in infos:
+                base = f"{t.path}/embedding"
+                for name, value in (("effective_rank", t.effective_rank), ("rows_used", t.rows_used),
+                                    ("max_id", t.max_id), ("min_id", t.min_id), ("lookups", t.lookups),
+                                    ("rows_never_learned", t.rows_never_learned)):
+                    if value is not None:
+                        self._scalar(f"{base}/{name}", value)
+                layer = layers.get(t.path)
+                if layer is None:
+                    continue
+                norms = tf.norm(tf.cast(layer.embeddings, tf.float32), axis=1)
+                lo, hi = float(tf.reduce_min(norms)), float(tf.reduce_max(norms))
+                if not (np.isfinite(lo) and np.isfinite(hi)):
+                    continue
+                hi = hi if hi > lo else lo + 1.0
+                counts = tf.histogram_fixed_width(norms, [lo, hi], nbins=bins).numpy()
+                edges = np.linspace(lo, hi, bins + 1)
+                buckets = np.stack([edges[:-1], edges[1:], counts], axis=1).astype("float64")
+                tf.summary.write(f"{base}/row_norms", buckets, metadata=self._meta["histograms"])
+        self._writer.flush()
+
     def write_anomalies(self, anomalies):
         if not self.write:
             return

@@ -141,7 +141,7 @@ def test_rows_that_never_learn_are_found_at_epoch_end_in_the_detached_table_only
     assert "none of the" in h.anomalies[0].message and "stop_gradient" in h.anomalies[0].hint
 
 
-def test_collapsed_item_table_is_caught_by_the_periodic_check():
+def test_collapsed_item_table_is_caught_by_the_periodic_check(tmp_path, capsys):
     """The item table initialised with a constant (every row the same vector, a copied "warm start"):
     training moves each row a little, but the rows span about one direction; the user table, initialised
     by Keras' default, keeps its rank."""
@@ -149,8 +149,33 @@ def test_collapsed_item_table_is_caught_by_the_periodic_check():
     model = _two_tables(item_initializer=keras.initializers.Constant(0.05))
     model.compile(optimizer="adam", loss="binary_crossentropy")
     x, y = _two_table_data(640, hot=False)
-    h = gradtrace.fit(model, x, y, batch_size=32, epochs=1, verbose=0,
-                      detectors=[gradtrace.EmbeddingCollapse(every=10)])
+    h = gradtrace.fit(model, x, y, batch_size=32, epochs=1, verbose=0, tensorboard_dir=tmp_path,
+                      detectors=["unused_embedding", "embedding_rows", gradtrace.EmbeddingCollapse(every=10)])
     found = [(a.detector, a.layer, a.stage, a.step) for a in h.anomalies]
     assert found == [("embedding_collapse", "rec/inner/item_emb", "periodic", 10)], h.anomalies
     assert "effective rank" in h.anomalies[0].message
+    # every table at a glance: in the report, and in TensorBoard at the epoch's end
+    tables = {t.path: t for t in h.gradtrace.embedding_tables()}
+    item, user = tables["rec/inner/item_emb"], tables["rec/inner/user_emb"]
+    assert (item.input_dim, item.dim, item.lookups, item.max_id) == (300, 16, 640, int(x[1].max()))
+    assert item.rows_used == len(np.unique(x[1])) and item.rows_never_learned == 0
+    assert item.effective_rank < 2.0 < 12.0 < user.effective_rank
+    text = gradtrace.report(h)
+    assert "Embedding tables" in text and "300 x 16" in text and "400 x 16" in text
+    from tests.test_tensorboard import read_events
+
+    events = read_events(tmp_path)
+    rank = events["rec/inner/item_emb/embedding/effective_rank"]
+    assert list(rank) == [20] and float(rank[20][1]) == pytest.approx(item.effective_rank, rel=1e-3)
+    plugin, buckets = events["rec/inner/user_emb/embedding/row_norms"][20]
+    assert plugin == "histograms" and buckets[:, 2].sum() == 400
+    summary = gradtrace.summary(model, [a[:32] for a in x], print_fn=None)
+    assert "Embedding" in summary and "effective rank" in summary and "300 x 16" in summary
+
+
+def test_embeddings_demo_catches_the_mis_sized_item_table(capsys):
+    from gradtrace import demo
+
+    assert demo.embeddings_demo() == 0
+    out = capsys.readouterr().out
+    assert "input_dim=50000" in out and "input_dim=478 would do" in out and "50000 x 16" in out

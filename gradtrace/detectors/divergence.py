@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from gradtrace.detectors import culprit
+from gradtrace.detectors.culprit import INPUT_SCALE, TARGET_SCALE, outside_the_network
 from gradtrace.detectors.base import Detector
 from gradtrace.stats import COL
 
@@ -33,8 +33,8 @@ class Divergence(Detector):
     default_action = "halt"
     needs = ("mean", "norm", "size", "nan", "inf")
 
-    def __init__(self, factor=10.0, window=10, patience=2, input_scale=culprit.INPUT_SCALE,
-                 target_scale=culprit.TARGET_SCALE, action=None):
+    def __init__(self, factor=10.0, window=10, patience=2, input_scale=INPUT_SCALE,
+                 target_scale=TARGET_SCALE, action=None):
         super().__init__(action)
         self.factor = self._check_range("factor", factor, 1.0, float("inf"), low_open=True)
         self.window = self._check_int("window", window, 1)
@@ -63,7 +63,7 @@ class Divergence(Detector):
     def explain(self, rows, fired, values, matrix, table):
         for i in np.flatnonzero(fired):
             loss = table.rows[i]
-            row, why, hint = culprit.outside_the_network(table, matrix, loss, self.input_scale, self.target_scale)
+            row, why, hint = outside_the_network(table, matrix, loss, self.input_scale, self.target_scale)
             value = float(matrix[i][COL["mean"]])
             now = f"{value:.4g}" if np.isfinite(value) else "non-finite"
             yield row, float(values[i]), (

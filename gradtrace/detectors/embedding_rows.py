@@ -133,6 +133,11 @@ class EmbeddingRows(Detector):
             ), (f"lower the learning rate of {row.path} (hot ids are updated at every lookup), clip gradients, or add "
                 "an embeddings_regularizer / max-norm constraint (keras.constraints.MaxNorm) on the table.")
 
+    def stuck(self):
+        """``{table path: rows looked up this epoch that never received a gradient}``."""
+        return {path: int(np.count_nonzero((e["used"].numpy() > 0) & (e["moved"].numpy() == 0)))
+                for path, e in self._tables.items()}
+
     def epoch_begin(self, ctx):
         for entry in self._tables.values():
             entry["used"].assign(tf.zeros_like(entry["used"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from gradtrace.detectors import culprit
+from gradtrace.detectors.culprit import outside_the_network, rms
 from gradtrace.detectors.base import Detector
 from gradtrace.graph import base_path
 from gradtrace.stats import COL
@@ -105,7 +105,7 @@ class Exploding(Detector):
         """
         if table.graph is None:
             return None
-        blamed, why, hint = culprit.outside_the_network(table, matrix, row)
+        blamed, why, hint = outside_the_network(table, matrix, row)
         if blamed.kind in ("input", "target"):
             return blamed, why, hint
         grown = self._largest_growth(matrix, table)
@@ -128,8 +128,8 @@ class Exploding(Detector):
         out_rms = {}
         for r in table.rows:
             if r.kind == "output":
-                out_rms.setdefault(base_path(r.path), []).append((culprit.rms(matrix[r.index]), r))
-        inputs = [culprit.rms(matrix[r.index]) for r in table.rows if r.kind == "input"]
+                out_rms.setdefault(base_path(r.path), []).append((rms(matrix[r.index]), r))
+        inputs = [rms(matrix[r.index]) for r in table.rows if r.kind == "input"]
         best = None
         for path, outs in out_rms.items():
             scale, row = max(outs, key=lambda p: p[0])

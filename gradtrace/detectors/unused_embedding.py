@@ -81,7 +81,7 @@ class UnusedEmbedding(Detector):
 
     def reset(self):
         super().reset()
-        self._tables = {}  # path -> (used [input_dim], lookups, max id, input_dim, layer class)
+        self._tables = {}  # path -> (used [input_dim], lookups, [min id, max id], input_dim, layer class)
         self._reported = set()
 
     def _vars(self, row):
@@ -89,11 +89,11 @@ class UnusedEmbedding(Detector):
         entry = self._tables.get(path)
         if entry is None:
             with tf.init_scope():
-                zeros = tf.zeros([row.input_dim], tf.float32)
+                zeros, span = tf.zeros([row.input_dim], tf.float32), tf.constant([float(row.input_dim), -1.0])
             entry = (
                 compat.detector_variable(zeros, "gradtrace_used"),
                 compat.detector_variable(0.0, "gradtrace_lookups"),
-                compat.detector_variable(-1.0, "gradtrace_max_id"),
+                compat.detector_variable(span, "gradtrace_id_range"),
                 row.input_dim,
                 row.layer_class,
             )
@@ -103,22 +103,33 @@ class UnusedEmbedding(Detector):
     def check(self, view):
         for i, ids in view.ids.items():
             row = view.table.rows[i]
-            used, lookups, max_id, dim, _ = self._vars(row)
+            used, lookups, id_range, dim, _ = self._vars(row)
             flat = tf.reshape(tf.cast(ids, tf.int32), [-1])
             ok = tf.cast((flat >= 0) & (flat < dim), tf.float32)
             # out-of-range ids are clipped and carry 0, so they mark nothing (XLA-friendly: static shapes)
             used.scatter_max(tf.IndexedSlices(ok, tf.clip_by_value(flat, 0, dim - 1)))
             lookups.assign_add(tf.reduce_sum(ok))
-            max_id.assign(tf.maximum(max_id, tf.cast(tf.reduce_max(tf.concat([flat, [-1]], 0)), tf.float32)))
+            # the id range seen, among ids in range (static shapes: XLA-friendly)
+            low = tf.cast(tf.reduce_min(tf.concat([tf.where(ok > 0, flat, dim), [dim]], 0)), tf.float32)
+            high = tf.cast(tf.reduce_max(tf.concat([flat, [-1]], 0)), tf.float32)
+            id_range.assign(tf.stack([tf.minimum(id_range[0], low), tf.maximum(id_range[1], high)]))
         n = len(view.table)
         return tf.zeros([n], tf.bool), tf.zeros([n])
 
+    def seen(self):
+        """``{table path: (lookups, min id, max id, rows used)}`` of the epoch so far (ids in range)."""
+        out = {}
+        for path, (used, lookups, id_range, _, _) in self._tables.items():
+            low, high = (int(v) for v in id_range.numpy())
+            out[path] = (int(lookups.numpy()), low, high, int(np.count_nonzero(used.numpy())))
+        return out
+
     def epoch_begin(self, ctx):
         self._reported = set()
-        for used, lookups, max_id, _, _ in self._tables.values():
+        for used, lookups, id_range, dim, _ in self._tables.values():
             used.assign(tf.zeros_like(used))
             lookups.assign(0.0)
-            max_id.assign(-1.0)
+            id_range.assign([float(dim), -1.0])
 
     def epoch_end(self, ctx):
         return self._findings("this epoch")
@@ -127,12 +138,12 @@ class UnusedEmbedding(Detector):
         return self._findings("so far this epoch")
 
     def _findings(self, when):
-        for path, (used, lookups, max_id, dim, cls) in self._tables.items():
+        for path, (used, lookups, id_range, dim, cls) in self._tables.items():
             if path in self._reported:
                 continue
             n_used = int(np.count_nonzero(used.numpy()))
             n_lookups = float(lookups.numpy())
-            top = int(max_id.numpy())
+            top = int(id_range.numpy()[1])
             if n_lookups <= 0:
                 continue
             unused = 1.0 - n_used / dim
