@@ -41,8 +41,12 @@ IN_PROCESS = ["keras", "gradtrace", "gradtrace_every16", "terminate_on_nan", "te
 # on request (--contenders ...): gradtrace with the six default detectors of the first release, to
 # measure side by side what the later default detectors (head_mismatch, scale_growth, no_gradient and
 # the per-unit dead_relu) cost per step
-OPTIONAL = ["gradtrace_first6"]
+# gradtrace_prev10: the ten default detectors before divergence, labels_out_of_range, saturation (now on),
+# embedding_rows and embedding_collapse (now on) joined them, to measure what those five cost per step
+OPTIONAL = ["gradtrace_first6", "gradtrace_prev10"]
 FIRST6 = ["nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding"]
+PREV10 = ["nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding", "vanishing",
+          "dead_relu", "unused_embedding", "embedding_twins"]
 SUBPROCESS = ["check_numerics", "dump_curt_health", "dump_full_health"]
 MODELS = ["two_embedding", "deep_mlp", "cnn_bn", "transformer", "depth_10", "depth_50", "depth_200"]
 SWEEP = ("depth_10", "depth_50", "depth_200")  # the depth sweep compares gradtrace with model.fit only
@@ -156,7 +160,7 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
         cbs.append(keras.callbacks.TensorBoard(log_dir=logdir, histogram_freq=1, write_graph=False))
     if contender.startswith("gradtrace"):
         every = 16 if contender == "gradtrace_every16" else 1
-        detectors = FIRST6 if contender == "gradtrace_first6" else None
+        detectors = {"gradtrace_first6": FIRST6, "gradtrace_prev10": PREV10}.get(contender)
         h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, **kw)
         if h.anomalies:
             print(f"  note: {contender} reported {len(h.anomalies)} anomalies, first: {h.anomalies[0]}", file=sys.stderr)

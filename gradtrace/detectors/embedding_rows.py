@@ -17,14 +17,14 @@ class EmbeddingRows(Detector):
     layer's output) and their gradients: O(looked-up rows) per step, never the whole table.
 
     - **Exploding rows** (every traced step): the largest norm among the rows looked up in the
-      batch is above ``factor`` (default 100) times the table's reference norm (the median looked-up
+      batch is above ``factor`` (default 100) times the table's reference norm (the mean looked-up
       row's at its first traced step: the initialisation's scale) and above ``min_norm`` (default 10),
       for ``patience`` (default 5) steps in a row. Hot ids under a learning rate too high for them
       (plain SGD adds every lookup's gradient to their row) run away, then the loss follows.
       Measured: a two-table recommender under SGD at 15 took its item rows from 0.12 to 100 in 8 steps
       and 1e10 in 32 while its user rows stayed at 0.2; healthy tables (Adam up to 0.05, Zipf ids)
-      stayed below 20x their initial norm and below 2 in absolute terms. (The median of the same
-      batch is no reference: when the hot ids explode, the median lookup is a hot id too.)
+      stayed below 20x their initial norm and below 2 in absolute terms. (The same batch is no
+      reference: when the hot ids explode, most lookups are of hot ids too.)
     - **Rows that never learn** (epoch end): more than ``max_stuck`` (default 0.5) of the rows a
       trainable table looked up this epoch never received a non-zero gradient. The table is
       looked up, but its output does not reach the loss with a gradient: a ``stop_gradient``, a cast
@@ -57,12 +57,12 @@ class EmbeddingRows(Detector):
         if entry is None:
             dim = int(layer.input_dim)
             with tf.init_scope():
-                zeros, none, two = tf.zeros([dim], tf.float32), tf.fill([WORST], -1.0), tf.zeros([2])
+                zeros, last = tf.zeros([dim], tf.float32), tf.fill([WORST + 2], -1.0)
             entry = {
                 "used": compat.detector_variable(zeros, "gradtrace_rows_used"),
                 "moved": compat.detector_variable(zeros, "gradtrace_rows_moved"),
-                "worst": compat.detector_variable(none, "gradtrace_rows_worst"),
-                "norms": compat.detector_variable(two, "gradtrace_rows_norms"),  # max, median
+                # at the last firing: the worst ids, the largest norm, the reference norm
+                "last": compat.detector_variable(last, "gradtrace_rows_last"),
                 "layer": layer,
             }
             self._tables[path] = entry
@@ -70,12 +70,18 @@ class EmbeddingRows(Detector):
 
     def check(self, view):
         n = len(view.table)
-        fired, values = [tf.zeros([n], tf.bool)], [tf.zeros([n])]
-        streak = self.state(view, "streak")
-        reported = self.state(view, "reported")
-        ref = self.state(view, "ref", np.nan)  # the median looked-up row's norm at the first traced step
-        new_streak, new_reported, new_ref = streak, reported, ref
-        for i, look in view.lookups.items():
+        if not view.lookups:
+            return tf.zeros([n], tf.bool), tf.zeros([n])
+        index = sorted(view.lookups)
+        k = len(index)
+        # per ids row: [streak, reported, reference norm (NaN until the first traced step)]
+        state = self.state(view, "rows", np.nan, size=3 * k)
+        streak, reported, ref = state[:k], state[k:2 * k], state[2 * k:]
+        streak, reported = tf.where(tf.math.is_nan(streak), 0.0, streak), tf.where(tf.math.is_nan(reported), 0.0,
+                                                                                   reported)
+        new_streak, new_reported, new_ref, fired, ratios = [], [], [], [], []
+        for j, i in enumerate(index):
+            look = view.lookups[i]
             layer = look.layer
             entry = self._vars(base_path(view.table.rows[i].path), layer)
             dim = int(layer.input_dim)
@@ -92,39 +98,37 @@ class EmbeddingRows(Detector):
                 g = tf.reshape(tf.cast(look.grad, tf.float32), [-1, d])
                 got = tf.cast(tf.reduce_any(tf.not_equal(g, 0.0), axis=1), tf.float32) * okf
                 entry["moved"].scatter_max(tf.IndexedSlices(got, safe))
-            # exploding rows: the largest looked-up row against the median one (padded so that an
-            # empty batch has a top and a median too)
-            norms = tf.concat([tf.where(ok, tf.norm(rows, axis=1), -1.0), -tf.ones([WORST])], 0)
-            padded_ids = tf.concat([ids, -tf.ones([WORST], tf.int32)], 0)
-            count = tf.reduce_sum(tf.cast(ok, tf.int32))
-            worst = tf.math.top_k(norms, k=WORST)
-            ranked = tf.sort(norms, direction="DESCENDING")
-            top, median = ranked[0], tf.gather(ranked, count // 2)
-            onehot = tf.one_hot(i, n)
-            r_i = tf.where(tf.math.is_nan(ref[i]) & (count > 0), median, ref[i])
-            ratio = tf.where(count > 0, top / tf.maximum(r_i, 1e-12), 0.0)
-            s_i = tf.where((ratio > self.factor) & (top > self.min_norm), streak[i] + 1.0, 0.0)
-            hit = s_i >= float(self.patience)
-            fire = hit & tf.equal(reported[i], 0.0)
-            ids_worst = tf.cast(tf.gather(padded_ids, worst.indices), tf.float32)
-            entry["worst"].assign(tf.where(fire, ids_worst, entry["worst"]))
-            entry["norms"].assign(tf.where(fire, tf.stack([top, r_i]), entry["norms"]))
-            new_ref = tf.where(tf.cast(onehot, tf.bool), r_i, new_ref)
-            new_streak = new_streak * (1.0 - onehot) + onehot * s_i
-            new_reported = new_reported * (1.0 - onehot) + onehot * tf.cast(hit, tf.float32)
-            fired.append(tf.cast(onehot, tf.bool) & fire)
-            values.append(onehot * ratio)
-        self.update(streak, new_streak)
-        self.update(reported, new_reported)
-        self.update(ref, new_ref)
-        return tf.reduce_any(tf.stack(fired), axis=0), tf.reduce_sum(tf.stack(values), axis=0)
+            # exploding rows: the largest looked-up rows against the table's reference norm (padded so
+            # that an empty batch has a top too)
+            norm = tf.norm(rows, axis=1)
+            count = tf.reduce_sum(okf)
+            mean = tf.reduce_sum(norm * okf) / tf.maximum(count, 1.0)
+            worst = tf.math.top_k(tf.concat([tf.where(ok, norm, -1.0), -tf.ones([WORST])], 0), k=WORST)
+            top = worst.values[0]
+            r_j = tf.where(tf.math.is_nan(ref[j]) & (count > 0), mean, ref[j])
+            ratio = tf.where(count > 0, top / tf.maximum(r_j, 1e-12), 0.0)
+            s_j = tf.where((ratio > self.factor) & (top > self.min_norm), streak[j] + 1.0, 0.0)
+            hit = s_j >= float(self.patience)
+            fire = hit & tf.equal(reported[j], 0.0)
+            ids_worst = tf.cast(tf.gather(tf.concat([ids, -tf.ones([WORST], tf.int32)], 0), worst.indices), tf.float32)
+            entry["last"].assign(tf.where(fire, tf.concat([ids_worst, [top, r_j]], 0), entry["last"]))
+            new_streak.append(s_j)
+            new_reported.append(tf.cast(hit, tf.float32))
+            new_ref.append(r_j)
+            fired.append(fire)
+            ratios.append(ratio)
+        self.update(state, tf.stack(new_streak + new_reported + new_ref))
+        at = tf.constant([[i] for i in index], tf.int32)
+        return (tf.scatter_nd(at, tf.cast(tf.stack(fired), tf.int32), [n]) > 0,
+                tf.scatter_nd(at, tf.stack(ratios), [n]))
 
     def explain(self, rows, fired, values, matrix, table):
         for i in np.flatnonzero(fired):
             row = table.rows[i]
             entry = self._tables.get(base_path(row.path))
-            worst = [int(v) for v in entry["worst"].numpy() if v >= 0] if entry else []
-            top, ref = (float(v) for v in entry["norms"].numpy()) if entry else (0.0, 0.0)
+            last = entry["last"].numpy() if entry else np.full(WORST + 2, -1.0)
+            worst = [int(v) for v in last[:WORST] if v >= 0]
+            top, ref = float(last[WORST]), float(last[WORST + 1])
             ids = ", ".join(map(str, worst)) or "?"
             yield row, float(values[i]), (
                 f"{row.path} (Embedding): exploding rows: the largest row looked up has norm {top:.3g}, "
