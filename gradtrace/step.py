@@ -244,15 +244,22 @@ class Variant:
 
 
 def _label_units(model):
-    """The number of classes a sparse crossentropy's labels index: the last dimension of the model's
-    single output, when the loss is a sparse categorical crossentropy and the shape is known."""
+    """``(units, ignore_class)`` of a sparse crossentropy's labels: the last dimension of the model's
+    single output (when the loss is a sparse categorical crossentropy and the shape is known), and the
+    label the loss is told to ignore (``ignore_class``, a valid label whatever its value)."""
     if loss_kind(model)[0] != "sparse_categorical_crossentropy":
         return None
+    loss = getattr(model, "loss", None)
+    loss = loss[0] if isinstance(loss, (list, tuple)) and len(loss) == 1 else loss
+    try:
+        ignored = loss.get_config().get("ignore_class") if isinstance(loss, keras.losses.Loss) else None
+    except Exception:  # a custom Loss without a config
+        ignored = None
     outputs = getattr(model, "outputs", None)
     try:
         if outputs and len(outputs) == 1:
             units = outputs[0].shape[-1]
-            return int(units) if units is not None and int(units) > 1 else None
+            return (int(units), ignored) if units is not None and int(units) > 1 else None
     except (AttributeError, TypeError, ValueError):
         return None
     return None
@@ -416,8 +423,9 @@ class Engine:
         if body is None and self.label_units and isinstance(ctx.y, tf.Tensor) and ctx.y.dtype.is_integer:
             # a label outside [0, units) aborts the loss on CPU and gives NaN on GPU: check it first,
             # and let the step complete on label 0 (the detector holds it)
-            ctx.labels = ctx.y
-            bad = (ctx.y < 0) | (ctx.y >= self.label_units)
+            units, ignored = self.label_units
+            ctx.labels = ctx.y if ignored is None else tf.where(tf.equal(ctx.y, ignored), tf.zeros_like(ctx.y), ctx.y)
+            bad = (ctx.labels < 0) | (ctx.labels >= units)
             data = (ctx.x, tf.where(bad, tf.zeros_like(ctx.y), ctx.y)) + tuple(unpacked[2:])
         with ctx.active():
             logs = self.model_train_step(data) if body is None else body()
@@ -647,8 +655,9 @@ class Engine:
             for name, t in _float_tensors(ctx.y, "", integers=True):
                 c.add("target", "targets", t, name=name, shape=tuple(t.shape), always=RANGE)
         if getattr(ctx, "labels", None) is not None:
-            c.add("labels", "targets", values=st.ids_stats(ctx.labels, self.label_units), counted=None,
-                  layer_class="labels", name="labels", input_dim=self.label_units, shape=tuple(ctx.labels.shape))
+            units = self.label_units[0]
+            c.add("labels", "targets", values=st.ids_stats(ctx.labels, units), counted=None,
+                  layer_class="labels", name="labels", input_dim=units, shape=tuple(ctx.labels.shape))
         order = {}
         for i, call in enumerate(calls):
             order.setdefault(id(call.layer), i)

@@ -353,3 +353,29 @@ def test_detector_needing_an_unknown_statistic_is_refused_before_training():
         gradtrace.fit(model, x, y, detectors=[NeedsKurtosis()], verbose=0)
     assert int(model.optimizer.iterations) == 0
     assert "kurtosis" not in COLUMNS
+
+
+# -- labels ------------------------------------------------------------------------------
+
+def _classifier(loss):
+    inp = keras.Input((6,))
+    h = layers.Dense(8, activation="relu", name="h")(inp)
+    model = keras.Model(inp, layers.Dense(3, activation="softmax", name="out")(h), name="clf")
+    model.compile(optimizer="adam", loss=loss)
+    return model
+
+
+def test_a_label_past_the_output_units_halts_at_its_step_and_the_process_trains_on():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(96, 6)).astype("float32"), rng.integers(0, 3, 96).astype("int32")
+    y[70] = 3  # in the batch of step 2 (batch 32): TF on CPU would abort the step
+    model = _classifier("sparse_categorical_crossentropy")
+    h = gradtrace.fit(model, x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    assert [(a.detector, a.layer, a.step) for a in h.anomalies] == [("labels_out_of_range", "targets", 2)]
+    assert "label 3" in h.anomalies[0].message and "batch example 6" in h.anomalies[0].message
+    assert int(model.optimizer.iterations) == 2 and _finite(model)
+    # a label the loss is told to ignore is a valid label
+    y[70] = -1
+    model = _classifier(keras.losses.SparseCategoricalCrossentropy(ignore_class=-1))
+    h = gradtrace.fit(model, x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    assert h.anomalies == [] and int(model.optimizer.iterations) == 3

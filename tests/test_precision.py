@@ -35,14 +35,14 @@ def runs():
 
 
 @pytest.mark.parametrize("name", TESTED)
-def test_the_buggy_program_is_caught_at_step_0_and_the_culprit_named_with_a_hint(runs, name):
+def test_the_buggy_program_is_caught_in_its_first_steps_and_the_culprit_named_with_a_hint(runs, name):
     symptom, anomalies, _ = runs[name, True]
     assert symptom, "the buggy port no longer shows its fault"
     detector, layer = BY_NAME[name].expected
     assert anomalies, f"{name}: nothing fired"
     first = anomalies[0]
     assert (first.detector, first.layer) == (detector, layer), [str(a) for a in anomalies]
-    assert first.step <= 1 and first.hint
+    assert first.step <= 2 and first.hint  # a run-away loss needs two steps to be one
 
 
 @pytest.mark.parametrize("name", TESTED)

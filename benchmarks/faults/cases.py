@@ -775,4 +775,5 @@ CASES = [
 BY_NAME = {c.name: c for c in CASES}
 # run by tests/test_precision.py on every CI run (the scorer runs them all)
 TESTED = ("softmax_over_one_unit", "sigmoid_on_house_prices", "relu_on_standardised_targets",
-          "crossentropy_on_raw_scores", "normal_init_deep_mlp", "negative_bias_relu")
+          "crossentropy_on_raw_scores", "normal_init_deep_mlp", "negative_bias_relu", "sgd_learning_rate_too_high",
+          "labels_from_one", "siamese_distance_without_epsilon")

@@ -6,8 +6,11 @@ network, checked in this order on the statistics the step already has:
 
 1. **the inputs** are on a large scale (float features whose RMS is above
    ``input_scale``, default 10: standardised features are ~1, images in [0, 1]
-   ~0.5, raw pixels ~100, square feet ~1000). The first layer's gradient, and
-   so a plain SGD step, grows with the square of the input scale;
+   ~0.5, raw pixels ~100, square feet ~1000), and reach the network so: the
+   layers reading them put out values on a large scale too (a model whose
+   first layer rescales or normalises its inputs is not to blame on them).
+   The first layer's gradient, and so a plain SGD step, grows with the square
+   of the input scale;
 2. **the targets** of a regression are on a large scale (RMS above
    ``target_scale``, default 10): the error, and every gradient, grows with it;
 3. **the learning rate**: the data is in range, and the updates still make the
@@ -33,6 +36,19 @@ def rms(stats_row) -> float:
     return float(stats_row[COL["norm"]]) / np.sqrt(size) if size > 0 else 0.0
 
 
+def _unscaled_inside(table, matrix, input_scale):
+    """The large inputs reach the network as they are: the layers reading the model's inputs directly
+    (by the traced graph) put out values on a large scale too. A model that rescales or normalises its
+    inputs itself (a first Rescaling, Normalization or BatchNormalization layer) is not to blame on
+    its inputs. Without a graph, the inputs' own scale decides."""
+    graph = table.graph
+    if graph is None:
+        return True
+    first = [rms(matrix[r.index]) for r in table.rows
+             if r.kind == "output" and r.layer_class != "Embedding" and graph.feeders(r.path) == frozenset()]
+    return not first or max(first) > input_scale
+
+
 def learning_rate(table):
     """The learning rate of the update this table is about, as a float (None when unknown)."""
     lr = compat.current_learning_rate(getattr(table, "optimizer", None))
@@ -47,7 +63,7 @@ def outside_the_network(table, matrix, anchor, input_scale=INPUT_SCALE, target_s
     ``anchor``, the row whose statistics it carries, named ``inputs``/``targets``/``learning rate``)."""
     inputs = [(rms(matrix[r.index]), r) for r in table.rows if r.kind == "input"]
     big = max(inputs, key=lambda p: p[0], default=(0.0, None))
-    if big[0] > input_scale:
+    if big[0] > input_scale and _unscaled_inside(table, matrix, input_scale):
         name = f" ({big[1].name})" if big[1].name else ""
         return big[1], (f"the inputs{name} are on a large scale (RMS {big[0]:.3g}): a gradient step on the first "
                         "layer's weights grows with the square of the input scale"), (

@@ -25,6 +25,9 @@ class Divergence(Detector):
     - A loss that overflows right after one such step (a run-away that reached float32's limit in
       two updates) fires at once, before the ``nan`` detector's finding of the same step.
 
+    Only a loss whose first value is positive is watched (a cosine similarity or a log-likelihood can
+    be negative, and a factor of it means nothing).
+
     Blame rule: no layer; :mod:`gradtrace.detectors.culprit` names the inputs (on a large scale),
     the regression targets (on a large scale), or else the learning rate, with its value.
     """
@@ -49,7 +52,8 @@ class Divergence(Detector):
         first = self.state(view, "first", np.nan)
         floor = self.state(view, "floor", np.nan)
         streak = self.state(view, "streak")
-        started = ~tf.math.is_nan(first)
+        # a factor means something only for a positive loss (a cosine or log-likelihood loss can be < 0)
+        started = ~tf.math.is_nan(first) & (first > 0.0)
         away = started & finite & (loss > self.factor * first) & (loss > self.factor * floor)
         overflow = started & ~finite & (streak >= 1.0)
         new_streak = tf.where(mask & away, streak + 1.0, tf.where(mask & overflow, float(self.patience), 0.0))

@@ -16,6 +16,9 @@ class EmbeddingOutOfRange(Detector):
     would abort it with an opaque ``GatherV2`` error, on GPU it would silently
     read a zero row, under XLA it would clamp, and ``-1`` would silently read
     the last row. Default action: halt (the step's update is not applied).
+
+    Blame rule: the table that got the id (the ids are the data's, the size is the layer's: the
+    message names both, with the batch position and the ``input_dim`` that would do).
     """
 
     name = "embedding_out_of_range"
@@ -45,6 +48,9 @@ class EmbeddingOutOfRange(Detector):
 
 
 def where_in_batch(flat, shape):
+    """Where the ``flat``-th value of a batch of ``shape`` is, in words."""
+    if len(shape) == 1:
+        return f"batch example {flat}"
     inner = shape[1:] if len(shape) > 1 else ()
     if inner and all(isinstance(d, int) for d in inner):
         per = int(np.prod(inner))

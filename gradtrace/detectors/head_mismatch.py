@@ -11,7 +11,7 @@ from gradtrace.heads import CROSSENTROPY
 # what was found, by code (the anomaly's value)
 SOFTMAX_ONE_UNIT, TARGETS_OUT_OF_RANGE, RELU_NEGATIVE_TARGETS, RELU_BEFORE_CROSSENTROPY, UNBOUNDED_CROSSENTROPY = \
     1, 2, 3, 4, 5
-TANH_TARGETS_OUT_OF_RANGE, BINARY_ON_SOFTMAX = 6, 7
+TANH_TARGETS_OUT_OF_RANGE = 6
 _BOUNDED = ("sigmoid", "softmax", "hard_sigmoid")
 
 
@@ -27,18 +27,16 @@ class HeadMismatch(Detector):
        negative score to 0;
     5. a crossentropy with ``from_logits=False`` on a linear (unbounded) output: Keras clips the
        "probabilities" into [1e-7, 1 - 1e-7], so most gradients are zero;
-    6. a tanh output with regression targets outside [-1, 1];
-    7. a softmax output feeding ``binary_crossentropy``: the units compete for one class while the
-       loss scores each as a separate yes/no.
+    6. a tanh output with regression targets outside [-1, 1].
 
     The targets include integer labels (class indices); a sparse crossentropy's labels are indices,
     not values, and are ``labels_out_of_range``'s to check.
 
     Blame rule: always the output layer; the data is never blamed, since the mismatch is between
-    the targets and the layer. Cases 1, 4, 5 and 7 are read off the model and the compiled loss, and
+    the targets and the layer. Cases 1, 4 and 5 are read off the model and the compiled loss, and
     fire at the first traced step; 2, 3 and 6 read the batch's targets (minimum and maximum over the
     whole batch, under a strategy too), at the first traced step whose targets show it. Only one
-    output and one target are compared (with several outputs, only cases 1, 4, 5 and 7).
+    output and one target are compared (with several outputs, only cases 1, 4 and 5).
     ``tolerance=1e-6`` leaves room for rounding of targets already in range.
     """
 
@@ -55,8 +53,6 @@ class HeadMismatch(Detector):
         units = row.shape[-1] if row.shape else None
         if row.activation == "softmax" and units == 1:
             return SOFTMAX_ONE_UNIT
-        if loss is not None and loss.loss_kind == "binary_crossentropy" and row.activation == "softmax":
-            return BINARY_ON_SOFTMAX
         if loss is not None and loss.loss_kind in CROSSENTROPY:
             if row.activation in ("relu", "relu6"):
                 return RELU_BEFORE_CROSSENTROPY
@@ -122,13 +118,6 @@ class HeadMismatch(Detector):
                        f"range over [{lo:.4g}, {hi:.4g}]: it saturates trying to reach them.")
                 hint = (f"use a linear output (activation=None) on {row.path}, or scale the targets into [-1, 1] "
                         "(and undo it on the predictions).")
-            elif code == BINARY_ON_SOFTMAX:
-                msg = (f"{what} is the output layer and feeds binary_crossentropy: a softmax makes its {units} "
-                       "units compete for one class, while binary_crossentropy scores each unit as a separate "
-                       "yes/no.")
-                hint = (f"for one class per example use sparse_categorical_crossentropy (integer labels) or "
-                        f"categorical_crossentropy (one-hot) with {row.path}; for several labels per example use "
-                        "a sigmoid output.")
             elif code == RELU_NEGATIVE_TARGETS:
                 lo = float(matrix[target.index][COL["min"]])
                 msg = (f"{what} is the output layer and can never produce a negative value, but the targets go "

@@ -15,6 +15,8 @@ class LossPlateau(Detector):
 
     Off by default (a plateau is often a schedule question, not a fault);
     enable with ``detectors=[..., "loss_plateau"]``. Fires once per plateau.
+
+    Blame rule: the loss (no layer: a plateau is the whole model's).
     """
 
     name = "loss_plateau"
