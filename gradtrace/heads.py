@@ -4,7 +4,7 @@
 ``keras.losses.Loss`` or a function) and returns ``(kind, from_logits)``;
 ``kind`` is one of ``"binary_crossentropy"``, ``"categorical_crossentropy"``,
 ``"sparse_categorical_crossentropy"``, ``"regression"`` (squared, absolute,
-Huber, log-cosh errors), ``"other"`` (anything else, a custom loss included)
+Huber, log-cosh errors), ``"bounded"`` (cosine similarity), ``"other"`` (anything else, a custom loss included)
 or ``"several"`` (one loss per output: the checks then leave the losses alone).
 """
 
@@ -29,6 +29,8 @@ _KINDS = {
     "logcosh": "regression",
     "meansquaredlogarithmicerror": "regression",
     "msle": "regression",
+    # bounded in [-1, 1], around 0 at the start: no scale to run away from
+    "cosinesimilarity": "bounded",
 }
 
 CROSSENTROPY = ("binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy")

@@ -3,6 +3,8 @@ and a matrix whose values are chosen here, the rows it must fire on (or stay sil
 its explanation must blame. No model, no training: each check runs eagerly on the numbers below.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -189,6 +191,10 @@ def test_divergence_fires_on_a_run_away_loss_and_blames_the_learning_rate_inputs
     assert not any(_divergence_run(gradtrace.Divergence(), rows, [2.3, 1.5, 0.9, 0.5, 0.2, 0.05])[0])
     # NaN in the first step is not a run-away (nothing to grow from): the nan detector's
     assert not any(_divergence_run(gradtrace.Divergence(), rows, [float("nan"), float("nan")])[0])
+    # a loss that has been negative, or a cosine similarity (around 0 at the start), has no scale
+    assert not any(_divergence_run(gradtrace.Divergence(), rows, [0.05, -0.1, 2.0, 3.0, 4.0])[0])
+    cosine = [dataclasses.replace(r, loss_kind="bounded") if r.kind == "loss" else r for r in rows]
+    assert not any(_divergence_run(gradtrace.Divergence(), cosine, [0.01, 0.5, 0.6, 0.7])[0])
 
 
 def test_labels_out_of_range_names_the_label_and_the_units():

@@ -25,8 +25,8 @@ class Divergence(Detector):
     - A loss that overflows right after one such step (a run-away that reached float32's limit in
       two updates) fires at once, before the ``nan`` detector's finding of the same step.
 
-    Only a loss whose first value is positive is watched (a cosine similarity or a log-likelihood can
-    be negative, and a factor of it means nothing).
+    Only a loss that stays positive is watched: a cosine similarity (bounded, around 0 at the start)
+    and a loss that has been negative (a custom log-likelihood) have no scale a factor could mean.
 
     Blame rule: no layer; :mod:`gradtrace.detectors.culprit` names the inputs (on a large scale),
     the regression targets (on a large scale), or else the learning rate, with its value.
@@ -46,14 +46,18 @@ class Divergence(Detector):
         self.target_scale = self._check_range("target_scale", target_scale, 0.0, float("inf"), low_open=True)
 
     def check(self, view):
-        mask = view.mask(kinds=("loss",))
+        mask = view.mask(kinds=("loss",), predicate=lambda r: r.loss_kind != "bounded")
         loss = view["mean"]
         finite = tf.math.is_finite(loss) & tf.equal(view["nan"] + view["inf"], 0.0)
         first = self.state(view, "first", np.nan)
         floor = self.state(view, "floor", np.nan)
         streak = self.state(view, "streak")
-        # a factor means something only for a positive loss (a cosine or log-likelihood loss can be < 0)
-        started = ~tf.math.is_nan(first) & (first > 0.0)
+        # a factor means something only for a positive loss: one that has been negative (a custom
+        # log-likelihood) is left alone for the rest of the fit
+        negative = self.state(view, "negative")
+        seen_negative = tf.maximum(negative, tf.cast(mask & (loss < 0.0), tf.float32))
+        self.update(negative, seen_negative)
+        started = ~tf.math.is_nan(first) & (first > 0.0) & tf.equal(seen_negative, 0.0)
         away = started & finite & (loss > self.factor * first) & (loss > self.factor * floor)
         overflow = started & ~finite & (streak >= 1.0)
         new_streak = tf.where(mask & away, streak + 1.0, tf.where(mask & overflow, float(self.patience), 0.0))
