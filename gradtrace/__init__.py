@@ -29,7 +29,10 @@ from gradtrace.detectors import (
     Vanishing,
 )
 from gradtrace.fit import fit
+from gradtrace.history import LayerHistory
+from gradtrace.html import save_report
 from gradtrace.inspection import capture, summary
+from gradtrace.plot import plot
 from gradtrace.replay import Replay, replay
 from gradtrace.report import report
 from gradtrace.snapshot import SnapshotError
@@ -54,6 +57,7 @@ __all__ = [
     "Exploding",
     "HeadMismatch",
     "LabelsOutOfRange",
+    "LayerHistory",
     "LossPlateau",
     "NaN",
     "NoGradient",
@@ -63,6 +67,8 @@ __all__ = [
     "Vanishing",
     "capture",
     "fit",
+    "plot",
+    "save_report",
     "summary",
     "is_patched",
     "layer_paths",

@@ -20,6 +20,7 @@ from gradtrace import _keras_compat as compat
 from gradtrace import embeddings
 from gradtrace import snapshot as snapshot_module
 from gradtrace.anomaly import BLOCKING, Anomaly, AnomalyError, AnomalyLog, DetectorError, stopped_how, strongest
+from gradtrace.history import BUFFER, LayerHistory, step_values
 from gradtrace.stats import row_dict
 from gradtrace.step import KEY, TRACED, UNTRACED, Plan
 
@@ -89,6 +90,9 @@ class Run:
         self.epoch = 0
         self.halted = False
         self._periodic = {}  # detector name -> the last period (step // every) it was checked in
+        self.history = LayerHistory()  # per-layer statistics of every traced step, bounded (gradtrace.history)
+        self._drained = {}  # (plan, segment index) -> traced steps already taken from its device buffer
+        self._since_drain = 0  # steps run since the last drain
         self.tensorboard = None  # a gradtrace.tensorboard.Writer when fit got tensorboard_dir
 
     # -- the train_function Keras calls ----------------------------------------
@@ -105,6 +109,9 @@ class Run:
             logs = engine.train_function(plan)(iterator)
             logs = self.after_call(plan, traced, summary, logs)
             self.periodic_checks()
+            self._since_drain += int(getattr(self.model, "steps_per_execution", 1) or 1) if traced else 0
+            if self._since_drain >= BUFFER:
+                self.drain_history()
             return logs
 
         return function
@@ -285,6 +292,7 @@ class Run:
                 raise DetectorError(d.name, "epoch_begin", e, self.anomalies) from e
 
     def epoch_end_checks(self, epoch):
+        self.drain_history()
         self._host_checks("epoch_end", epoch)
         if self.tensorboard is not None:
             infos = self.embedding_tables()
@@ -317,7 +325,34 @@ class Run:
             self._host_checks("periodic", self.epoch, ready)
 
     def fit_end_checks(self):
+        self.drain_history()
         self._host_checks("fit_end", self.epoch)
+
+    def drain_history(self):
+        """Move the traced steps the device buffers hold into :attr:`history` (every ``BUFFER`` traced
+        steps and at each epoch's end: one read of a few small variables, not one per step)."""
+        self._since_drain = 0
+        by_step = {}
+        for plan, variant in list(self.engine.variants.items()):
+            if plan.mode != "train" or not plan.traced:
+                continue
+            for segment in variant.segments:
+                rec = segment.record()
+                if rec is None or segment.table is None:
+                    continue
+                key = (plan, segment.index)
+                count = int(rec.hist_count.numpy())
+                new = min(count - self._drained.get(key, 0), BUFFER)
+                self._drained[key] = count
+                if new <= 0:
+                    continue
+                hist, steps = rec.hist.numpy(), rec.hist_steps.numpy()
+                for k in range(count - new, count):
+                    slot = k % BUFFER
+                    values = step_values(segment.table, hist[slot], segment.columns)
+                    by_step.setdefault(int(steps[slot]), {}).update(values)
+        for step in sorted(by_step):
+            self.history.add(step, self.epoch, by_step[step])
 
     def _host_checks(self, stage, epoch, detectors=None):
         """Run every detector's ``epoch_end``, ``fit_end`` or ``periodic`` hook and act on what they found."""

@@ -68,7 +68,11 @@ def _replay(path, as_json):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="gradtrace", description="Keras training-loop debugger.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="train a two-embedding inner model with a real fault and watch gradtrace catch it")
+    d = sub.add_parser("demo", help="train a two-embedding inner model with a real fault and watch gradtrace catch it")
+    d.add_argument("which", nargs="?", choices=["embeddings"], help="embeddings: a mis-sized item table")
+    r = sub.add_parser("report", help="rebuild the HTML report of a saved run (gradtrace.save_report)")
+    r.add_argument("run", help="the saved run: report.html, or its report.data.json next to it")
+    r.add_argument("-o", "--output", required=True, help="the HTML file to write")
     for name, text in (("replay", "replay a snapshotted step and explain it"),
                        ("show", "print a snapshot's manifest and batch shapes")):
         p = sub.add_parser(name, help=text)
@@ -80,7 +84,16 @@ def main(argv=None):
     if args.command == "demo":
         from gradtrace import demo
 
-        return demo.main()
+        return demo.main([args.which] if args.which else [])
+    if args.command == "report":
+        from gradtrace.html import write_html
+
+        try:
+            print(write_html(args.run, args.output))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            print(f"gradtrace report: {e}", file=sys.stderr)
+            return 1
+        return 0
     from gradtrace.snapshot import SnapshotError
 
     sys.path.insert(0, os.getcwd())

@@ -85,6 +85,19 @@ def build_recommender():
     return model
 
 
+def _pictures(history, name):
+    """Write ``name.png`` (every layer over the run) and ``name.html`` (the report to attach to a bug
+    report), when matplotlib is installed."""
+    try:
+        fig = gradtrace.plot(history)
+    except ImportError as e:
+        print(f"\n(No picture: {e})")
+        return
+    fig.savefig(f"{name}.png", dpi=100)
+    page = gradtrace.save_report(history, f"{name}.html")
+    print(f"\nPicture: {os.path.abspath(name + '.png')}\nReport:  {os.path.abspath(page)}")
+
+
 def embeddings_demo():
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -124,6 +137,7 @@ def main(argv=None):
     print(f"Caught: {a.detector} at step {a.step}, in layer {a.layer!r}.")
     print(f"optimizer.iterations = {int(model.optimizer.iterations)} (the bad step was not applied); "
           f"all weights finite: {weights_finite}.")
+    _pictures(history, "gradtrace_demo")
     return 0 if weights_finite and a.layer == "recommender/inner/log_price" else 1
 
 

@@ -40,6 +40,7 @@ import tensorflow as tf
 from gradtrace import _keras_compat as compat
 from gradtrace import distribute
 from gradtrace import graph as layer_graph
+from gradtrace import history
 from gradtrace import hooks
 from gradtrace import stats as st
 from gradtrace.anomaly import BLOCKING, DetectorError
@@ -47,6 +48,7 @@ from gradtrace.capture import Recorder
 from gradtrace.heads import loss_kind
 
 KEY = "__gradtrace__"
+_HISTORY_COLUMNS = [st.COL[c] for c in history.COLUMNS]
 # the targets' and the model outputs' minimum and maximum are measured at every traced step
 # (small tensors) so that the head/loss checks can read them under any strategy
 RANGE = ("min", "max")
@@ -139,6 +141,13 @@ class Record:
         # the failing batch's components (composite tensors expanded), any shape
         self.batch = None if batch is None else [_slot(t, "gradtrace_batch", tf.TensorShape(None)) for t in batch]
         self.logs = {}  # the failing step's own logs (scalars), as its train_step returned them
+        # the per-layer history's device buffer (gradtrace.history): a few columns of every traced
+        # step, drained by the host every history.BUFFER traced steps
+        rows = int(result.matrix.shape[0])
+        self.hist = compat.plain_variable(
+            lambda: tf.zeros([history.BUFFER, rows, len(history.COLUMNS)], tf.float32), name="gradtrace_hist")
+        self.hist_steps = compat.plain_variable(lambda: tf.zeros([history.BUFFER], tf.int64), name="gradtrace_hsteps")
+        self.hist_count = compat.plain_variable(lambda: tf.zeros([], tf.int64), name="gradtrace_hcount")
 
     def keep_logs(self, logs):
         """Slots for the step's scalar logs (made at the first trace)."""
@@ -500,6 +509,10 @@ class Engine:
         if ctx.plan.traced:
             rec.last.assign(res.matrix)
             rec.last_step.assign(ctx.step)
+            slot = tf.math.floormod(rec.hist_count, history.BUFFER)
+            rec.hist.scatter_nd_update([[slot]], [tf.gather(res.matrix, _HISTORY_COLUMNS, axis=1)])
+            rec.hist_steps.scatter_nd_update([[slot]], [tf.cast(ctx.step, tf.int64)])
+            rec.hist_count.assign_add(1)
         if rec.histograms is not None:
             rec.histograms.assign(res.histograms)
 

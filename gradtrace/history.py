@@ -1,0 +1,229 @@
+"""A bounded history of per-layer statistics over a whole run, for pictures of where a fault started.
+
+Every traced step adds one value per (layer, quantity): the output-gradient norm, the weight-gradient
+norm (all of a layer's weights together), the update ratio, the dead fraction (ReLU family), the
+saturated fraction (sigmoid/tanh), the output mean and standard deviation. Steps are kept in
+*buckets* of adjacent steps, each holding the exact minimum, maximum and mean of its steps; when the
+buckets pass ``max_buckets``, adjacent pairs merge and every bucket covers twice as many steps. A run
+of a million steps and one of a thousand both fit in ``keys x max_buckets`` numbers (a few MB).
+
+The compiled step writes its statistics into a small buffer on the device; the host drains it every
+``BUFFER`` traced steps and at each epoch's end, so keeping the history adds no transfer per step.
+Only statistics the step computed anyway are kept: a quantity no detector asked for (the standard
+deviation, the update ratio, unless configured) is NaN, not measured at extra cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+# The quantities kept, by the kind of row they come from and the statistic column they read.
+QUANTITIES = {
+    "gradient_norm": ("gradient", "norm"),  # the layer's output gradient
+    "weight_gradient_norm": ("weight_gradient", "norm"),  # all of the layer's weights together
+    "update_ratio": ("weight_gradient", "update_ratio"),
+    "dead_fraction": ("output", "dead_frac"),
+    "saturated_fraction": ("output", "saturated"),
+    "output_mean": ("output", "mean"),
+    "output_std": ("output", "std"),
+}
+COLUMNS = ("norm", "update_ratio", "dead_frac", "saturated", "mean", "std")  # the columns the buffer holds
+BUFFER = 32  # traced steps between two drains of the device buffer
+
+
+class LayerHistory:
+    """Per-(layer, quantity) minimum, maximum and mean over buckets of adjacent traced steps."""
+
+    def __init__(self, max_buckets=512):
+        if max_buckets < 2 or max_buckets % 2:
+            raise ValueError(f"max_buckets={max_buckets!r} must be an even integer >= 2.")
+        self.max_buckets = int(max_buckets)
+        self.width = 1  # steps per bucket (doubles at every merge)
+        self.keys: list = []  # (layer path, quantity), in the order first seen (execution order)
+        self._index: dict = {}
+        self.steps = np.zeros((0, 2), np.int64)  # per bucket: first and last step
+        self.epochs = np.zeros((0, 2), np.int64)
+        self.count = np.zeros(0, np.int64)  # steps in each bucket
+        self.min = np.zeros((0, 0))
+        self.max = np.zeros((0, 0))
+        self.sum = np.zeros((0, 0))
+        self.n = np.zeros((0, 0), np.int64)  # finite values per bucket and key
+
+    # -- adding -------------------------------------------------------------------------------
+    def _key(self, key):
+        i = self._index.get(key)
+        if i is None:
+            i = self._index[key] = len(self.keys)
+            self.keys.append(key)
+            pad = lambda a, v: np.concatenate([a, np.full((a.shape[0], 1), v, a.dtype)], axis=1)  # noqa: E731
+            self.min, self.max = pad(self.min, np.inf), pad(self.max, -np.inf)
+            self.sum, self.n = pad(self.sum, 0.0), pad(self.n, 0)
+        return i
+
+    def add(self, step, epoch, values):
+        """One traced step: ``values`` maps ``(layer path, quantity)`` to a float (NaN: not measured)."""
+        cols = [self._key(k) for k in values]
+        v = np.array(list(values.values()), np.float64)
+        if not len(self.count) or self.count[-1] >= self.width:
+            self._new_bucket(step, epoch)
+        b = len(self.count) - 1
+        self.steps[b, 1], self.epochs[b, 1] = step, epoch
+        self.count[b] += 1
+        ok = np.isfinite(v)
+        c = np.asarray(cols)[ok]
+        self.min[b, c] = np.minimum(self.min[b, c], v[ok])
+        self.max[b, c] = np.maximum(self.max[b, c], v[ok])
+        self.sum[b, c] += v[ok]
+        self.n[b, c] += 1
+        if len(self.count) > self.max_buckets:
+            self._merge()
+
+    def _new_bucket(self, step, epoch):
+        k = len(self.keys)
+        self.steps = np.concatenate([self.steps, [[step, step]]])
+        self.epochs = np.concatenate([self.epochs, [[epoch, epoch]]])
+        self.count = np.concatenate([self.count, [0]])
+        self.min = np.concatenate([self.min, np.full((1, k), np.inf)])
+        self.max = np.concatenate([self.max, np.full((1, k), -np.inf)])
+        self.sum = np.concatenate([self.sum, np.zeros((1, k))])
+        self.n = np.concatenate([self.n, np.zeros((1, k), np.int64)])
+
+    def _merge(self):
+        """Merge adjacent pairs of buckets (a last odd bucket stays as it is)."""
+        m = len(self.count) // 2 * 2
+        tail = slice(m, None)
+
+        def pairs(a, how):
+            merged = how(a[:m:2], a[1:m:2])
+            return np.concatenate([merged, a[tail]])
+
+        self.steps = np.concatenate([np.stack([self.steps[:m:2, 0], self.steps[1:m:2, 1]], 1), self.steps[tail]])
+        self.epochs = np.concatenate([np.stack([self.epochs[:m:2, 0], self.epochs[1:m:2, 1]], 1),
+                                      self.epochs[tail]])
+        self.count = pairs(self.count, np.add)
+        self.min, self.max = pairs(self.min, np.minimum), pairs(self.max, np.maximum)
+        self.sum, self.n = pairs(self.sum, np.add), pairs(self.n, np.add)
+        self.width *= 2
+
+    # -- reading ------------------------------------------------------------------------------
+    def layers(self, quantity):
+        """The layer paths that have ``quantity``, in the order first seen (execution order)."""
+        return [p for p, q in self.keys if q == quantity]
+
+    def series(self, quantity, stat="mean"):
+        """``(paths, [buckets, paths] array)`` of ``stat`` (``mean``, ``min``, ``max``); NaN where unmeasured."""
+        paths = self.layers(quantity)
+        idx = [self._index[(p, quantity)] for p in paths]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if stat == "mean":
+                out = self.sum[:, idx] / self.n[:, idx]
+            else:
+                out = (self.min if stat == "min" else self.max)[:, idx].astype(np.float64)
+        out = np.where(self.n[:, idx] > 0, out, np.nan)
+        return paths, out
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in (self.steps, self.epochs, self.count, self.min, self.max, self.sum, self.n))
+
+    # -- saving ---------------------------------------------------------------------------------
+    def save(self, path):
+        """``path.npz`` (the arrays) and ``path.json`` (the keys, the bucket width): no pickle."""
+        np.savez_compressed(f"{path}.npz", steps=self.steps, epochs=self.epochs, count=self.count, min=self.min,
+                            max=self.max, sum=self.sum, n=self.n)
+        with open(f"{path}.json", "w") as f:
+            json.dump({"keys": [list(k) for k in self.keys], "width": self.width,
+                       "max_buckets": self.max_buckets}, f)
+
+    @classmethod
+    def load(cls, path):
+        path = path[:-5] if path.endswith(".json") else path[:-4] if path.endswith(".npz") else path
+        if not (os.path.exists(f"{path}.json") and os.path.exists(f"{path}.npz")):
+            raise FileNotFoundError(f"no saved history at {path!r}: expected {path}.json and {path}.npz "
+                                    "(written by gradtrace.save_report or LayerHistory.save).")
+        with open(f"{path}.json") as f:
+            meta = json.load(f)
+        h = cls(meta["max_buckets"])
+        h.width = meta["width"]
+        h.keys = [tuple(k) for k in meta["keys"]]
+        h._index = {k: i for i, k in enumerate(h.keys)}
+        with np.load(f"{path}.npz", allow_pickle=False) as z:
+            for name in ("steps", "epochs", "count", "min", "max", "sum", "n"):
+                setattr(h, name, z[name])
+        return h
+
+
+def step_values(table, matrix, columns):
+    """One traced step's ``{(layer path, quantity): value}`` from its statistics table and a
+    ``[rows, len(COLUMNS)]`` array of the buffered columns (``columns``: those really computed)."""
+    from gradtrace.graph import base_path
+
+    col = {c: i for i, c in enumerate(COLUMNS)}
+    out, weight_sq = {}, {}
+    for r in table.rows:
+        row = matrix[r.index]
+        if r.kind == "gradient":
+            out[(base_path(r.path), "gradient_norm")] = _get(row, col, "norm", columns)
+        elif r.kind == "weight_gradient":
+            norm = _get(row, col, "norm", columns)
+            weight_sq[r.path] = weight_sq.get(r.path, 0.0) + norm * norm
+            ratio = _get(row, col, "update_ratio", columns)
+            previous = out.get((r.path, "update_ratio"), np.nan)
+            out[(r.path, "update_ratio")] = ratio if np.isnan(previous) else max(previous, ratio)
+        elif r.kind == "output":
+            path = base_path(r.path)
+            if r.relu:
+                out[(path, "dead_fraction")] = _get(row, col, "dead_frac", columns)
+            if r.activation in ("sigmoid", "tanh", "hard_sigmoid"):
+                out[(path, "saturated_fraction")] = _get(row, col, "saturated", columns)
+            out[(path, "output_mean")] = _get(row, col, "mean", columns)
+            out[(path, "output_std")] = _get(row, col, "std", columns)
+    for path, sq in weight_sq.items():
+        out[(path, "weight_gradient_norm")] = float(np.sqrt(sq))
+    return out
+
+
+def _get(row, col, name, columns):
+    return float(row[col[name]]) if columns is None or name in columns else float("nan")
+
+
+def data_prefix(path):
+    """``report.html``, ``report.data.json``, ``report.data`` ... -> ``report.data`` (where
+    :func:`gradtrace.save_report` keeps the run as data)."""
+    path = os.fspath(path)
+    if path.endswith(".data"):
+        return path
+    for ext in (".html", ".htm", ".data.meta.json", ".data.json", ".data.npz", ".json"):
+        if path.endswith(ext):
+            path = path[: -len(ext)]
+            break
+    return path + ".data"
+
+
+class SavedAnomaly:
+    """An anomaly as a saved report holds it (its fields, read back from JSON)."""
+
+    def __init__(self, detector, layer, step, epoch, message="", hint="", **_):
+        self.detector, self.layer, self.step, self.epoch = detector, layer, step, epoch
+        self.message, self.hint = message, hint
+
+
+class SavedRun:
+    """A run saved by :func:`gradtrace.save_report`, as :func:`gradtrace.plot` and the report read it."""
+
+    def __init__(self, path):
+        prefix = data_prefix(path)
+        if not os.path.exists(prefix + ".meta.json"):
+            raise FileNotFoundError(f"no saved report data at {prefix!r}: expected {prefix}.meta.json, .json and "
+                                    ".npz (written by gradtrace.save_report).")
+        with open(prefix + ".meta.json") as f:
+            self.meta = json.load(f)
+        self.history = LayerHistory.load(prefix)
+        self.anomalies = [SavedAnomaly(**a) for a in self.meta["anomalies"]]
+        self.model = type("SavedModel", (), {"name": self.meta["model"]})
+
+    def drain_history(self):
+        """Nothing to drain: the history was saved whole."""
