@@ -46,7 +46,11 @@ class Divergence(Detector):
         self.target_scale = self._check_range("target_scale", target_scale, 0.0, float("inf"), low_open=True)
 
     def check(self, view):
-        mask = view.mask(kinds=("loss",), predicate=lambda r: r.loss_kind != "bounded")
+        rows = view.table.mask(kinds=("loss",), predicate=lambda r: r.loss_kind != "bounded")
+        if not rows.any():  # no loss row (an untraced step) or a bounded loss: nothing to add to the step
+            n = len(view.table)
+            return tf.zeros([n], tf.bool), tf.zeros([n])
+        mask = tf.constant(rows)
         loss = view["mean"]
         finite = tf.math.is_finite(loss) & tf.equal(view["nan"] + view["inf"], 0.0)
         first = self.state(view, "first", np.nan)

@@ -37,7 +37,11 @@ class Saturation(Detector):
         self.quick = self._check_int("quick", quick, 1)
 
     def check(self, view):
-        mask = view.mask(kinds=("output",), predicate=lambda r: r.activation in SATURATING and not r.head)
+        rows = view.table.mask(kinds=("output",), predicate=lambda r: r.activation in SATURATING and not r.head)
+        if not rows.any():  # no hidden sigmoid/tanh layer: nothing to add to the step
+            n = len(view.table)
+            return tf.zeros([n], tf.bool), tf.zeros([n])
+        mask = tf.constant(rows)
         sat = view["saturated"]
         count = self.state(view, "count")
         fast = self.state(view, "fast")
