@@ -93,6 +93,11 @@ class Run:
         self.history = LayerHistory()  # per-layer statistics of every traced step, bounded (gradtrace.history)
         self._drained = {}  # (plan, segment index) -> traced steps already taken from its device buffer
         self._since_drain = 0  # steps run since the last drain
+        for plan, variant in engine.variants.items():  # a compiled step kept from an earlier fit: its buffer
+            for segment in variant.segments:          # holds that fit's steps, not this one's
+                rec = segment.record()
+                if rec is not None:
+                    self._drained[(plan, segment.index)] = int(rec.hist_count.numpy())
         self.tensorboard = None  # a gradtrace.tensorboard.Writer when fit got tensorboard_dir
 
     # -- the train_function Keras calls ----------------------------------------

@@ -405,7 +405,8 @@ class Engine:
     def _detectors_for(self, plan):
         if not plan.detects:
             return []
-        return [d for d in self.detectors if d.checks_in_step and (plan.traced or d.every_step or d.wants_ids or d.wants_labels)]
+        return [d for d in self.detectors
+                if d.checks_in_step and (plan.traced or d.every_step or d.wants_ids or d.wants_labels)]
 
     def _run_step(self, variant, data, body=None):
         plan = variant.plan
