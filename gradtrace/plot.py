@@ -24,8 +24,9 @@ PANELS = {
     "update_ratio": (("update_ratio",), "update ratio (lr * |g| / |w|)", True),
     "dead": (("dead_fraction", "saturated_fraction"), "dead (ReLU) / saturated (sigmoid, tanh) fraction", False),
     "output": (("output_mean",), "output mean", False),
+    "embeddings": ((), "Embedding tables: share of rows used, of ids reached, effective rank / min(rows, d)", False),
 }
-DEFAULT_PANELS = ("gradient_flow", "weight_gradient", "update_ratio", "dead")
+DEFAULT_PANELS = ("gradient_flow", "weight_gradient", "update_ratio", "dead", "embeddings")
 
 
 def _pyplot():
@@ -74,9 +75,15 @@ def plot(source, what=DEFAULT_PANELS, stat="mean"):
     hist, anomalies, name = _source(source)
     if not len(hist.count):
         raise ValueError("this run has no traced step to draw yet (train at least one step).")
+    run = getattr(source, "gradtrace", source)
+    tables = run.embedding_tables() if "embeddings" in what and hasattr(run, "embedding_tables") else []
     panels = []
     for w in what:
         quantities, title, log = PANELS[w]
+        if w == "embeddings":
+            if tables:
+                panels.append((w, title, log, [t.path for t in tables], tables))
+            continue
         paths, cols = [], []
         for q in quantities:
             p, data = hist.series(q, stat)
@@ -87,12 +94,15 @@ def plot(source, what=DEFAULT_PANELS, stat="mean"):
             panels.append((w, title, log, paths, data))
     if not panels:
         raise ValueError(f"none of the panels {list(what)} has measured values in this run.")
-    heights = [max(1.5, 0.22 * len(p[3]) + 0.8) for p in panels]
+    heights = [max(1.5, (0.5 if p[0] == "embeddings" else 0.22) * len(p[3]) + 0.8) for p in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights) + 0.6), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     steps = hist.steps
     epoch_starts = [b for b in range(1, len(steps)) if hist.epochs[b, 0] != hist.epochs[b - 1, 1]]
     for ax, (w, title, log, paths, data) in zip(axes[:, 0], panels):
+        if w == "embeddings":
+            _embedding_bars(ax, title, data)
+            continue
         image = data.T  # layers x buckets
         finite = image[np.isfinite(image)]
         if log:
@@ -122,11 +132,33 @@ def plot(source, what=DEFAULT_PANELS, stat="mean"):
         if xs:
             ax.scatter(xs, ys, marker="x", color="red", s=40, linewidths=1.5, zorder=3, gid="anomalies",
                        label="anomaly")
-    axes[-1, 0].set_xlabel(f"step ({hist.width} step(s) per column{'; ' + stat if hist.width > 1 else ''})",
-                           fontsize=8)
+    heat = [ax for ax, p in zip(axes[:, 0], panels) if p[0] != "embeddings"]
+    if heat:
+        heat[-1].set_xlabel(f"step ({hist.width} step(s) per column{'; ' + stat if hist.width > 1 else ''})",
+                            fontsize=8)
     fig.suptitle(f"gradtrace: {name}" if name else "gradtrace", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def _embedding_bars(ax, title, tables):
+    """Per table: the share of its rows used this epoch, of its ids reached (highest id seen + 1 over
+    input_dim) and its effective rank over min(rows, d); a table far from 1 on the first two is sized
+    for ids its data does not have, one low on the third has collapsed."""
+    y = np.arange(len(tables))
+    parts = [("rows used", lambda t: t.rows_used / t.input_dim if t.rows_used is not None else np.nan),
+             ("ids reached", lambda t: (t.max_id + 1) / t.input_dim if t.max_id is not None else np.nan),
+             ("effective rank", lambda t: t.effective_rank / min(t.input_dim, t.dim)
+              if t.effective_rank is not None else np.nan)]
+    for k, (label, value) in enumerate(parts):
+        ax.barh(y + (k - 1) * 0.27, [value(t) for t in tables], height=0.25, label=label, gid=f"embeddings:{label}")
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("share (this epoch so far)", fontsize=8)
+    ax.set_yticks(y)
+    ax.set_yticklabels([_label(t.path) for t in tables], fontsize=7)
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=9, loc="left")
 
 
 def _bucket(steps, step):

@@ -79,6 +79,10 @@ def test_plot_has_one_row_per_layer_in_execution_order_and_marks_the_anomaly(fau
     assert any(line.get_gid() == "epoch" for line in ax.lines)  # the epoch boundary at step 10
     with pytest.raises(ValueError, match="unknown panel"):
         gradtrace.plot(h, what="gradients")
+    # the default panels end with the Embedding tables: one group of bars per table
+    emb = next(a for a in gradtrace.plot(h).axes if a.get_title(loc="left").startswith("Embedding tables"))
+    assert [t.get_text() for t in emb.get_yticklabels()] == ["inner/item_emb", "inner/user_emb"]
+    assert len(emb.patches) == 6
 
 
 def test_plot_of_a_snapshot_draws_the_failing_step(faulty_run):
