@@ -84,6 +84,22 @@ def test_healthy_recommender_with_every_kind_of_table_is_silent():
         assert min(r for _, r in collapse.history[path]) > 0.6 * w
 
 
+def test_healthy_text_model_behind_max_pooling_is_silent_although_most_rows_get_no_gradient():
+    """GlobalMaxPooling1D passes each channel's gradient to one position: most looked-up rows of a
+    healthy text model get no gradient in an epoch. Only a table cut off whole is a finding."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(1, 5000, (640, 100)).astype("int32")
+    y = (x[:, 0] < 2500).astype("float32")
+    inp = keras.Input((100,), dtype="int32")
+    h = layers.GlobalMaxPooling1D(name="pool")(layers.Embedding(5000, 16, name="emb")(inp))
+    model = keras.Model(inp, layers.Dense(1, activation="sigmoid", name="out")(h), name="text")
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    h = gradtrace.fit(model, x, y, batch_size=32, epochs=1, verbose=0)
+    assert h.anomalies == [], h.anomalies
+    table = h.gradtrace.embedding_tables()[0]
+    assert table.rows_never_learned > 0.5 * table.rows_used
+
+
 def _two_tables(item_between=None, item_initializer="uniform", head_units=16):
     user, item = keras.Input((1,), dtype="int32", name="user"), keras.Input((1,), dtype="int32", name="item")
     u = layers.Flatten(name="u")(layers.Embedding(400, 16, name="user_emb")(user))
