@@ -153,14 +153,14 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
                 depth_of[p] = depth_of[ref] + 1
                 queue.append(p)
     memo: dict = {}  # captured tensor -> every captured tensor it feeds, transitively
-    depth, downstream, consumers, feeders = {}, {}, {}, {}
+    depth, downstream, consumers, fed = {}, {}, {}, {}
     for ref, paths in owners.items():
         direct = {base_path(p) for c in children.get(ref, ()) for p in owners[c]}
         fed_by = {base_path(p) for c in parents.get(ref, ()) for p in owners[c]}
         for path in paths:
             consumers.setdefault(path, set()).update(direct - {base_path(p) for p in paths})
             for q in (path, base_path(path)):
-                feeders.setdefault(q, set()).update(fed_by - {base_path(p) for p in paths})
+                fed.setdefault(q, set()).update(fed_by - {base_path(p) for p in paths})
         d = depth_of.get(ref)
         reach = {base_path(p) for c in _iterative_above(ref, children, memo) for p in owners[c]}
         # a call and its layer (all of that layer's calls together: a shared layer)
@@ -172,7 +172,7 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
     for path in downstream:
         depth.setdefault(path, far)  # captured but not on the way to this loss (another head's)
     return LayerGraph(depth, {p: frozenset(s) for p, s in downstream.items()}, order,
-                      {p: frozenset(s) for p, s in consumers.items()}, {p: frozenset(s) for p, s in feeders.items()})
+                      {p: frozenset(s) for p, s in consumers.items()}, {p: frozenset(s) for p, s in fed.items()})
 
 
 def _iterative_above(ref, children, memo):
