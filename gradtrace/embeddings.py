@@ -25,14 +25,23 @@ class TableInfo:
     effective_rank: float | None = None
 
 
-def effective_rank(embeddings) -> float | None:
-    """exp(entropy of the normalised singular values) of a table, from its d x d Gram matrix (computed
-    where the table lives: a large table is never copied to the host). None for a non-finite table."""
-    from gradtrace.detectors.embedding_tables import EmbeddingCollapse
+def rank_of_gram(gram) -> float:
+    """exp(entropy of the normalised singular values) of a table, from its d x d Gram matrix (Roy &
+    Vetterli 2007): the singular values are the square roots of the Gram matrix's eigenvalues."""
+    s = np.sqrt(np.clip(np.linalg.eigvalsh(np.asarray(gram, np.float64)), 0.0, None))
+    if s.sum() <= 0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
 
+
+def effective_rank(embeddings) -> float | None:
+    """The effective rank of a table, from its d x d Gram matrix computed where the table lives (a large
+    table is never copied to the host). None for a non-finite table."""
     table = tf.cast(embeddings, tf.float64)
     gram = tf.matmul(table, table, transpose_a=True).numpy()
-    return EmbeddingCollapse.effective_rank(gram=gram) if np.all(np.isfinite(gram)) else None
+    return rank_of_gram(gram) if np.all(np.isfinite(gram)) else None
 
 
 def tables(run) -> list[TableInfo]:
@@ -40,11 +49,18 @@ def tables(run) -> list[TableInfo]:
     layers = sorted(run.embedding_layers(), key=lambda t: t[0])
     by_name = {d.name: d for d in run.engine.detectors}
     seen = by_name["unused_embedding"].seen() if "unused_embedding" in by_name else {}
-    stuck = by_name["embedding_rows"].stuck() if "embedding_rows" in by_name else {}
+    used = by_name["unused_embedding"].used() if "unused_embedding" in by_name else {}
+    moved = by_name["embedding_rows"].moved() if "embedding_rows" in by_name else {}
     out = []
     for path, layer in layers:
         n, d = (int(v) for v in layer.embeddings.shape)
-        info = TableInfo(path, n, d, bool(layer.trainable), rows_never_learned=stuck.get(path),
+        never = None
+        if path in used and path in moved:  # looked up, never given a gradient (the padding row aside)
+            stuck = used[path] & ~moved[path]
+            if getattr(layer, "mask_zero", False):
+                stuck[0] = False
+            never = int(np.count_nonzero(stuck))
+        info = TableInfo(path, n, d, bool(layer.trainable), rows_never_learned=never,
                          effective_rank=effective_rank(layer.embeddings))
         if path in seen:
             info.lookups, low, high, info.rows_used = seen[path]

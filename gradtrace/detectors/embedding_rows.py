@@ -25,8 +25,8 @@ class EmbeddingRows(Detector):
       and 1e10 in 32 while its user rows stayed at 0.2; healthy tables (Adam up to 0.05, Zipf ids)
       stayed below 20x their initial norm and below 2 in absolute terms. (The same batch is no
       reference: when the hot ids explode, most lookups are of hot ids too.)
-    - **Rows that never learn** (epoch end): none of the rows a trainable table looked up this epoch
-      (at least ``min_lookups`` of them) received a non-zero gradient. The table is looked up, but
+    - **Rows that never learn** (epoch end): none of a trainable table's lookups this epoch (at least
+      ``min_lookups`` of them) gave its rows a non-zero gradient. The table is looked up, but
       its output does not reach the loss with a gradient: a ``stop_gradient``, a cast to int, an
       ``argmax`` or a ``round`` after it. The padding row of a ``mask_zero=True`` table is left out; a
       frozen table (``trainable=False``) is frozen on purpose. Only a table cut off whole is a
@@ -61,7 +61,9 @@ class EmbeddingRows(Detector):
             with tf.init_scope():
                 zeros, last = tf.zeros([dim], tf.float32), tf.fill([WORST + 2], -1.0)
             entry = {
-                "used": compat.detector_variable(zeros, "gradtrace_rows_used"),
+                # this epoch: the lookups made (ids in range, padding left out), and the rows a
+                # lookup gave a non-zero gradient (which ids were looked up, unused_embedding keeps)
+                "lookups": compat.detector_variable(0.0, "gradtrace_rows_lookups"),
                 "moved": compat.detector_variable(zeros, "gradtrace_rows_moved"),
                 # at the last firing: the worst ids, the largest norm, the reference norm
                 "last": compat.detector_variable(last, "gradtrace_rows_last"),
@@ -95,7 +97,7 @@ class EmbeddingRows(Detector):
                 ok = ok & (ids != 0)  # the padding row
             okf = tf.cast(ok, tf.float32)
             safe = tf.clip_by_value(ids, 0, dim - 1)
-            entry["used"].scatter_max(tf.IndexedSlices(okf, safe))
+            entry["lookups"].assign_add(tf.reduce_sum(okf))
             if look.grad is not None:
                 g = tf.reshape(tf.cast(look.grad, tf.float32), [-1, d])
                 got = tf.cast(tf.reduce_any(tf.not_equal(g, 0.0), axis=1), tf.float32) * okf
@@ -139,14 +141,13 @@ class EmbeddingRows(Detector):
             ), (f"lower the learning rate of {row.path} (hot ids are updated at every lookup), clip gradients, or add "
                 "an embeddings_regularizer / max-norm constraint (keras.constraints.MaxNorm) on the table.")
 
-    def stuck(self):
-        """``{table path: rows looked up this epoch that never received a gradient}``."""
-        return {path: int(np.count_nonzero((e["used"].numpy() > 0) & (e["moved"].numpy() == 0)))
-                for path, e in self._tables.items()}
+    def moved(self):
+        """``{table path: [input_dim] bool}``: the rows a lookup gave a non-zero gradient this epoch."""
+        return {path: e["moved"].numpy() > 0 for path, e in self._tables.items()}
 
     def epoch_begin(self, ctx):
         for entry in self._tables.values():
-            entry["used"].assign(tf.zeros_like(entry["used"]))
+            entry["lookups"].assign(0.0)
             entry["moved"].assign(tf.zeros_like(entry["moved"]))
 
     def epoch_end(self, ctx):
@@ -154,13 +155,11 @@ class EmbeddingRows(Detector):
             layer = entry["layer"]
             if not layer.trainable:
                 continue
-            used = entry["used"].numpy() > 0
-            stuck = used & (entry["moved"].numpy() == 0)
-            n_used, n_stuck = int(used.sum()), int(stuck.sum())
-            if n_used < self.min_lookups or n_stuck < n_used:
+            lookups = int(entry["lookups"].numpy())
+            if lookups < self.min_lookups or np.any(entry["moved"].numpy() > 0):
                 continue
             yield path, "weight", 1.0, (
-                f"{path} (Embedding): rows that never learn: none of the {n_used} rows it looked up this epoch "
-                "received a gradient: its output does not reach the loss with a gradient."
+                f"{path} (Embedding): rows that never learn: none of its {lookups} lookups this epoch gave its "
+                "rows a gradient: its output does not reach the loss with a gradient."
             ), (f"look after {path} for a stop_gradient, a cast to int, argmax or round, or a Lambda that leaves "
                 "the graph; if the table is meant to stay fixed, set trainable=False on it.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradtrace import embeddings
 from gradtrace.detectors.base import Detector
 
 
@@ -100,27 +101,19 @@ class EmbeddingCollapse(Detector):
         if gram is None:
             table = np.asarray(table, np.float64)
             gram = table.T @ table
-        s = np.sqrt(np.clip(np.linalg.eigvalsh(np.asarray(gram, np.float64)), 0.0, None))
-        if s.sum() <= 0:
-            return 0.0
-        p = s / s.sum()
-        p = p[p > 0]
-        return float(np.exp(-(p * np.log(p)).sum()))
+        return embeddings.rank_of_gram(gram)
 
     def ranks(self, ctx):
-        """``{path: (effective rank, min(rows, d))}`` of the trainable tables, measured now."""
-        import tensorflow as tf
-
+        """``{path: (effective rank, min(rows, d))}`` of the trainable, finite tables, measured now (a
+        table with NaN/Inf in it is the nan detector's finding, not a rank)."""
         out = {}
         for path, layer in _tables(ctx):
             n, d = layer.embeddings.shape
             if d < self.min_dim or not layer.trainable:
                 continue
-            table = tf.cast(layer.embeddings, tf.float64)
-            gram = tf.matmul(table, table, transpose_a=True).numpy()
-            if not np.all(np.isfinite(gram)):
-                continue  # a table with NaN/Inf in it is the nan detector's finding, not a rank
-            out[path] = (self.effective_rank(gram=gram), min(n, d))
+            erank = embeddings.effective_rank(layer.embeddings)
+            if erank is not None:
+                out[path] = (erank, min(n, d))
         return out
 
     def epoch_end(self, ctx):

@@ -124,6 +124,10 @@ class UnusedEmbedding(Detector):
             out[path] = (int(lookups.numpy()), low, high, int(np.count_nonzero(used.numpy())))
         return out
 
+    def used(self):
+        """``{table path: [input_dim] bool}``: the rows looked up this epoch so far."""
+        return {path: used.numpy() > 0 for path, (used, *_) in self._tables.items()}
+
     def epoch_begin(self, ctx):
         self._reported = set()
         for used, lookups, id_range, dim, _ in self._tables.values():
