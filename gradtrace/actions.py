@@ -11,6 +11,7 @@ small callbacks.
 from __future__ import annotations
 
 import sys
+import time
 
 import keras
 import numpy as np
@@ -22,7 +23,7 @@ from gradtrace import snapshot as snapshot_module
 from gradtrace.anomaly import BLOCKING, Anomaly, AnomalyError, AnomalyLog, DetectorError, stopped_how, strongest
 from gradtrace.history import BUFFER, LayerHistory, step_values
 from gradtrace.stats import row_dict
-from gradtrace.step import KEY, TRACED, UNTRACED, Plan
+from gradtrace.step import INSPECT, KEY, TRACED, UNTRACED, Plan
 
 _TENSOR_NAMES = {"ids": "input", "labels": "target"}
 
@@ -82,6 +83,8 @@ class Run:
         self.held_logs = None  # the logs of a step held by a halt
         self.rerun_held = True  # measure a held step in full by running it again (the model's own step)
         self.trace_every = trace_every
+        self.budget = None  # a gradtrace.budget.Budget when fit got overhead=
+        self.traced_calls = 0
         self.verbose = verbose
         self.log = AnomalyLog()
         self.records: list[StepRecord] = []
@@ -111,12 +114,11 @@ class Run:
             plan, traced, summary = self.next_plan()
             if self.calls == 0:
                 compat.build_state_before_tracing(self.model, iterator)
+            start, found = time.perf_counter(), self.log.total
             logs = engine.train_function(plan)(iterator)
             logs = self.after_call(plan, traced, summary, logs)
-            self.periodic_checks()
-            self._since_drain += int(getattr(self.model, "steps_per_execution", 1) or 1) if traced else 0
-            if self._since_drain >= BUFFER:
-                self.drain_history()
+            self.timed(traced, time.perf_counter() - start, summary or self.log.total != found)
+            self.after_step(traced)
             return logs
 
         return function
@@ -124,7 +126,12 @@ class Run:
     def next_plan(self):
         """``(plan, traced, summary)`` for the next call of the step."""
         summary = self.tensorboard is not None and self.calls % self.tensorboard.every == 0
-        traced = summary or self.trace_every == 1 or self.calls % self.trace_every == 0
+        if summary:
+            traced = True
+        elif self.budget is not None:
+            traced = self.budget.trace_next()
+        else:
+            traced = self.trace_every == 1 or self.calls % self.trace_every == 0
         plan = Plan(True, summary_bins=self.tensorboard.bins) if summary else TRACED if traced else UNTRACED
         return plan, traced, summary
 
@@ -198,11 +205,19 @@ class Run:
                     columns = None
             mine = build_anomalies(seg.detectors, self.engine.actions, seg.table, fired, values, matrix, step,
                                    self.epoch, faults, columns)
+            table = seg.table
+            if mine and not variant.plan.traced and not committed and dist_data is not None and self.rerun_held:
+                # a guarded (untraced) step refused a non-finite update; it was held, so its pre-step
+                # state is intact: trace it now, committing nothing, to name the layer it started in
+                traced = self._traced_findings(dist_data, seg.index, step, {a.detector for a in mine})
+                if traced is not None:
+                    mine, table, matrix = traced
+                    columns = None
             for a in mine:
                 a.optimizer = seg.optimizer
             if mine:
                 found.extend(mine)
-                records.append(StepRecord(step, self.epoch, seg.table, matrix, mine, columns, seg.optimizer))
+                records.append(StepRecord(step, self.epoch, table, matrix, mine, columns, seg.optimizer))
         variant.reset()
         if not found:
             return None
@@ -211,6 +226,23 @@ class Run:
             for a in found:
                 a.snapshot_error = "not written: the failing batch is not kept under jit_compile=True"
         return self._act(found, records[0], data, dist_data, more_records=records[1:])
+
+    def _traced_findings(self, dist_data, index, step, detectors):
+        """Run a held step again traced (every layer, every statistic, every detector; nothing committed)
+        and return ``(anomalies, table, matrix)`` of its update ``index``, or ``None`` when the traced
+        step does not confirm every detector in ``detectors`` (then the guarded step's findings stand)."""
+        out = dict(self.engine.batch_function(INSPECT)(dist_data))[KEY]
+        segments = self.engine.variants[INSPECT].segments
+        if index >= len(out) or index >= len(segments):
+            return None
+        res, seg = out[index], segments[index]
+        matrix = res["stats"].numpy()
+        faults = res["replica_faults"].numpy() if "replica_faults" in res else None
+        mine = build_anomalies(seg.detectors, self.engine.actions, seg.table, res["fired"].numpy(),
+                               res["values"].numpy(), matrix, step, self.epoch, faults, None)
+        if not detectors <= {a.detector for a in mine}:
+            return None
+        return mine, seg.table, matrix
 
     def _act(self, found, record, data=None, dist_data=None, stage="step", more_records=()):
         """Act on the findings of one step (``data``: its batch, ``dist_data``: the same batch as the
@@ -302,7 +334,7 @@ class Run:
         if self.tensorboard is not None:
             infos = self.embedding_tables()
             if infos:
-                self.tensorboard.write_tables(int(compat.iterations(self.model.optimizer).numpy()), infos,
+                self.tensorboard.write_tables(self.current_step(), infos,
                                               dict(self.embedding_layers()))
 
     def embedding_tables(self):
@@ -316,13 +348,43 @@ class Run:
         return [(tap.paths.get(lid, layer.name), layer) for lid, layer in tap.layers.items()
                 if isinstance(layer, keras.layers.Embedding)]
 
+    def timed(self, traced, seconds, untimed=False):
+        """One call of the step took ``seconds`` (``untimed``: it did more than step, e.g. a finding was
+        handled or a summary written, so its time says nothing about the step's cost)."""
+        self.traced_calls += bool(traced)
+        if self.budget is not None:
+            steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
+            self.budget.observe(traced, None if untimed else seconds, steps)
+
+    def tracing(self) -> dict:
+        """How often this run traced: ``calls`` of the step, ``traced_calls``, and under an overhead budget
+        the budget, the interval chosen last and the traced step's measured extra cost."""
+        out = {"calls": self.calls, "traced_calls": self.traced_calls}
+        if self.budget is not None:
+            out.update(self.budget.summary())
+        return out
+
+    def current_step(self) -> int:
+        """The iterations of the step's first optimizer (``model.optimizer``, else the one a watched loop
+        applies); 0 when there is none."""
+        opts = self.engine.optimizers
+        return int(compat.iterations(opts[0]).numpy()) if opts else 0
+
+    def after_step(self, traced):
+        """Housekeeping after every call of the step: the periodic checks that are due, and the history's
+        device buffer drained once it is full."""
+        self.periodic_checks()
+        self._since_drain += int(getattr(self.model, "steps_per_execution", 1) or 1) if traced else 0
+        if self._since_drain >= BUFFER:
+            self.drain_history()
+
     def periodic_checks(self):
         """After a call of the step: the detectors whose ``every`` steps have passed since their last
         periodic check (one read of the step counter, only when some detector has a period)."""
         due = [d for d in self.engine.detectors if d.every]
         if not due or self.halted:
             return
-        step = int(compat.iterations(self.model.optimizer).numpy())
+        step = self.current_step()
         ready = [d for d in due if step // d.every > self._periodic.get(d.name, 0)]
         for d in ready:
             self._periodic[d.name] = step // d.every
@@ -362,7 +424,7 @@ class Run:
     def _host_checks(self, stage, epoch, detectors=None):
         """Run every detector's ``epoch_end``, ``fit_end`` or ``periodic`` hook and act on what they found."""
         found = []
-        step = int(compat.iterations(self.model.optimizer).numpy())
+        step = self.current_step()
         for d in self.engine.detectors if detectors is None else detectors:
             try:
                 results = list(getattr(d, stage)(self) or ())

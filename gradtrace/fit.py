@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
+from gradtrace import budget as budget_module
 from gradtrace import detectors as detectors_module
 from gradtrace import distribute
 from gradtrace import snapshot as snapshot_module
@@ -84,7 +85,10 @@ def _engine_for(model, dets, actions, optimizers=()):
 class Options:
     """The options of gradtrace.fit, checked (shared by :class:`gradtrace.Watch` and :func:`gradtrace.watch`)."""
 
-    def __init__(self, detectors, actions, snapshot_dir, trace_every, max_snapshots, tensorboard_every):
+    def __init__(self, detectors, actions, snapshot_dir, trace_every, max_snapshots, tensorboard_every,
+                 overhead=None, trace_at_least_every=100):
+        self.overhead = overhead
+        self.trace_at_least_every = trace_at_least_every
         self.detectors = detectors
         self.actions = actions
         self.snapshot_dir = snapshot_dir
@@ -93,10 +97,16 @@ class Options:
         self.tensorboard_every = tensorboard_every
 
 
-def resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots, tensorboard_every):
+def resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots, tensorboard_every,
+                    overhead=None, trace_at_least_every=100):
     """Check gradtrace's own options and resolve the detectors and their actions."""
     if on_anomaly is not None:
         check_action(on_anomaly)
+    budget_module.check_overhead(overhead, trace_at_least_every)
+    if overhead is not None and trace_every != 1:
+        raise ValueError(f"overhead={overhead!r} and trace_every={trace_every!r} both say how often to trace: pass "
+                         "one. overhead lets gradtrace choose (trace_at_least_every bounds the gap), trace_every "
+                         "fixes it.")
     if isinstance(trace_every, bool) or not isinstance(trace_every, (int, np.integer)) or trace_every < 1:
         raise ValueError(
             f"trace_every={trace_every!r} is not allowed: it must be an integer >= 1 "
@@ -118,7 +128,8 @@ def resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapsh
     if isinstance(tensorboard_every, bool) or not isinstance(tensorboard_every, (int, np.integer)) \
             or tensorboard_every < 1:
         raise ValueError(f"tensorboard_every={tensorboard_every!r} is not allowed: it must be an integer >= 1.")
-    return Options(dets, actions, snapshot_dir, int(trace_every), int(max_snapshots), int(tensorboard_every))
+    return Options(dets, actions, snapshot_dir, int(trace_every), int(max_snapshots), int(tensorboard_every),
+                   None if overhead is None else float(overhead), int(trace_at_least_every))
 
 
 def start_run(model, options, tensorboard_dir, verbose, optimizer=None):
@@ -126,6 +137,8 @@ def start_run(model, options, tensorboard_dir, verbose, optimizer=None):
     engine = _engine_for(model, options.detectors, options.actions, () if optimizer is None else (optimizer,))
     run = Run(model, engine, options.trace_every, verbose, snapshot_dir=options.snapshot_dir,
               max_snapshots=options.max_snapshots)
+    if options.overhead is not None:
+        run.budget = budget_module.Budget(options.overhead, options.trace_at_least_every)
     if tensorboard_dir is not None:  # every worker runs the summary steps (collectives); the chief writes
         run.tensorboard = tb_module.Writer(tensorboard_dir, every=options.tensorboard_every,
                                            write=distribute.is_chief(model.distribute_strategy))
@@ -223,6 +236,8 @@ def fit(
     max_snapshots=5,
     tensorboard_dir=None,
     tensorboard_every=100,
+    overhead=None,
+    trace_at_least_every=100,
 ):
     """Train ``model`` exactly as ``model.fit`` would, watching every nested layer.
 
@@ -240,6 +255,12 @@ def fit(
     - ``max_snapshots``: at most this many snapshots per fit (default 5).
     - ``trace_every``: capture and check every layer every N steps; the steps
       in between check the loss only (and Embedding ids).
+    - ``overhead``: a budget instead of ``trace_every``: gradtrace times its traced
+      and its guarded steps while training and traces as often as keeps the
+      traced steps' extra time within this share of the step time (0.05: 5%),
+      and at least every ``trace_at_least_every`` steps (default 100). Every
+      step still checks the loss and every weight gradient for NaN/Inf. The
+      run's ``tracing()`` says how often it traced (see :mod:`gradtrace.budget`).
     - ``tensorboard_dir``: write per-layer scalars and histograms there every
       ``tensorboard_every`` steps (default 100), and each anomaly as a text
       event (see :mod:`gradtrace.tensorboard`).
@@ -252,7 +273,8 @@ def fit(
     _check_arguments(x, y, detectors)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} is not allowed: it must be a positive integer or None.")
-    options = resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots, tensorboard_every)
+    options = resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots, tensorboard_every,
+                              overhead, trace_at_least_every)
     actions = options.actions
     if tensorboard_dir is not None and distribute.is_chief(model.distribute_strategy):
         tb_module.check_dir(tensorboard_dir)  # refused before anything is installed

@@ -313,6 +313,10 @@ def _replica_id():
 class Engine:
     """Everything gradtrace adds to one ``fit`` call, on the graph side."""
 
+    # the per-layer history's device buffer is written at every traced step (benchmarks/overhead.py
+    # turns it off to measure what it costs)
+    keep_history = True
+
     def __init__(self, model, detectors, actions, tap, optimizers=()):
         self.model = model
         self.detectors = list(detectors)
@@ -330,6 +334,7 @@ class Engine:
         self.model_train_step = model.train_step
         optimizers = compat.model_optimizers(model, optimizers)
         self.optimizer_names = [name for name, _ in optimizers]
+        self.optimizers = [o for _, o in optimizers]
         self._optimizer_label = {id(o): name for name, o in optimizers}
         self._optimizer_hooks = [hooks.OptimizerHook(o, self.on_apply, self.outside_step) for _, o in optimizers]
         self.keep_batch = not bool(getattr(model, "jit_compile", False))
@@ -510,6 +515,7 @@ class Engine:
         if ctx.plan.traced:
             rec.last.assign(res.matrix)
             rec.last_step.assign(ctx.step)
+        if ctx.plan.traced and self.keep_history:
             slot = tf.math.floormod(rec.hist_count, history.BUFFER)
             rec.hist.scatter_nd_update([[slot]], [tf.gather(res.matrix, _HISTORY_COLUMNS, axis=1)])
             rec.hist_steps.scatter_nd_update([[slot]], [tf.cast(ctx.step, tf.int64)])

@@ -8,12 +8,13 @@ the same in-graph gating of each update, the same anomalies and report.
 
 from __future__ import annotations
 
+import time
+
 import keras
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace.fit import Installed, attach_run, check_model, resolve_options, start_run
-from gradtrace.step import TRACED, UNTRACED
 
 
 class Watch(keras.callbacks.Callback):
@@ -21,7 +22,7 @@ class Watch(keras.callbacks.Callback):
 
     Takes the options of :func:`gradtrace.fit` (``detectors``, ``on_anomaly``,
     ``snapshot_dir``, ``trace_every``, ``max_snapshots``, ``tensorboard_dir``,
-    ``tensorboard_every``) and gives the same detection, halting, anomalies and
+    ``tensorboard_every``, ``overhead``, ``trace_at_least_every``) and gives the same detection, halting, anomalies and
     report: ``watch.anomalies``, ``watch.run`` (for :func:`gradtrace.report`), and
     ``history.anomalies`` / ``history.gradtrace`` on the History of the fit.
 
@@ -36,10 +37,10 @@ class Watch(keras.callbacks.Callback):
     """
 
     def __init__(self, detectors=None, on_anomaly=None, snapshot_dir=None, trace_every=1, max_snapshots=5,
-                 tensorboard_dir=None, tensorboard_every=100, verbose=1):
+                 tensorboard_dir=None, tensorboard_every=100, verbose=1, overhead=None, trace_at_least_every=100):
         super().__init__()
         self.options = resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots,
-                                       tensorboard_every)
+                                       tensorboard_every, overhead, trace_at_least_every)
         self.tensorboard_dir = tensorboard_dir
         self.verbose = verbose
         self.run = None  # the run of the latest fit
@@ -146,14 +147,16 @@ class watch:
     attributes). Snapshots are not written for your own loop.
     """
 
-    def __init__(self, model, optimizer=None, detectors=None, on_anomaly=None, trace_every=1, verbose=1):
+    def __init__(self, model, optimizer=None, detectors=None, on_anomaly=None, trace_every=1, verbose=1,
+                 overhead=None, trace_at_least_every=100):
         if not isinstance(model, keras.layers.Layer):
             raise TypeError(f"gradtrace.watch expects a Keras model or layer, got {type(model).__name__}.")
         if optimizer is not None and not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(f"optimizer must be a keras.optimizers.Optimizer, got {type(optimizer).__name__}.")
         self.model = model
         self.optimizer = optimizer
-        self.options = resolve_options(detectors, on_anomaly, None, trace_every, 0, 100)
+        self.options = resolve_options(detectors, on_anomaly, None, trace_every, 0, 100, overhead,
+                                       trace_at_least_every)
         self.verbose = verbose
         self.run = None
         self._engine = None
@@ -177,7 +180,11 @@ class watch:
     def __exit__(self, *exc):
         if self._hooks is not None:
             hooks, self._hooks = self._hooks, None
-            hooks.__exit__(None, None, None)
+            try:
+                if exc[1] is None:
+                    self.run.drain_history()
+            finally:
+                hooks.__exit__(None, None, None)
         if exc[1] is not None:
             attach_run(exc[1], None, self.run)
         return False
@@ -200,12 +207,14 @@ class watch:
             if self._hooks is None:
                 raise RuntimeError("the watched step was called after its `with gradtrace.watch(...)` block ended; "
                                    "call it inside the block (or watch it again)")
-            traced = run.trace_every == 1 or run.calls % run.trace_every == 0
-            plan = TRACED if traced else UNTRACED
+            plan, traced, _ = run.next_plan()
             if plan not in functions:
                 functions[plan] = make(plan)
+            start, found = time.perf_counter(), run.log.total
             out = functions[plan](*args, **kwargs)
             run.after_call(plan, traced)
+            run.timed(traced, time.perf_counter() - start, run.log.total != found)
+            run.after_step(traced)
             return out
 
         return call

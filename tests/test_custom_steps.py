@@ -202,6 +202,8 @@ def test_watch_your_own_loop_halts_before_the_bad_update(compiled):
     assert [(a.detector, a.step, a.layer) for a in w.anomalies] == [("nan", 4, "mlp/faulty")]
     assert steps == 5 and int(optimizer.iterations) == 4
     assert all(np.isfinite(np.asarray(v)).all() for v in model.weights)
+    # your own loop keeps the per-layer history too (drained when the block ends)
+    assert int(w.run.history.steps[-1, 1]) == 4 and "mlp/faulty" in w.run.history.layers("gradient_norm")
 
 
 def test_a_custom_step_with_one_optimizer_snapshots_and_replays_exactly(tmp_path):

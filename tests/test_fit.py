@@ -169,9 +169,10 @@ def test_trace_every_still_halts_on_a_nan_loss():
     x, y = M.two_embedding_data()
     h = gradtrace.fit(model, x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, trace_every=4)
     a = h.anomalies[0]
-    # step 5 is not traced: the outputs are not captured, but the weight gradients are
-    # summed, so the update is refused and the blame falls on the last layer in backward order
-    assert (a.detector, a.tensor, a.step) == ("nan", "weight_gradient", 5)
+    # step 5 is not traced: the outputs are not captured, but the weight gradients are summed, so the
+    # update is refused; the held step is then traced, committing nothing, to name the layer
+    assert (a.detector, a.layer, a.tensor, a.step) == ("nan", "outer/inner/faulty", "output", 5)
+    assert h.gradtrace.tracing() == {"calls": 6, "traced_calls": 2}
     assert int(model.optimizer.iterations) == 5
     assert all(np.isfinite(w).all() for w in M.weights_of(model))
 

@@ -123,9 +123,7 @@ class EmbeddingCollapse(Detector):
         return self._check(ctx)
 
     def _check(self, ctx):
-        from gradtrace import _keras_compat as compat
-
-        step = int(compat.iterations(ctx.model.optimizer).numpy())
+        step = ctx.current_step()
         for path, (erank, width) in self.ranks(ctx).items():
             hist = self.history.setdefault(path, [])
             if hist and hist[-1][0] == step:
