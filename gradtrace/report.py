@@ -54,6 +54,9 @@ def layer_table(table, matrix, blamed=(), columns=None) -> str:
         bad = [x for rows in entry.values() for x in rows if matrix[x.index][COL["nan"]] + matrix[x.index][COL["inf"]] > 0]
         if bad:
             flags.append("non-finite:" + ",".join(sorted({x.kind for x in bad})))
+        source = getattr(table, "derived", {}).get(r.index)
+        if source is not None:  # its statistics are another row's: the same values, not measured twice
+            flags.append(f"derived: = {table.rows[source].path}")
         if r.path in blamed:
             flags.append("<- blamed")
         lines.append(

@@ -89,6 +89,9 @@ class Table:
         # None (a step run eagerly, a table written by hand): execution order stands in
         self.graph = graph
         self.optimizer = None  # the optimizer whose update the rows are about (host side: its learning rate)
+        # row index -> the row whose tensor holds the same values, whose statistics it reuses (a Flatten's
+        # output and its input, a nested model's output and its last layer's); see stats.value_sources
+        self.derived: dict = {}
 
     def feeds(self, path, other) -> bool:
         """True when ``other`` lies on ``path``'s way to the loss (``other`` is above ``path``)."""
@@ -342,6 +345,7 @@ class Collector:
         self._counted = []
         self._ratios = []  # (weight_gradient row, weight row)
         self._always = {}  # row index -> base quantities computed for that row whatever the step needs
+        self.derived = {}  # row index -> the row whose tensor holds the same values (its statistics are that row's)
 
     def add(self, kind, path, tensor=None, values=None, counted=_SAME, relu=False, activation="", deferred=False,
             always=(), **meta) -> int:
@@ -384,6 +388,7 @@ class Collector:
             empty = tf.zeros([0, len(COLUMNS)], tf.float32)
             return table, empty, lambda: empty
         matrix, self.faults = self._finish(self._local(needs))
+        table.derived = dict(self.derived)
         return table, matrix, (lambda: matrix) if needs >= ALL_BASE else (lambda: self._finish(self._local(ALL_BASE))[0])
 
     def _local(self, which):
@@ -429,6 +434,30 @@ class Collector:
         return base, nan, inf, alive if alive is not None else tf.zeros([0], tf.float32)
 
     def _tensor_block(self, items, which):
+        """``[len(items), len(BASE)]`` for tensor rows: a row whose tensor holds the same values as another
+        row's (see :func:`value_sources`) takes that row's quantities; the others are computed."""
+        sources = value_sources(items)
+        self.derived = {items[k][0]: items[src][0] for k, src in sources.items()}
+        if not sources:
+            return self._computed_block(items, which)
+        computed = [k for k in range(len(items)) if k not in sources]
+        # a source computes what its derived rows always need too (the model's output range)
+        for k, src in sources.items():
+            extra = self._always.get(items[k][0])
+            if extra:
+                i = items[src][0]
+                self._always[i] = self._always.get(i, frozenset()) | extra
+        block, alive = self._computed_block([items[k] for k in computed], which)
+        position = {k: p for p, k in enumerate(computed)}
+        gather = [position[sources.get(k, k)] for k in range(len(items))]
+        block = tf.gather(block, gather)
+        # what depends on the row's own activation and units (derived rows have neither) stays 0
+        own = np.zeros([len(items), len(BASE)], bool)
+        own[list(sources), _B["dead_frac"]] = True
+        own[list(sources), _B["saturated"]] = True
+        return tf.where(tf.constant(own), 0.0, block), alive
+
+    def _computed_block(self, items, which):
         """``[len(items), len(BASE)]`` for tensor rows, one column (one stack) at a time."""
         zero = tf.constant(0.0)
         cols = {name: [] for name in BASE}
@@ -544,6 +573,62 @@ class Collector:
     def _mirrored(self):
         """Rows whose tensor is the same on every replica (weights): taken from replica 0."""
         return np.array([r.kind == "weight" for r in self.rows], dtype=bool)
+
+
+# ops whose output holds exactly the values of their first input, in another shape or order:
+# Flatten, Reshape, Permute and RepeatVector-free reshapes, a nested model's output, Identity
+VALUE_PRESERVING = frozenset({"Identity", "Reshape", "Squeeze", "ExpandDims", "Transpose", "StopGradient",
+                              "Snapshot", "PreventGradient", "EnsureShape"})
+_WALK = 8  # value-preserving ops followed back from one tensor
+
+
+def value_sources(items):
+    """``{k: source}``: the positions in ``items`` (``(row, tensor, relu, activation)``) whose tensor holds
+    exactly the values of the tensor at ``source``, read off the traced graph: the same tensor (a nested
+    model's output is its last layer's), or one reached back through :data:`VALUE_PRESERVING` ops (a
+    ``Flatten`` output and its input; the gradient of that input, a reshape of the output's gradient).
+    Its sum, norm, extremes, zeros, spread and size are then the source's. Rows with a per-unit or
+    per-activation statistic (ReLU family, sigmoid/tanh) are always computed. Sources are roots: computed.
+    Eager tensors have no graph: only the same tensor object is recognised."""
+    first = {}
+    for k, (_, t, _, _) in enumerate(items):
+        try:
+            first.setdefault(t.ref(), k)
+        except (AttributeError, TypeError):
+            continue
+    out = {}
+    for k, (_, t, relu, act) in enumerate(items):
+        if relu or act in SATURATION_LIMITS:
+            continue
+        src, cur = None, t
+        for _ in range(_WALK):
+            try:
+                j = first.get(cur.ref())
+            except (AttributeError, TypeError):
+                break
+            if j is not None and j != k:
+                src = j
+                break
+            op = getattr(cur, "op", None)
+            try:
+                if op is None or op.type not in VALUE_PRESERVING or not op.inputs:
+                    break
+            except AttributeError:  # an eager tensor has no graph op
+                break
+            nxt = op.inputs[0]
+            if nxt.dtype != t.dtype:
+                break
+            cur = nxt
+        if src is not None:
+            out[k] = src
+    # follow chains to their root: every link goes back in the graph (or to the first row of the same
+    # tensor, which itself goes back), so a chain ends
+    for k in list(out):
+        root = out[k]
+        while root in out:
+            root = out[root]
+        out[k] = root
+    return out
 
 
 def _dead_frac(t):

@@ -458,3 +458,78 @@ def test_collector_computes_only_the_needed_columns_until_asked_for_all(mode):
         assert cheap[0, st.COL[k]] == 0.0, k  # not computed
     for k, v in ref.items():
         np.testing.assert_allclose(full[0, st.COL[k]], v, rtol=RTOL, atol=ATOL, err_msg=k)
+
+
+# -- derived rows: the same values are measured once -------------------------------------
+def test_rows_holding_the_same_values_are_derived_from_one_and_equal_numpy():
+    a = FLOAT_CASES["normal_3d"]().astype(np.float32)
+    got = {}
+
+    @tf.function
+    def fn(t):
+        c = st.Collector()
+        c.add("output", "src", t)
+        c.add("output", "flatten", tf.reshape(t, [-1]))
+        c.add("output", "permute", tf.transpose(t, [0, 2, 1]))
+        c.add("output", "same", t)  # a nested model's output is its last layer's tensor
+        c.add("output", "chain", tf.expand_dims(tf.identity(tf.reshape(t, [-1])), 0))
+        c.add("output", "doubled", 2.0 * t)  # other values: computed
+        c.add("output", "relu", tf.nn.relu(t), relu=True)  # per-unit statistics: computed
+        _, matrix, _ = c.build()
+        got["derived"] = dict(c.derived)
+        return matrix
+
+    m = fn(tf.constant(a)).numpy()
+    assert got["derived"] == {1: 0, 2: 0, 3: 0, 4: 0}
+    tensors = [a, a.ravel(), a.transpose(0, 2, 1), a, a.ravel()[None], 2 * a, np.maximum(a, 0)]
+    for i, t in enumerate(tensors):
+        ref = np_float_stats(t, relu=i == 6)
+        for k, v in ref.items():
+            np.testing.assert_allclose(m[i, st.COL[k]], v, rtol=RTOL, atol=ATOL, err_msg=f"row {i} {k}")
+    for i in got["derived"]:
+        assert (m[i] == m[0]).all(), i  # exactly the source row's values
+    assert m[6, st.COL["dead_frac"]] == 0.0 and (m[6] != m[0]).any()
+
+
+def test_a_traced_step_derives_flatten_permute_and_nested_outputs_and_reports_them():
+    import keras
+    from keras import layers
+
+    import gradtrace
+
+    class NeedsAll(gradtrace.Detector):
+        name = "needs_all"
+        needs = ("mean", "std", "min", "max", "norm", "zero_frac")
+
+        def check(self, view):
+            return view.mask(kinds=("output",)) & False, view["mean"]
+
+    seq = keras.Input((4, 3))
+    h = layers.Permute((2, 1), name="permute")(layers.Dense(4, name="proj")(seq))
+    inner = keras.Model(seq, layers.Flatten(name="flat")(h), name="inner")
+    x_in = keras.Input((4, 3))
+    z = layers.Activation("linear", name="linear")(layers.Dropout(0.0, name="drop")(inner(x_in)))
+    model = keras.Model(x_in, layers.Dense(1, name="out")(z), name="outer")
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 4, 3)).astype("float32"), rng.normal(size=(16, 1)).astype("float32")
+    ref = gradtrace.capture(model, x, y)  # eager, every tensor by path; lr 0: the fit's step sees the same
+    h = gradtrace.fit(model, x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+                      detectors=["nan", NeedsAll()])
+    run = h.gradtrace
+    table, matrix = run.engine.variants[gradtrace.step.TRACED].table, run.last_stats.numpy()
+    derived = {(table.rows[i].kind, table.rows[i].path): table.rows[j].path for i, j in table.derived.items()}
+    # Permute, Flatten, the inner model's output, Dropout(0) and linear: all the projection's values,
+    # measured once (chains resolve to the row that is computed)
+    for path in ("outer/inner/permute", "outer/inner/flat", "outer/inner", "outer/drop", "outer/linear"):
+        assert derived[("output", path)] == "outer/inner/proj", derived
+    assert ("output", "outer/out") not in derived and ("output", "outer/inner/proj") not in derived
+    for r in table.rows:
+        if r.kind in ("output", "gradient") and r.path in ref.outputs:
+            t = (ref.outputs if r.kind == "output" else ref.gradients)[r.path].numpy()
+            for k, v in np_float_stats(t).items():
+                np.testing.assert_allclose(matrix[r.index, st.COL[k]], v, rtol=RTOL, atol=ATOL,
+                                           err_msg=f"{r.kind} {r.path} {k}")
+    from gradtrace.report import layer_table
+
+    assert "derived: = outer/inner/proj" in layer_table(table, matrix)
