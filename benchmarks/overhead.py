@@ -37,20 +37,27 @@ import numpy as np  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-IN_PROCESS = ["keras", "gradtrace", "gradtrace_every16", "terminate_on_nan", "tensorboard_hist"]
+IN_PROCESS = ["keras", "gradtrace", "gradtrace_budget5", "gradtrace_every16", "terminate_on_nan", "tensorboard_hist"]
 # on request (--contenders ...): gradtrace with the six default detectors of the first release, to
 # measure side by side what the later default detectors (head_mismatch, scale_growth, no_gradient and
 # the per-unit dead_relu) cost per step
 # gradtrace_prev10: the ten default detectors before divergence, labels_out_of_range, saturation (now on),
 # embedding_rows and embedding_collapse (now on) joined them, to measure what those five cost per step
-OPTIONAL = ["gradtrace_first6", "gradtrace_prev10"]
+# gradtrace_nohistory: every default detector, without the per-layer history's device buffer (gradtrace.history),
+# to measure what keeping the history costs per step
+# gradtrace_nan: the nan detector alone (capture, one sum per tensor, the gate): the floor of a traced step
+OPTIONAL = ["gradtrace_first6", "gradtrace_prev10", "gradtrace_nohistory", "gradtrace_nan"]
 FIRST6 = ["nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding"]
 PREV10 = ["nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding", "vanishing",
           "dead_relu", "unused_embedding", "embedding_twins"]
 SUBPROCESS = ["check_numerics", "dump_curt_health", "dump_full_health"]
-MODELS = ["two_embedding", "deep_mlp", "cnn_bn", "transformer", "depth_10", "depth_50", "depth_200"]
+MODELS = ["two_embedding", "two_tower_8", "deep_mlp", "residual_ln_40", "cnn_bn", "transformer", "depth_10",
+          "depth_50", "depth_200"]
 SWEEP = ("depth_10", "depth_50", "depth_200")  # the depth sweep compares gradtrace with model.fit only
-MEMORY = ("keras", "gradtrace", "gradtrace_every16")  # peak memory is measured for these
+MEMORY = ("keras", "gradtrace", "gradtrace_budget5")  # peak memory is measured for these
+# the tools that change TensorFlow globally run in a subprocess each; by default on these models only
+# (--all-contenders: every model)
+TOOL_MODELS = ("two_embedding", "cnn_bn", "transformer")
 
 
 # -- models and data ------------------------------------------------------------------------
@@ -76,6 +83,44 @@ def build(name):
         x = [rng.integers(0, n_users, (n, 1)).astype("int32"), rng.integers(0, n_items, (n, 1)).astype("int32")]
         y = (rng.random((n, 1)) < 0.3).astype("float32")
         loss = "binary_crossentropy"
+    elif name == "two_tower_8":
+        # a two-tower recommender: 4 user-side and 4 item-side tables (ids, categories, hashed features)
+        batch = 256
+        sizes = {"user": 20000, "user_age": 10, "user_city": 500, "user_hash": 4096,
+                 "item": 8000, "item_cat": 200, "item_brand": 1000, "item_hash": 4096}
+        inputs = {k: keras.Input((1,), dtype="int32", name=k) for k in sizes}
+
+        def tower(side):
+            keys = [k for k in sizes if k.startswith(side)]
+            ins = [keras.Input((1,), dtype="int32", name=k) for k in keys]
+            vecs = [layers.Flatten()(layers.Embedding(sizes[k], 32, name=f"{k}_emb")(i)) for k, i in zip(keys, ins)]
+            h = layers.Dense(128, activation="relu", name=f"{side}_d0")(layers.Concatenate()(vecs))
+            h = layers.Dense(64, name=f"{side}_d1")(h)
+            return keras.Model(ins, h, name=f"{side}_tower")
+
+        towers = {side: tower(side) for side in ("user", "item")}
+        u = towers["user"]([inputs[k] for k in sizes if k.startswith("user")])
+        i = towers["item"]([inputs[k] for k in sizes if k.startswith("item")])
+        score = layers.Dense(1, activation="sigmoid", name="head")(layers.Concatenate()([u, i, layers.Multiply()([u, i])]))
+        model = keras.Model(list(inputs.values()), score, name="two_tower")
+        n = batch * 8
+        x = [rng.integers(0, sizes[k], (n, 1)).astype("int32") for k in sizes]
+        y = (rng.random((n, 1)) < 0.3).astype("float32")
+        loss = "binary_crossentropy"
+    elif name == "residual_ln_40":
+        # many small layers: 20 residual blocks of two Dense(64) layers with LayerNorm (40 Dense layers)
+        batch, width = 128, 64
+        inp = keras.Input((32,))
+        h = layers.Dense(width, name="stem")(inp)
+        for k in range(20):
+            f = layers.Dense(width, activation="relu", name=f"b{k}_a")(h)
+            f = layers.Dense(width, name=f"b{k}_b")(f)
+            h = layers.LayerNormalization(name=f"b{k}_ln")(layers.Add(name=f"b{k}_add")([h, f]))
+        model = keras.Model(inp, layers.Dense(10, activation="softmax", name="head")(h), name=name)
+        n = batch * 8
+        x = rng.normal(size=(n, 32)).astype("float32")
+        y = rng.integers(0, 10, n).astype("int32")
+        loss = "sparse_categorical_crossentropy"
     elif name == "deep_mlp" or name.startswith("depth_"):
         depth, width, batch = (24, 128, 128) if name == "deep_mlp" else (int(name.split("_")[1]), 64, 128)
         inp = keras.Input((32,))
@@ -146,6 +191,9 @@ class StepTimer:
         self.callback = CB()
 
 
+TRACING = []  # gradtrace_budget5: what each fit's budget did (gradtrace's Run.tracing())
+
+
 def run_fit(contender, model, x, y, batch, steps, logdir):
     import keras
 
@@ -159,9 +207,19 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
     if contender == "tensorboard_hist":
         cbs.append(keras.callbacks.TensorBoard(log_dir=logdir, histogram_freq=1, write_graph=False))
     if contender.startswith("gradtrace"):
+        from gradtrace.step import Engine
+
         every = 16 if contender == "gradtrace_every16" else 1
-        detectors = {"gradtrace_first6": FIRST6, "gradtrace_prev10": PREV10}.get(contender)
-        h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, **kw)
+        budget = 0.05 if contender == "gradtrace_budget5" else None
+        detectors = {"gradtrace_first6": FIRST6, "gradtrace_prev10": PREV10, "gradtrace_nan": ["nan"]}.get(contender)
+        Engine.keep_history = contender != "gradtrace_nohistory"
+        try:
+            h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, overhead=budget,
+                              **kw)
+        finally:
+            Engine.keep_history = True
+        if budget is not None:
+            TRACING.append(h.gradtrace.tracing())
         if h.anomalies:
             print(f"  note: {contender} reported {len(h.anomalies)} anomalies, first: {h.anomalies[0]}", file=sys.stderr)
     else:
@@ -191,19 +249,25 @@ def interleaved(model_name, contenders, steps, rounds, logdir):
     first = {c: [] for c in contenders}
     steady = {c: [] for c in contenders}
     steady_cpu = {c: [] for c in contenders}
+    per_round = {c: [] for c in contenders}  # (median step, median CPU) of each round
     for r in range(rounds):
         for c in contenders:
             t, cpu = run_fit(c, models[c], x, y, batch, steps, logdir)
             first[c].append(t[0])
             steady[c].extend(t[2:])  # the second step may still finish tracing a partial path
             steady_cpu[c].extend(cpu[2:])
-    return {
-        c: {"step_ms": 1e3 * float(np.median(steady[c])), "cpu_ms": 1e3 * float(np.median(steady_cpu[c])),
-            "first_step_s": float(first[c][0]),
-            "first_step_refit_s": float(np.median(first[c][1:])) if rounds > 1 else None,
-            "steps_timed": len(steady[c])}
-        for c in contenders
-    }
+            per_round[c].append((float(np.median(t[2:])), float(np.median(cpu[2:]))))
+    out = {}
+    for c in contenders:
+        # the ratio to model.fit in each round (the same round's baseline): min / median / max
+        step_r = [a[0] / b[0] for a, b in zip(per_round[c], per_round["keras"])]
+        cpu_r = [a[1] / b[1] for a, b in zip(per_round[c], per_round["keras"])]
+        out[c] = {"step_ms": 1e3 * float(np.median(steady[c])), "cpu_ms": 1e3 * float(np.median(steady_cpu[c])),
+                  "first_step_s": float(first[c][0]),
+                  "first_step_refit_s": float(np.median(first[c][1:])) if rounds > 1 else None,
+                  "steps_timed": len(steady[c]),
+                  "round_step_ratios": step_r, "round_cpu_ratios": cpu_r}
+    return out
 
 
 def subprocess_contender(model_name, contender, steps, rounds):
@@ -286,7 +350,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.steps, args.rounds, args.no_memory, args.all_contenders = "depth_10", 4, 1, True, True
-        args.contenders = "keras,gradtrace,gradtrace_every16,terminate_on_nan"
+        args.contenders = "keras,gradtrace,gradtrace_budget5,gradtrace_every16,terminate_on_nan"
     models = args.models.split(",")
     contenders = args.contenders.split(",")
     local = [c for c in contenders if c in IN_PROCESS + OPTIONAL]
@@ -321,9 +385,14 @@ def main(argv=None):
         print(f"[{time.time() - t0:6.0f}s] {m}: {', '.join(here)} interleaved", file=sys.stderr, flush=True)
         # the depth sweep's traces are long (200 layers): one round fewer there
         rounds = min(args.rounds, max(2, args.rounds - 1)) if m in SWEEP else args.rounds
+        TRACING.clear()
         res = interleaved(m, here, args.steps, rounds, logdir)
+        if TRACING:
+            res["gradtrace_budget5"]["traced_share"] = (sum(t["traced_calls"] for t in TRACING)
+                                                        / max(sum(t["calls"] for t in TRACING), 1))
+            res["gradtrace_budget5"]["intervals"] = [t["interval"] for t in TRACING]
         base = res["keras"]
-        for c in remote if (m not in SWEEP or args.all_contenders) else ():
+        for c in remote if (m in TOOL_MODELS or args.all_contenders) else ():
             print(f"[{time.time() - t0:6.0f}s] {m}: {c} (subprocess)", file=sys.stderr, flush=True)
             try:
                 res[c] = subprocess_contender(m, c, 8, 1)
@@ -346,15 +415,20 @@ def main(argv=None):
 
     from tabulate import tabulate
 
+    def spread(values):
+        return "/".join(f"{v:.2f}" for v in (min(values), float(np.median(values)), max(values)))
+
     rows = []
     for m, res in results["models"].items():
         for c, r in res.items():
             star = "*" if r.get("separate_process") else ""
-            rows.append((m, c + star, f"{r['step_ms']:.2f}", f"{r['step_ratio']:.2f}x",
-                         f"{r['cpu_ratio']:.2f}x" if "cpu_ratio" in r else "", f"{r['first_ratio']:.2f}x",
-                         f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""))
-    table = tabulate(rows, headers=["model", "contender", "step ms", "step / fit", "cpu / fit", "first step / fit",
-                                    "peak mem / fit"])
+            name = c + star + (f" ({100 * r['traced_share']:.0f}% traced)" if "traced_share" in r else "")
+            rows.append((m, name, f"{r['step_ms']:.2f}",
+                         spread(r["round_step_ratios"]) if "round_step_ratios" in r else f"{r['step_ratio']:.2f}",
+                         spread(r["round_cpu_ratios"]) if "round_cpu_ratios" in r else "",
+                         f"{r['first_ratio']:.2f}x", f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""))
+    table = tabulate(rows, headers=["model", "contender", "step ms", "step / fit (min/med/max)",
+                                    "cpu / fit (min/med/max)", "first step / fit", "peak mem / fit"])
     print(table)
     print(f"\n{results['machine']}; {args.steps} steps x {args.rounds} interleaved rounds; total {time.time() - t0:.0f}s")
     results["table"] = table

@@ -195,19 +195,30 @@ def base_stats(t, relu=False, activation="", which=None):
     ``which`` limits the work to some of them (the others are 0); each costs
     about one pass over the tensor.
     """
-    which = ALL_BASE if which is None else which
-    t = _f32(t)
-    n = tf.cast(tf.size(t), tf.float32)
+    return _vector(_base_dict(_f32(t), relu, activation, ALL_BASE if which is None else which))
+
+
+def _base_dict(t, relu, activation, which, s=None, n=None):
+    """The base quantities in ``which`` of float32 ``t`` (``s`` and ``n``: its sum and size, when known),
+    as a dict: only the ops for what is asked (and what applies: saturation to sigmoid/tanh)."""
+    static = t.shape.num_elements()
+    if n is None:
+        n = tf.constant(float(static)) if static is not None else tf.cast(tf.size(t), tf.float32)
+    if s is None:
+        s = tf.reduce_sum(t)
     safe_n = tf.maximum(n, 1.0)
-    s = tf.reduce_sum(t)
-    nonempty = n > 0
+    nonempty = None if static else n > 0  # a statically non-empty tensor needs no guard
+
+    def guarded(v):
+        return v if nonempty is None else tf.where(nonempty, v, 0.0)
+
     out = {"s": s, "size": n}
     if "ss" in which:
         out["ss"] = 2.0 * tf.nn.l2_loss(t)
     if "min" in which:
-        out["min"] = tf.where(nonempty, tf.reduce_min(t), 0.0)
+        out["min"] = guarded(tf.reduce_min(t))
     if "max" in which:
-        out["max"] = tf.where(nonempty, tf.reduce_max(t), 0.0)
+        out["max"] = guarded(tf.reduce_max(t))
     if "zeros" in which:
         out["zeros"] = tf.reduce_sum(tf.cast(tf.equal(t, 0.0), tf.float32))
     if "sqdev" in which:
@@ -222,7 +233,7 @@ def base_stats(t, relu=False, activation="", which=None):
         margin = 0.01 * (high - low)
         pinned = tf.logical_or(t <= low + margin, t >= high - margin)
         out["saturated"] = tf.reduce_sum(tf.cast(pinned, tf.float32)) / safe_n
-    return _vector(out)
+    return out
 
 
 def _vector(d):
@@ -467,17 +478,15 @@ class Collector:
             t = _f32(t)
             size = t.shape.num_elements()
             n = tf.constant(float(size)) if size is not None else tf.cast(tf.size(t), tf.float32)
+            s = tf.reduce_sum(t)
             cols["size"].append(n)
-            cols["s"].append(tf.reduce_sum(t))
+            cols["s"].append(s)
             if "ss" in which:
                 cols["ss"].append(tf.nn.l2_loss(t))
-            if row_which & {"min", "max", "zeros", "sqdev", "saturated"}:
-                v = base_stats(t, False, act, row_which & {"min", "max", "zeros", "sqdev", "saturated"})
-                for name in ("min", "max", "zeros", "sqdev", "saturated"):
-                    cols[name].append(v[_B[name]] if name in row_which else zero)
-            else:
-                for name in ("min", "max", "zeros", "sqdev", "saturated"):
-                    cols[name].append(zero)
+            more = row_which & {"min", "max", "zeros", "sqdev", "saturated"}
+            v = _base_dict(t, False, act, more, s=s, n=n) if more else {}
+            for name in ("min", "max", "zeros", "sqdev", "saturated"):
+                cols[name].append(v.get(name, zero))
             if relu and t.shape.rank is not None and t.shape.rank >= 2 and (
                     "dead_frac" in which or self._replicas is not None):
                 # ReLU outputs are >= 0: the largest value of a unit is 0 only if it is dead

@@ -2,13 +2,22 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import gc  # noqa: E402
+
 import keras  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow  # noqa: E402,F401
+
+import gradtrace  # noqa: E402,F401
+
+# TensorFlow and Keras hold hundreds of thousands of long-lived objects: move them out of the cyclic
+# collector's sight, so that collections (Python's own, as tests allocate) only walk what tests made
+gc.freeze()
 
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(0)
     yield
 

@@ -17,8 +17,9 @@ def test_benchmark_smoke_writes_a_complete_table(tmp_path, capsys):
     assert overhead.main(["--smoke", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     res = doc["models"]["depth_10"]
-    assert set(res) == {"keras", "gradtrace", "gradtrace_every16", "terminate_on_nan"}
-    assert res["keras"]["step_ratio"] == 1.0
+    assert set(res) == {"keras", "gradtrace", "gradtrace_budget5", "gradtrace_every16", "terminate_on_nan"}
+    assert res["keras"]["step_ratio"] == 1.0 and res["keras"]["round_step_ratios"] == [1.0]
+    assert 0 < res["gradtrace_budget5"]["traced_share"] <= 1
     for r in res.values():
         assert r["step_ms"] > 0 and r["first_step_s"] > 0 and r["steps_timed"] >= 1
     assert doc["machine"]["tensorflow"] and doc["machine"]["cpus"]
