@@ -11,12 +11,15 @@ guarded steps' time::
     interval = ceil((traced - guarded) / (overhead * guarded)),  1 <= interval <= longest_gap
 
 ``traced`` and ``guarded`` are the medians of the last ``WINDOW`` timed calls
-of each. The first call of each step is not timed (it traces and compiles).
+of each. At an interval of 1 one call in ``WINDOW`` is still guarded, so that
+the guarded step's time stays current. The first call of each step is not timed (it traces and compiles).
 Until each has ``WARMUP`` timings the two alternate. The guarded step is the
 reference because it is what the run costs when nothing is traced: measuring
 ``model.fit`` itself would take a third step, run only to be timed.
 
-Only the choice of step depends on time; everything a step does is the same
+The budget lives with the compiled steps (one per model, detectors and compile
+state, as they are): a second ``fit`` of the same model starts from what the
+first one measured, with no warm-up. Only the choice of step depends on time; everything a step does is the same
 as under ``trace_every``. :class:`Budget` takes its timings as arguments, so
 its arithmetic is tested on given numbers and the fit on counts.
 """
@@ -55,6 +58,7 @@ class Budget:
         self._calls = {True: 0, False: 0}
         self.interval = 1
         self.since_traced = 0  # calls since the last traced one
+        self.since_guarded = 0  # calls since the last guarded one
         self.calls = 0
         self.traced_calls = 0
 
@@ -66,6 +70,10 @@ class Budget:
         if self.warming_up():
             # alternate, the step called less often first (the traced step at the very first call)
             return self._calls[True] <= self._calls[False]
+        if self.since_guarded + 1 >= WINDOW:
+            # tracing every step: still time the guarded step now and then, or a few slow guarded
+            # calls early on (a garbage collection) would keep it tracing every step for good
+            return False
         return self.since_traced + 1 >= self.interval
 
     def observe(self, traced, seconds, steps=1):
@@ -75,6 +83,7 @@ class Budget:
         self._calls[bool(traced)] += 1
         self.traced_calls += bool(traced)
         self.since_traced = 0 if traced else self.since_traced + 1
+        self.since_guarded = self.since_guarded + 1 if traced else 0
         if not self._compiled[traced]:
             self._compiled[traced] = True
             return
@@ -98,8 +107,7 @@ class Budget:
         return int(min(max(math.ceil(cost / self.overhead - 1e-9), 1), self.longest_gap))
 
     def summary(self) -> dict:
-        """What the budget did: the calls, how many were traced, the interval now and the measured cost."""
+        """The budget, the interval it chose last and the traced step's measured extra cost."""
         cost = self.cost
-        return {"overhead": self.overhead, "trace_at_least_every": self.longest_gap, "calls": self.calls,
-                "traced_calls": self.traced_calls, "interval": self.interval,
+        return {"overhead": self.overhead, "trace_at_least_every": self.longest_gap, "interval": self.interval,
                 "traced_cost": None if cost is None else round(cost, 4)}

@@ -138,7 +138,11 @@ def start_run(model, options, tensorboard_dir, verbose, optimizer=None):
     run = Run(model, engine, options.trace_every, verbose, snapshot_dir=options.snapshot_dir,
               max_snapshots=options.max_snapshots)
     if options.overhead is not None:
-        run.budget = budget_module.Budget(options.overhead, options.trace_at_least_every)
+        # kept with the compiled steps it times: a later fit of the same model goes on from its timings
+        key = (options.overhead, options.trace_at_least_every)
+        if key not in engine.budgets:
+            engine.budgets[key] = budget_module.Budget(*key)
+        run.budget = engine.budgets[key]
     if tensorboard_dir is not None:  # every worker runs the summary steps (collectives); the chief writes
         run.tensorboard = tb_module.Writer(tensorboard_dir, every=options.tensorboard_every,
                                            write=distribute.is_chief(model.distribute_strategy))

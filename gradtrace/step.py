@@ -330,6 +330,7 @@ class Engine:
         # the statistics the detectors read (each variant computes what its own detectors need)
         self.columns = {c for d in self.detectors for c in d.needs}
         self.variants = {}  # Plan -> Variant
+        self.budgets = {}  # (overhead, trace_at_least_every) -> gradtrace.budget.Budget timing these variants
         # the step the model would have run: its own train_step (Keras' unless overridden)
         self.model_train_step = model.train_step
         optimizers = compat.model_optimizers(model, optimizers)
