@@ -37,7 +37,10 @@ import numpy as np  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-IN_PROCESS = ["keras", "gradtrace", "gradtrace_budget5", "gradtrace_guard", "terminate_on_nan", "tensorboard_hist"]
+# keras_again: plain model.fit a second time in each round, timed like any contender: its ratio to the first
+# is this machine's noise (an A/A comparison), the spread any other ratio must beat to mean something
+IN_PROCESS = ["keras", "keras_again", "gradtrace", "gradtrace_budget5", "gradtrace_guard", "terminate_on_nan",
+              "tensorboard_hist"]
 # on request (--contenders ...): gradtrace with the six default detectors of the first release, to
 # measure side by side what the later default detectors (head_mismatch, scale_growth, no_gradient and
 # the per-unit dead_relu) cost per step
@@ -57,10 +60,11 @@ SUBPROCESS = ["check_numerics", "dump_curt_health", "dump_full_health"]
 MODELS = ["two_embedding", "two_tower_8", "deep_mlp", "residual_ln_40", "cnn_bn", "transformer", "depth_10",
           "depth_50", "depth_200"]
 SWEEP = ("depth_10", "depth_50", "depth_200")  # the depth sweep compares gradtrace with model.fit only
-MEMORY = ("keras", "gradtrace", "gradtrace_budget5")  # peak memory is measured for these
+MEMORY = ("keras", "gradtrace")  # peak memory is measured for these
+SWEEP_CONTENDERS = ("keras", "keras_again", "gradtrace", "gradtrace_budget5")  # the depth sweep runs these
 # the tools that change TensorFlow globally run in a subprocess each; by default on these models only
 # (--all-contenders: every model)
-TOOL_MODELS = ("two_embedding", "cnn_bn", "transformer")
+TOOL_MODELS = ("two_embedding", "cnn_bn")
 
 
 # -- models and data ------------------------------------------------------------------------
@@ -384,7 +388,7 @@ def main(argv=None):
                "settings": {"steps": args.steps, "rounds": args.rounds}, "models": {}}
     t0 = time.time()
     for m in models:
-        here = [c for c in local if m not in SWEEP or c in MEMORY or args.all_contenders]
+        here = [c for c in local if m not in SWEEP or c in SWEEP_CONTENDERS or args.all_contenders]
         print(f"[{time.time() - t0:6.0f}s] {m}: {', '.join(here)} interleaved", file=sys.stderr, flush=True)
         # the depth sweep's traces are long (200 layers): one round fewer there
         rounds = min(args.rounds, max(2, args.rounds - 1)) if m in SWEEP else args.rounds
