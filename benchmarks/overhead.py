@@ -21,6 +21,7 @@ would mostly measure TensorFlow itself).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -258,7 +259,10 @@ def interleaved(model_name, contenders, steps, rounds, logdir):
     steady_cpu = {c: [] for c in contenders}
     per_round = {c: [] for c in contenders}  # (median step, median CPU) of each round
     for r in range(rounds):
-        for c in contenders:
+        # each round starts with another contender (the first fit of a round measured slower here), and
+        # each fit starts after a garbage collection (not timed), so that no contender pays for another's
+        for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
+            gc.collect()
             t, cpu = run_fit(c, models[c], x, y, batch, steps, logdir)
             first[c].append(t[0])
             steady[c].extend(t[2:])  # the second step may still finish tracing a partial path
