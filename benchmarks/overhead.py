@@ -53,7 +53,10 @@ IN_PROCESS = ["keras", "keras_again", "gradtrace", "gradtrace_budget5", "gradtra
 # gradtrace_guard: only the first step traced, every other step guarded (the loss, ids, labels and one sum per
 # weight gradient checked for NaN/Inf): what the budget mode costs at its least
 # gradtrace_every16: trace_every=16
-OPTIONAL = ["gradtrace_first6", "gradtrace_prev10", "gradtrace_nohistory", "gradtrace_nan", "gradtrace_every16"]
+# gradtrace_warn: every default detector with on_anomaly="warn": no update is ever held, so the step has no gate
+# (tf.cond) and keeps no copy of the state it would restore
+OPTIONAL = ["gradtrace_first6", "gradtrace_prev10", "gradtrace_nohistory", "gradtrace_nan", "gradtrace_every16",
+            "gradtrace_warn"]
 FIRST6 = ["nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding"]
 PREV10 = ["nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding", "vanishing",
           "dead_relu", "unused_embedding", "embedding_twins"]
@@ -223,7 +226,7 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
         Engine.keep_history = contender != "gradtrace_nohistory"
         try:
             h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, overhead=budget,
-                              **kw)
+                              on_anomaly="warn" if contender == "gradtrace_warn" else None, **kw)
         finally:
             Engine.keep_history = True
         if budget is not None:
@@ -259,10 +262,10 @@ def interleaved(model_name, contenders, steps, rounds, logdir):
     steady_cpu = {c: [] for c in contenders}
     per_round = {c: [] for c in contenders}  # (median step, median CPU) of each round
     for r in range(rounds):
-        # each round starts with another contender (the first fit of a round measured slower here), and
-        # each fit starts after a garbage collection (not timed), so that no contender pays for another's
+        # each round starts with another contender (the first fit of a round measured slower here), after
+        # a garbage collection (not timed)
+        gc.collect()
         for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
-            gc.collect()
             t, cpu = run_fit(c, models[c], x, y, batch, steps, logdir)
             first[c].append(t[0])
             steady[c].extend(t[2:])  # the second step may still finish tracing a partial path
