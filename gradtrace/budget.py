@@ -10,17 +10,19 @@ guarded steps' time::
 
     interval = ceil((traced - guarded) / (overhead * guarded)),  1 <= interval <= longest_gap
 
-``traced`` and ``guarded`` are the medians of the last ``WINDOW`` timed calls
-of each. At an interval of 1 one call in ``WINDOW`` is still guarded, so that
-the guarded step's time stays current. The first call of each step is not timed (it traces and compiles).
-Until each has ``WARMUP`` timings the two alternate. The guarded step is the
+``traced / guarded`` is the median ratio of adjacent timed calls of the two
+(among the last ``4 * WINDOW`` calls), so that the machine's load, which
+drifts, cancels out of each pair. At an interval of 1 one call in ``WINDOW`` is
+still guarded, so that there are pairs to measure. The first call of each
+step is not timed (it traces and compiles). Until each has ``WARMUP`` timings
+the two alternate. The guarded step is the
 reference because it is what the run costs when nothing is traced: measuring
 ``model.fit`` itself would take a third step, run only to be timed.
 
 The budget lives with the compiled steps (one per model, detectors and compile
 state, as they are): a second ``fit`` of the same model starts from what the
-first one measured, with no warm-up. Only the choice of step depends on time; everything a step does is the same
-as under ``trace_every``. :class:`Budget` takes its timings as arguments, so
+first one measured, with no warm-up. Only the choice of step depends on time;
+everything a step does is the same as under ``trace_every``. :class:`Budget` takes its timings as arguments, so
 its arithmetic is tested on given numbers and the fit on counts.
 """
 
@@ -32,7 +34,7 @@ from collections import deque
 import numpy as np
 
 WARMUP = 3  # timed calls of each step before the interval is chosen
-WINDOW = 16  # the medians are over the last WINDOW timed calls of each step
+WINDOW = 16  # timed calls kept per step; the pairs are read from the last 4 * WINDOW calls
 
 
 def check_overhead(overhead, longest_gap):
@@ -54,6 +56,7 @@ class Budget:
         self.overhead = float(overhead)
         self.longest_gap = int(longest_gap)
         self.times = {True: deque(maxlen=WINDOW), False: deque(maxlen=WINDOW)}
+        self.recent = deque(maxlen=4 * WINDOW)  # (traced, seconds per step) of the timed calls, in order
         self._compiled = {True: False, False: False}  # the first call of each step compiles: not timed
         self._calls = {True: 0, False: 0}
         self.interval = 1
@@ -89,16 +92,29 @@ class Budget:
             return
         if seconds is not None and seconds > 0:
             self.times[traced].append(seconds / max(int(steps), 1))
+            self.recent.append((bool(traced), seconds / max(int(steps), 1)))
+        else:
+            self.recent.append(None)  # breaks adjacency: an untimed call sits between its neighbours
         if not self.warming_up():
             self.interval = self.choose()
 
     @property
     def cost(self):
-        """The traced step's extra time, as a share of the guarded step's (None until both are timed)."""
+        """The traced step's extra time, as a share of the guarded step's (None until both are timed):
+        the median over adjacent timed calls of different steps of ``traced / guarded - 1``. Neighbours
+        ran under the same load, so a slow spell of the machine (another process starting, a garbage
+        collection) moves both sides of a pair, not the estimate; with no adjacent pair yet, the
+        ratio of the two medians."""
         if not self.times[True] or not self.times[False]:
             return None
-        traced, guarded = float(np.median(self.times[True])), float(np.median(self.times[False]))
-        return max(traced - guarded, 0.0) / max(guarded, 1e-9)
+        items = list(self.recent)
+        pairs = [(a[1], b[1]) if a[0] else (b[1], a[1]) for a, b in zip(items, items[1:])
+                 if a is not None and b is not None and a[0] != b[0]]
+        if pairs:
+            ratio = float(np.median([t / max(g, 1e-9) for t, g in pairs]))
+        else:
+            ratio = float(np.median(self.times[True])) / max(float(np.median(self.times[False])), 1e-9)
+        return max(ratio - 1.0, 0.0)
 
     def choose(self) -> int:
         cost = self.cost

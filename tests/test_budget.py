@@ -63,21 +63,22 @@ def test_bad_budget_arguments_say_what_to_pass(bad, match):
 
 
 def _cheap():
-    """Many tiny layers at batch 8: the statistics cost about as much as the step."""
-    inp = keras.Input((8,))
+    """Many tiny layers at batch 4: the statistics cost about as much as the step."""
+    inp = keras.Input((4,))
     h = inp
-    for k in range(12):
-        h = layers.Dense(8, activation="relu", name=f"d{k}")(h)
+    for k in range(16):
+        h = layers.Dense(4, activation="relu", name=f"d{k}")(h)
     model = keras.Model(inp, layers.Dense(1, name="out")(h), name="cheap")
-    return model, 8, 8
+    return model, 4, 4
 
 
 def _expensive():
-    """One wide layer at batch 256: the matrix products dwarf the few rows of statistics."""
-    inp = keras.Input((2048,))
-    h = layers.Dense(1024, activation="relu", name="wide")(inp)
+    """One wide matrix product at batch 512 into few units: the product dwarfs the statistics of its
+    small output (tracing costs about 1% of the step)."""
+    inp = keras.Input((4096,))
+    h = layers.Dense(128, activation="relu", name="wide")(inp)
     model = keras.Model(inp, layers.Dense(1, name="out")(h), name="expensive")
-    return model, 2048, 256
+    return model, 4096, 512
 
 
 def test_the_budget_traces_less_when_the_step_is_cheap_and_more_when_it_is_expensive():

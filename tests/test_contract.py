@@ -401,7 +401,7 @@ def test_embedding_collapse_reads_the_effective_rank_of_the_table():
     assert gradtrace.EmbeddingCollapse.effective_rank(rank1) == pytest.approx(1.0, abs=0.01)
     assert gradtrace.EmbeddingCollapse.effective_rank(rng.normal(size=(500, 16))) > 14.0
 
-    class Ctx:  # what epoch_end reads of the run: the model's layers by path
+    class Ctx:  # what epoch_end reads of the run: the model's layers by path, the step
         class engine:
             class tap:
                 pass
@@ -414,6 +414,7 @@ def test_embedding_collapse_reads_the_effective_rank_of_the_table():
         layer.embeddings.assign((rank1 if k == 1 else rng.normal(size=(500, 16))).astype("float32"))
     Ctx.engine.tap.layers, Ctx.engine.tap.paths = layers, {1: "m/flat", 2: "m/rich"}
     Ctx.model = type("M", (), {"optimizer": keras.optimizers.SGD()})
+    Ctx.current_step = staticmethod(lambda: int(Ctx.model.optimizer.iterations.numpy()))  # the run's step counter
     found = list(gradtrace.EmbeddingCollapse().epoch_end(Ctx))
     assert [f[0] for f in found] == ["m/flat"] and "span about 1 of its 16 dimensions" in found[0][3] and found[0][4]
     # a rank that keeps falling (16 -> 12 -> 8 -> 6 dimensions used), still above 10%: the trend fires
