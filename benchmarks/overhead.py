@@ -66,9 +66,10 @@ MODELS = ["two_embedding", "two_tower_8", "deep_mlp", "residual_ln_40", "cnn_bn"
 SWEEP = ("depth_10", "depth_50", "depth_200")  # the depth sweep compares gradtrace with model.fit only
 MEMORY = ("keras", "gradtrace")  # peak memory is measured for these
 SWEEP_CONTENDERS = ("keras", "keras_again", "gradtrace", "gradtrace_budget5")  # the depth sweep runs these
-# the tools that change TensorFlow globally run in a subprocess each; by default on these models only
-# (--all-contenders: every model)
+# today's tools (TerminateOnNaN, TensorBoard histograms, and those that change TensorFlow globally, which run
+# in a subprocess each) run by default on these models only (--all-contenders: every model)
 TOOL_MODELS = ("two_embedding", "cnn_bn")
+TODAY = ("terminate_on_nan", "tensorboard_hist")
 
 
 # -- models and data ------------------------------------------------------------------------
@@ -395,7 +396,8 @@ def main(argv=None):
                "settings": {"steps": args.steps, "rounds": args.rounds}, "models": {}}
     t0 = time.time()
     for m in models:
-        here = [c for c in local if m not in SWEEP or c in SWEEP_CONTENDERS or args.all_contenders]
+        here = [c for c in local if args.all_contenders or (c in SWEEP_CONTENDERS if m in SWEEP else
+                                                             c not in TODAY or m in TOOL_MODELS)]
         print(f"[{time.time() - t0:6.0f}s] {m}: {', '.join(here)} interleaved", file=sys.stderr, flush=True)
         # the depth sweep's traces are long (200 layers): one round fewer there
         rounds = min(args.rounds, max(2, args.rounds - 1)) if m in SWEEP else args.rounds

@@ -231,7 +231,12 @@ class Run:
         """Run a held step again traced (every layer, every statistic, every detector; nothing committed)
         and return ``(anomalies, table, matrix)`` of its update ``index``, or ``None`` when the traced
         step does not confirm every detector in ``detectors`` (then the guarded step's findings stand)."""
-        out = dict(self.engine.batch_function(INSPECT)(dist_data))[KEY]
+        try:
+            out = dict(self.engine.batch_function(INSPECT)(dist_data))[KEY]
+        except Exception as e:  # the guarded step's findings stand (its update is held either way)
+            self.engine.warn_once("inspect", f"the held step could not be traced again to name its layer "
+                                  f"({type(e).__name__}: {e}); its findings are those of the guarded step.")
+            return None
         segments = self.engine.variants[INSPECT].segments
         if index >= len(out) or index >= len(segments):
             return None

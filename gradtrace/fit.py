@@ -258,7 +258,9 @@ def fit(
       when some detector's action is ``"snapshot"``; otherwise no snapshot.
     - ``max_snapshots``: at most this many snapshots per fit (default 5).
     - ``trace_every``: capture and check every layer every N steps; the steps
-      in between check the loss only (and Embedding ids).
+      in between (*guarded*) check the loss, the Embedding ids, the labels and
+      every weight gradient for NaN/Inf, and one that refuses an update is
+      traced again, uncommitted, to name its layer.
     - ``overhead``: a budget instead of ``trace_every``: gradtrace times its traced
       and its guarded steps while training and traces as often as keeps the
       traced steps' extra time within this share of the step time (0.05: 5%),

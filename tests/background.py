@@ -53,6 +53,15 @@ def result(name, timeout=900):
     return res
 
 
+def wait_all(timeout=900):
+    """Wait until every scenario process started so far has finished (their results stay to be read)."""
+    for proc, _, _ in _RUNS.values():
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def stop_all():
     for proc, _, log in _RUNS.values():
         if proc.poll() is None:

@@ -24,6 +24,8 @@ def _fresh_keras_state():
 
 def pytest_collection_modifyitems(session, config, items):
     """Start the scenario processes of the collected tests now, so they run beside the suite."""
+    # tests that read the time of real steps run last, on a machine the scenario processes have left
+    items.sort(key=lambda item: item.get_closest_marker("quiet") is not None)
     if config.option.collectonly:
         return
     modules = {item.module.__name__.rsplit(".", 1)[-1] for item in items}
