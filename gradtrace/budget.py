@@ -73,7 +73,7 @@ class Budget:
         if self.warming_up():
             # alternate, the step called less often first (the traced step at the very first call)
             return self._calls[True] <= self._calls[False]
-        if self.since_guarded + 1 >= WINDOW:
+        if self.since_guarded + 1 >= WINDOW and self.longest_gap > 1:
             # tracing every step: still time the guarded step now and then, or a few slow guarded
             # calls early on (a garbage collection) would keep it tracing every step for good
             return False
