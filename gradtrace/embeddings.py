@@ -79,3 +79,51 @@ def table_text(infos) -> str:
             for t in infos]
     return tabulate(rows, headers=["table", "input_dim x d", "trainable", "lookups", "ids seen", "rows used",
                                    "never learned", "effective rank"])
+
+
+class LookupBatch:
+    """Every Embedding lookup of one step laid end to end, so that a detector reduces all of them with one
+    scatter and a few segment reductions per step instead of a dozen ops per lookup (a recommender has
+    tens of tables).
+
+    ``items``: ``[(table path, input_dim, ids, mask_zero)]``, one per lookup (a table called twice has
+    two). The distinct tables, in first-seen order, share one *row space*: table ``t``'s row ``r`` is
+    ``offsets[t] + r``. Per id, in lookup order:
+
+    - ``ids`` (int32, flattened), ``lookup`` (its lookup's index) and ``table`` (its table's index);
+    - ``in_range``: ``0 <= id < input_dim``; ``padding``: id 0 of a ``mask_zero`` table;
+    - ``row``: its row in the row space (an id out of range is clipped into its own table).
+    """
+
+    def __init__(self, items):
+        self.paths, self.dims = [], []
+        table_of = []
+        for path, dim, _, _ in items:
+            if path not in self.paths:
+                self.paths.append(path)
+                self.dims.append(int(dim))
+            table_of.append(self.paths.index(path))
+        self.offsets = np.concatenate([[0], np.cumsum(self.dims)[:-1]]).astype(np.int64)
+        self.total = int(sum(self.dims))
+        self.key = tuple(zip(self.paths, self.dims))
+        flats = [tf.reshape(tf.cast(ids, tf.int32), [-1]) for _, _, ids, _ in items]
+        sizes = [f.shape[0] for f in flats]
+        if all(s is not None for s in sizes):  # static shapes: the per-id indices are constants
+            self.lookup = tf.constant(np.repeat(np.arange(len(items), dtype=np.int32), sizes))
+        else:
+            self.lookup = tf.concat([tf.fill(tf.shape(f), j) for j, f in enumerate(flats)], 0)
+        self.ids = flats[0] if len(flats) == 1 else tf.concat(flats, 0)
+        self.table = tf.gather(tf.constant(table_of, tf.int32), self.lookup)
+        dim = tf.gather(tf.constant(self.dims, tf.int32), self.table)
+        self.in_range = (self.ids >= 0) & (self.ids < dim)
+        masked = [bool(m) for _, _, _, m in items]
+        self.padding = (tf.gather(tf.constant(masked), self.lookup) & tf.equal(self.ids, 0)) if any(masked) \
+            else tf.zeros_like(self.in_range)
+        index_dtype = tf.int64 if self.total >= 2 ** 31 else tf.int32
+        self.row = (tf.cast(tf.clip_by_value(self.ids, 0, dim - 1), index_dtype)
+                    + tf.gather(tf.constant(self.offsets, index_dtype), self.table))
+        self.count = len(items)
+
+    def per_table(self, values):
+        """``{path: values[rows of that table]}`` of a host array over the row space."""
+        return {p: values[o:o + d] for p, o, d in zip(self.paths, self.offsets, self.dims)}

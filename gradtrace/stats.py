@@ -256,22 +256,56 @@ def float_stats(t, relu=False, activation=""):
 
 def ids_stats(ids, input_dim):
     """Range statistics of Embedding ids, taken before the lookup (a dict of float32 scalars)."""
-    flat = tf.reshape(tf.cast(ids, tf.int64), [-1])
-    n = tf.size(flat)
+    block = ids_block([(ids, input_dim)])[0]
+    return {k: block[_B[k]] for k in ("min", "max", "size", "bad", "bad_value", "bad_index")}
+
+
+_IDS_LIMIT = np.iinfo(np.int64).max
+
+
+def ids_block(items):
+    """The range statistics of several ids tensors (``[(ids, input_dim)]``: each Embedding lookup's ids,
+    the labels) as a ``[len(items), len(BASE)]`` block of base quantities: ``min``, ``max``, ``size``,
+    ``bad`` (ids < 0 or >= input_dim), ``bad_value`` (the first bad id) and ``bad_index`` (its flat
+    position, -1 when none); the rest 0. All lookups are laid end to end and reduced together (a
+    segment reduction per quantity), not one set of reductions per lookup."""
+    k = len(items)
+    flats = [tf.reshape(tf.cast(ids, tf.int64), [-1]) for ids, _ in items]
+    dims = np.array([int(d) for _, d in items], np.int64)
+    sizes = [f.shape[0] for f in flats]
+    if all(n is not None for n in sizes):  # static shapes: what depends on them is a constant
+        counts = np.array(sizes, np.int64)
+        segment = tf.constant(np.repeat(np.arange(k, dtype=np.int32), counts))
+        limit = tf.constant(np.repeat(dims, counts))
+        starts = tf.constant(np.cumsum(counts) - counts)
+        n = tf.constant(counts.astype(np.float32))
+    else:
+        segment = tf.concat([tf.fill(tf.shape(f), j) for j, f in enumerate(flats)], 0)
+        limit = tf.gather(tf.constant(dims), segment)
+        counts_t = tf.stack([tf.size(f, out_type=tf.int64) for f in flats])
+        starts = tf.cumsum(counts_t, exclusive=True)
+        n = tf.cast(counts_t, tf.float32)
+    flat = flats[0] if k == 1 else tf.concat(flats, 0)
+    total = tf.size(flat, out_type=tf.int64)
+    bad = tf.logical_or(flat < 0, flat >= limit)
     nonempty = n > 0
-    bad = tf.logical_or(flat < 0, flat >= input_dim)
-    any_bad = tf.reduce_any(bad)
-    # a sentinel keeps argmax and gather defined for zero ids (length-0 sequences)
-    first = tf.cast(tf.argmax(tf.cast(tf.concat([bad, [True]], 0), tf.int32)), tf.int32)
-    bad_value = tf.where(any_bad, tf.gather(tf.concat([flat, [0]], 0), first), 0)
-    return {
-        "min": tf.where(nonempty, _f32(tf.reduce_min(flat)), 0.0),
-        "max": tf.where(nonempty, _f32(tf.reduce_max(flat)), 0.0),
-        "size": _f32(n),
-        "bad": tf.reduce_sum(_f32(bad)),
-        "bad_value": _f32(bad_value),
-        "bad_index": tf.where(any_bad, _f32(first), -1.0),
+    nbad = tf.math.unsorted_segment_sum(tf.cast(bad, tf.float32), segment, k)
+    any_bad = nbad > 0
+    # the first bad id of each lookup: its position among all ids (``total`` where there is none)
+    first = tf.minimum(tf.math.unsorted_segment_min(
+        tf.where(bad, tf.range(total, dtype=tf.int64), tf.constant(_IDS_LIMIT, tf.int64)), segment, k), total)
+    # a sentinel keeps gather defined for zero ids (length-0 sequences)
+    bad_value = tf.where(any_bad, _f32(tf.gather(tf.concat([flat, [0]], 0), first)), 0.0)
+    cols = {
+        "min": tf.where(nonempty, _f32(tf.math.unsorted_segment_min(flat, segment, k)), 0.0),
+        "max": tf.where(nonempty, _f32(tf.math.unsorted_segment_max(flat, segment, k)), 0.0),
+        "size": n,
+        "bad": nbad,
+        "bad_value": bad_value,
+        "bad_index": tf.where(any_bad, _f32(first - starts), -1.0),
     }
+    zeros = tf.zeros([k], tf.float32)
+    return tf.stack([cols.get(name, zeros) for name in BASE], axis=1)
 
 
 def nonfinite_counts(t):
@@ -308,6 +342,15 @@ def derive(base, nan=None, inf=None, update_ratio=None):
 
 
 _SAME = object()
+
+
+@dataclass(frozen=True)
+class _Ids:
+    """An ids row of a :class:`Collector` (its statistics come from :func:`ids_block`)."""
+
+    ids: object
+    input_dim: int
+
 # The base quantities behind each column. s, ss and size are always computed (the
 # NaN/Inf gate and the norm need them); the rest only when a detector needs them,
 # and all of them on a step where a detector fired (for the report).
@@ -359,8 +402,10 @@ class Collector:
         self.derived = {}  # row index -> the row whose tensor holds the same values (its statistics are that row's)
 
     def add(self, kind, path, tensor=None, values=None, counted=_SAME, relu=False, activation="", deferred=False,
-            always=(), **meta) -> int:
+            always=(), ids=None, **meta) -> int:
         """Register a row; ``counted`` is the tensor whose NaN/Inf are counted (default: ``tensor``).
+        ``ids=(ids, input_dim)``: a row of ids (:func:`ids_block`: every ids row of the step is reduced
+        together); ``values``: a dict of ready-made base quantities.
 
         A ``deferred`` row takes ``tensor`` as a function returning the tensor; it is
         called, and the row measured, only when every statistic is asked for. Weights
@@ -372,7 +417,10 @@ class Collector:
         if always:  # small tensors (targets, the model's outputs) whose range detectors always read
             self._always[index] = frozenset(always)
         self.rows.append(Row(index=index, kind=kind, path=path, relu=relu, activation=activation, **meta))
-        if values is not None:
+        if ids is not None:
+            self._vectors.append(_Ids(*ids))
+            counted = None
+        elif values is not None:
             self._vectors.append(_vector(values))
         else:
             self._vectors.append((tensor, relu, activation, deferred))
@@ -406,8 +454,11 @@ class Collector:
         """This replica's ``(base [rows, len(BASE)], nan [rows], inf [rows], alive [units])``."""
         full = which >= ALL_BASE
         counted = list(self._counted)
-        tensor_rows, value_rows, zero_rows = [], [], []
+        tensor_rows, value_rows, zero_rows, ids_rows = [], [], [], []
         for i, v in enumerate(self._vectors):
+            if isinstance(v, _Ids):
+                ids_rows.append((i, v))
+                continue
             if not isinstance(v, tuple):
                 value_rows.append((i, v))
                 continue
@@ -427,6 +478,9 @@ class Collector:
         if value_rows:
             indices.append([i for i, _ in value_rows])
             blocks.append(tf.stack([v for _, v in value_rows]))
+        if ids_rows:
+            indices.append([i for i, _ in ids_rows])
+            blocks.append(ids_block([(v.ids, v.input_dim) for _, v in ids_rows]))
         if zero_rows:
             indices.append(zero_rows)
             blocks.append(tf.zeros([len(zero_rows), len(BASE)], tf.float32))

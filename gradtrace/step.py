@@ -677,7 +677,7 @@ class Engine:
                 c.add("target", "targets", t, name=name, shape=tuple(t.shape), always=RANGE)
         if getattr(ctx, "labels", None) is not None:
             units = self.label_units[0]
-            c.add("labels", "targets", values=st.ids_stats(ctx.labels, units), counted=None,
+            c.add("labels", "targets", ids=(ctx.labels, units),
                   layer_class="labels", name="labels", input_dim=units, shape=tuple(ctx.labels.shape))
         order = {}
         for i, call in enumerate(calls):
@@ -685,7 +685,7 @@ class Engine:
             cls = type(call.layer).__name__
             if call.ids is not None:
                 dim = int(call.layer.input_dim)
-                ids[c.add("ids", call.path, values=st.ids_stats(call.ids, dim), counted=None, layer_class=cls,
+                ids[c.add("ids", call.path, ids=(call.ids, dim), layer_class=cls,
                           order=i, input_dim=dim, shape=tuple(call.ids.shape))] = call.ids
             for p, t in zip(call.output_paths, call.outputs):
                 # the layer that produced a prediction (the innermost: a nested model's call, recorded

@@ -195,3 +195,25 @@ def test_embeddings_demo_catches_the_mis_sized_item_table(capsys):
     assert demo.embeddings_demo() == 0
     out = capsys.readouterr().out
     assert "input_dim=50000" in out and "input_dim=478 would do" in out and "50000 x 16" in out
+
+
+def test_lookup_batch_lays_every_lookup_of_a_step_end_to_end():
+    # what the embedding detectors reduce with one scatter per step: three lookups, one table twice,
+    # a mask_zero table, ids out of range on both sides
+    import tensorflow as tf
+
+    from gradtrace.embeddings import LookupBatch
+
+    b = LookupBatch([("m/user", 5, tf.constant([[0, 4], [7, 1]]), False),
+                     ("m/words", 3, tf.constant([0, 2, -1]), True),
+                     ("m/user", 5, tf.constant([3]), False)])
+    assert b.paths == ["m/user", "m/words"] and b.dims == [5, 3] and b.total == 8
+    assert b.ids.numpy().tolist() == [0, 4, 7, 1, 0, 2, -1, 3]
+    assert b.lookup.numpy().tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
+    assert b.table.numpy().tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
+    assert b.in_range.numpy().tolist() == [True, True, False, True, True, True, False, True]
+    assert b.padding.numpy().tolist() == [False] * 4 + [True, False, False, False]
+    # user rows 0..4, words rows 5..7; out-of-range ids clipped into their own table
+    assert b.row.numpy().tolist() == [0, 4, 4, 1, 5, 7, 5, 3]
+    split = b.per_table(np.arange(8))
+    assert split["m/user"].tolist() == [0, 1, 2, 3, 4] and split["m/words"].tolist() == [5, 6, 7]

@@ -250,6 +250,23 @@ def test_ids_stats_of_empty_ids(mode):
     assert got == np_ids_stats(ids, 10)
 
 
+@pytest.mark.parametrize("shapes", ["static", "unknown"])
+def test_ids_block_of_every_lookup_at_once_matches_each_alone(shapes):
+    # every case side by side in one block (as a step reduces all its lookups together), with an empty one
+    cases = [IDS_CASES[k] for k in sorted(IDS_CASES)] + [(np.zeros((4, 0), np.int32), 10)]
+    if shapes == "static":
+        got = st.ids_block([(tf.constant(ids), dim) for ids, dim in cases]).numpy()
+    else:
+        specs = [tf.TensorSpec([None] * ids.ndim, ids.dtype) for ids, _ in cases]
+        f = tf.function(lambda *t: st.ids_block([(x, dim) for x, (_, dim) in zip(t, cases)]), input_signature=specs)
+        got = f(*[tf.constant(ids) for ids, _ in cases]).numpy()
+    assert got.shape == (len(cases), len(st.BASE))
+    for row, (ids, dim) in zip(got, cases):
+        ref = np_ids_stats(ids, dim)
+        assert {k: float(row[st.BASE.index(k)]) for k in ref} == ref
+        assert row[st.BASE.index("s")] == 0.0
+
+
 # -- Collector: many rows at once, packed into one matrix ---------------------------
 def _pack(entries, lr=None):
     """Build ``[(tensor, counted)]`` rows with a Collector and return the full matrix."""

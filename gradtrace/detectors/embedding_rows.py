@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace.detectors.base import Detector
+from gradtrace.embeddings import LookupBatch
 from gradtrace.graph import base_path
 
 WORST = 3  # ids named per table
@@ -48,28 +49,31 @@ class EmbeddingRows(Detector):
         self.min_norm = self._check_range("min_norm", min_norm, 0.0, float("inf"))
         self.patience = self._check_int("patience", patience, 1)
         self.min_lookups = self._check_int("min_lookups", min_lookups, 1)
-        self._tables = {}
+        self._groups = {}
 
     def reset(self):
         super().reset()
-        self._tables = {}  # table path -> dict of state variables, the layer
+        # per set of tables looked up together: LookupBatch key -> dict of state variables
+        self._groups = {}
 
-    def _vars(self, path, layer):
-        entry = self._tables.get(path)
+    def _vars(self, batch, layers):
+        entry = self._groups.get(batch.key)
         if entry is None:
-            dim = int(layer.input_dim)
+            tables = len(batch.dims)
             with tf.init_scope():
-                zeros, last = tf.zeros([dim], tf.float32), tf.fill([WORST + 2], -1.0)
+                zeros, last = tf.zeros([batch.total], tf.float32), tf.fill([tables, WORST + 2], -1.0)
+                counts = tf.zeros([tables])
             entry = {
-                # this epoch: the lookups made (ids in range, padding left out), and the rows a
+                # this epoch: the lookups made per table (ids in range, padding left out), and the rows a
                 # lookup gave a non-zero gradient (which ids were looked up, unused_embedding keeps)
-                "lookups": compat.detector_variable(0.0, "gradtrace_rows_lookups"),
+                "lookups": compat.detector_variable(counts, "gradtrace_rows_lookups"),
                 "moved": compat.detector_variable(zeros, "gradtrace_rows_moved"),
-                # at the last firing: the worst ids, the largest norm, the reference norm
+                # per table, at its last firing: the worst ids, the largest norm, the reference norm
                 "last": compat.detector_variable(last, "gradtrace_rows_last"),
-                "layer": layer,
+                "batch": batch,
+                "layers": layers,
             }
-            self._tables[path] = entry
+            self._groups[batch.key] = entry
         return entry
 
     def check(self, view):
@@ -78,59 +82,66 @@ class EmbeddingRows(Detector):
             return tf.zeros([n], tf.bool), tf.zeros([n])
         index = sorted(view.lookups)
         k = len(index)
+        looks = [view.lookups[i] for i in index]
+        paths = [base_path(view.table.rows[i].path) for i in index]
+        batch = LookupBatch([(p, int(lk.layer.input_dim), lk.ids, getattr(lk.layer, "mask_zero", False))
+                             for p, lk in zip(paths, looks)])
+        entry = self._vars(batch, {p: lk.layer for p, lk in zip(paths, looks)})
+        tables = len(batch.dims)
         # per ids row: [streak, reported, reference norm (NaN until the first traced step)]
         state = self.state(view, "rows", np.nan, size=3 * k)
         streak, reported, ref = state[:k], state[k:2 * k], state[2 * k:]
         streak, reported = tf.where(tf.math.is_nan(streak), 0.0, streak), tf.where(tf.math.is_nan(reported), 0.0,
                                                                                    reported)
-        new_streak, new_reported, new_ref, fired, ratios = [], [], [], [], []
-        for j, i in enumerate(index):
-            look = view.lookups[i]
-            layer = look.layer
-            entry = self._vars(base_path(view.table.rows[i].path), layer)
-            dim = int(layer.input_dim)
-            ids = tf.reshape(tf.cast(look.ids, tf.int32), [-1])
-            d = int(look.rows.shape[-1]) if look.rows.shape[-1] is not None else -1
-            rows = tf.reshape(tf.cast(look.rows, tf.float32), [-1, d])
-            ok = (ids >= 0) & (ids < dim)
-            if getattr(layer, "mask_zero", False):
-                ok = ok & (ids != 0)  # the padding row
-            okf = tf.cast(ok, tf.float32)
-            safe = tf.clip_by_value(ids, 0, dim - 1)
-            entry["lookups"].assign_add(tf.reduce_sum(okf))
-            if look.grad is not None:
-                g = tf.reshape(tf.cast(look.grad, tf.float32), [-1, d])
-                got = tf.cast(tf.reduce_any(tf.not_equal(g, 0.0), axis=1), tf.float32) * okf
-                entry["moved"].scatter_max(tf.IndexedSlices(got, safe))
-            # exploding rows: the largest looked-up rows against the table's reference norm (padded so
-            # that an empty batch has a top too)
-            norm = tf.norm(rows, axis=1)
-            count = tf.reduce_sum(okf)
-            mean = tf.reduce_sum(norm * okf) / tf.maximum(count, 1.0)
-            worst = tf.math.top_k(tf.concat([tf.where(ok, norm, -1.0), -tf.ones([WORST])], 0), k=WORST)
-            top = worst.values[0]
-            r_j = tf.where(tf.math.is_nan(ref[j]) & (count > 0), mean, ref[j])
-            ratio = tf.where(count > 0, top / tf.maximum(r_j, 1e-12), 0.0)
-            s_j = tf.where((ratio > self.factor) & (top > self.min_norm), streak[j] + 1.0, 0.0)
-            hit = s_j >= float(self.patience)
-            fire = hit & tf.equal(reported[j], 0.0)
-            ids_worst = tf.cast(tf.gather(tf.concat([ids, -tf.ones([WORST], tf.int32)], 0), worst.indices), tf.float32)
-            entry["last"].assign(tf.where(fire, tf.concat([ids_worst, [top, r_j]], 0), entry["last"]))
-            new_streak.append(s_j)
-            new_reported.append(tf.cast(hit, tf.float32))
-            new_ref.append(r_j)
-            fired.append(fire)
-            ratios.append(ratio)
-        self.update(state, tf.stack(new_streak + new_reported + new_ref))
+        ok = batch.in_range & tf.logical_not(batch.padding)
+        okf = tf.cast(ok, tf.float32)
+        entry["lookups"].assign_add(tf.math.unsorted_segment_sum(okf, batch.table, tables))
+
+        def flat(t, lk):
+            d = int(lk.rows.shape[-1]) if lk.rows.shape[-1] is not None else -1
+            return tf.reshape(tf.cast(t, tf.float32), [-1, d])
+
+        if any(lk.grad is not None for lk in looks):
+            got = tf.concat([tf.reduce_any(tf.not_equal(flat(lk.grad, lk), 0.0), axis=1) if lk.grad is not None
+                             else tf.zeros(tf.shape(flat(lk.rows, lk))[:1], tf.bool) for lk in looks], 0)
+            entry["moved"].scatter_max(tf.IndexedSlices(tf.cast(got, tf.float32) * okf, batch.row))
+        # exploding rows: the largest looked-up row of each lookup against the table's reference norm
+        norm = tf.concat([tf.norm(flat(lk.rows, lk), axis=1) for lk in looks], 0)
+        count = tf.math.unsorted_segment_sum(okf, batch.lookup, k)
+        mean = tf.math.unsorted_segment_sum(norm * okf, batch.lookup, k) / tf.maximum(count, 1.0)
+        masked = tf.where(ok, norm, -1.0)
+        top = tf.maximum(tf.math.unsorted_segment_max(masked, batch.lookup, k), -1.0)
+        r = tf.where(tf.math.is_nan(ref) & (count > 0), mean, ref)
+        ratio = tf.where(count > 0, top / tf.maximum(r, 1e-12), 0.0)
+        new_streak = tf.where((ratio > self.factor) & (top > self.min_norm), streak + 1.0, 0.0)
+        hit = new_streak >= float(self.patience)
+        fire = hit & tf.equal(reported, 0.0)
+
+        def note_worst():
+            # only on a firing step: each firing lookup's worst ids, its top norm and reference, per table
+            last = tf.convert_to_tensor(entry["last"])
+            for j in range(k):
+                padded = tf.concat([tf.where(tf.equal(batch.lookup, j), masked, -2.0), -tf.ones([WORST])], 0)
+                worst = tf.math.top_k(padded, k=WORST)
+                ids = tf.cast(tf.gather(tf.concat([batch.ids, -tf.ones([WORST], tf.int32)], 0), worst.indices),
+                              tf.float32)
+                ids = tf.where(worst.values >= 0, ids, -1.0)
+                t = batch.paths.index(paths[j])
+                row = tf.where(fire[j], tf.concat([ids, [top[j], r[j]]], 0), last[t])
+                last = tf.tensor_scatter_nd_update(last, [[t]], [row])
+            entry["last"].assign(last)
+            return tf.constant(True)
+
+        tf.cond(tf.reduce_any(fire), note_worst, lambda: tf.constant(False))
+        self.update(state, tf.concat([new_streak, tf.cast(hit, tf.float32), r], 0))
         at = tf.constant([[i] for i in index], tf.int32)
-        return (tf.scatter_nd(at, tf.cast(tf.stack(fired), tf.int32), [n]) > 0,
-                tf.scatter_nd(at, tf.stack(ratios), [n]))
+        return tf.scatter_nd(at, tf.cast(fire, tf.int32), [n]) > 0, tf.scatter_nd(at, ratio, [n])
 
     def explain(self, rows, fired, values, matrix, table):
+        last_of = self._last()
         for i in np.flatnonzero(fired):
             row = table.rows[i]
-            entry = self._tables.get(base_path(row.path))
-            last = entry["last"].numpy() if entry else np.full(WORST + 2, -1.0)
+            last = last_of.get(base_path(row.path), np.full(WORST + 2, -1.0))
             worst = [int(v) for v in last[:WORST] if v >= 0]
             top, ref = float(last[WORST]), float(last[WORST + 1])
             ids = ", ".join(map(str, worst)) or "?"
@@ -141,22 +152,46 @@ class EmbeddingRows(Detector):
             ), (f"lower the learning rate of {row.path} (hot ids are updated at every lookup), clip gradients, or add "
                 "an embeddings_regularizer / max-norm constraint (keras.constraints.MaxNorm) on the table.")
 
+    def _last(self):
+        """``{table path: [WORST ids, top norm, reference norm]}`` of the table's last firing (the largest top
+        norm where the table is in several sets of tables)."""
+        out = {}
+        for entry in self._groups.values():
+            for t, path in enumerate(entry["batch"].paths):
+                last = entry["last"].numpy()[t]
+                if path not in out or last[WORST] > out[path][WORST]:
+                    out[path] = last
+        return out
+
+    def _per_table(self):
+        """``{path: (layer, lookups this epoch, moved [input_dim] bool)}``, merged over the sets of tables."""
+        out = {}
+        for entry in self._groups.values():
+            batch = entry["batch"]
+            lookups = entry["lookups"].numpy()
+            for t, (path, moved) in enumerate(batch.per_table(entry["moved"].numpy() > 0).items()):
+                if path in out:
+                    layer, n, m = out[path]
+                    out[path] = (layer, n + float(lookups[t]), m | moved)
+                else:
+                    out[path] = (entry["layers"][path], float(lookups[t]), moved)
+        return out
+
     def moved(self):
         """``{table path: [input_dim] bool}``: the rows a lookup gave a non-zero gradient this epoch."""
-        return {path: e["moved"].numpy() > 0 for path, e in self._tables.items()}
+        return {path: moved for path, (_, _, moved) in self._per_table().items()}
 
     def epoch_begin(self, ctx):
-        for entry in self._tables.values():
-            entry["lookups"].assign(0.0)
+        for entry in self._groups.values():
+            entry["lookups"].assign(tf.zeros_like(entry["lookups"]))
             entry["moved"].assign(tf.zeros_like(entry["moved"]))
 
     def epoch_end(self, ctx):
-        for path, entry in self._tables.items():
-            layer = entry["layer"]
+        for path, (layer, lookups, moved) in self._per_table().items():
             if not layer.trainable:
                 continue
-            lookups = int(entry["lookups"].numpy())
-            if lookups < self.min_lookups or np.any(entry["moved"].numpy() > 0):
+            lookups = int(lookups)
+            if lookups < self.min_lookups or np.any(moved):
                 continue
             yield path, "weight", 1.0, (
                 f"{path} (Embedding): rows that never learn: none of its {lookups} lookups this epoch gave its "

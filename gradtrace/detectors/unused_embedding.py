@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace.detectors.base import Detector
+from gradtrace.embeddings import LookupBatch
 from gradtrace.graph import base_path
 
 
@@ -76,64 +77,82 @@ class UnusedEmbedding(Detector):
         self.zipf_s = self._check_range("zipf_s", zipf_s, 0.0, 10.0, low_open=True)
         self.max_reach = self._check_range("max_reach", max_reach, 0.0, 1.0, low_open=True, high_open=True)
         self.every = None if every is None else self._check_int("every", every, 1)
-        self._tables = {}
+        self._groups = {}
         self._reported = set()
 
     def reset(self):
         super().reset()
-        self._tables = {}  # path -> (used [input_dim], lookups, [min id, max id], input_dim, layer class)
+        # per set of tables looked up together: LookupBatch key -> (used [rows of all tables], lookups
+        # [tables], id range [tables, 2], layer class per table)
+        self._groups = {}
         self._reported = set()
 
-    def _vars(self, row):
-        path = base_path(row.path)  # a table called twice: one table, its lookups together
-        entry = self._tables.get(path)
+    def _vars(self, batch, classes):
+        entry = self._groups.get(batch.key)
         if entry is None:
             with tf.init_scope():
-                zeros, span = tf.zeros([row.input_dim], tf.float32), tf.constant([float(row.input_dim), -1.0])
+                zeros, counts = tf.zeros([batch.total], tf.float32), tf.zeros([len(batch.dims)])
+                span = tf.constant([[float(d), -1.0] for d in batch.dims])
             entry = (
                 compat.detector_variable(zeros, "gradtrace_used"),
-                compat.detector_variable(0.0, "gradtrace_lookups"),
+                compat.detector_variable(counts, "gradtrace_lookups"),
                 compat.detector_variable(span, "gradtrace_id_range"),
-                row.input_dim,
-                row.layer_class,
+                batch,
+                classes,
             )
-            self._tables[path] = entry
+            self._groups[batch.key] = entry
         return entry
 
     def check(self, view):
-        for i, ids in view.ids.items():
-            row = view.table.rows[i]
-            used, lookups, id_range, dim, _ = self._vars(row)
-            flat = tf.reshape(tf.cast(ids, tf.int32), [-1])
-            ok = tf.cast((flat >= 0) & (flat < dim), tf.float32)
-            # out-of-range ids are clipped and carry 0, so they mark nothing (XLA-friendly: static shapes)
-            used.scatter_max(tf.IndexedSlices(ok, tf.clip_by_value(flat, 0, dim - 1)))
-            lookups.assign_add(tf.reduce_sum(ok))
-            # the id range seen, among ids in range (static shapes: XLA-friendly)
-            low = tf.cast(tf.reduce_min(tf.concat([tf.where(ok > 0, flat, dim), [dim]], 0)), tf.float32)
-            high = tf.cast(tf.reduce_max(tf.concat([flat, [-1]], 0)), tf.float32)
-            id_range.assign(tf.stack([tf.minimum(id_range[0], low), tf.maximum(id_range[1], high)]))
         n = len(view.table)
+        if view.ids:
+            rows = [view.table.rows[i] for i in view.ids]
+            # a table called twice: one table, its lookups together
+            batch = LookupBatch([(base_path(r.path), r.input_dim, view.ids[i], False) for i, r in zip(view.ids, rows)])
+            classes = {base_path(r.path): r.layer_class for r in rows}
+            used, lookups, id_range, _, _ = self._vars(batch, classes)
+            tables = len(batch.dims)
+            ok = tf.cast(batch.in_range, tf.float32)
+            # out-of-range ids are clipped and carry 0, so they mark nothing (static shapes: XLA-friendly)
+            used.scatter_max(tf.IndexedSlices(ok, batch.row))
+            lookups.assign_add(tf.math.unsorted_segment_sum(ok, batch.table, tables))
+            # the id range seen, among ids in range (a table with no id this step: int32's extremes)
+            low = tf.math.unsorted_segment_min(tf.where(batch.in_range, batch.ids, 2 ** 31 - 1), batch.table, tables)
+            high = tf.math.unsorted_segment_max(batch.ids, batch.table, tables)
+            id_range.assign(tf.stack([tf.minimum(id_range[:, 0], tf.cast(low, tf.float32)),
+                                      tf.maximum(id_range[:, 1], tf.cast(high, tf.float32))], 1))
         return tf.zeros([n], tf.bool), tf.zeros([n])
+
+    def _per_table(self):
+        """``{path: (used [input_dim] bool, lookups, min id, max id, input_dim, layer class)}``, merged over
+        the sets of tables the step's updates looked up (a table in two sets counts in both)."""
+        out = {}
+        for used, lookups, id_range, batch, classes in self._groups.values():
+            used_v, lookups_v, range_v = used.numpy() > 0, lookups.numpy(), id_range.numpy()
+            for t, (path, rows) in enumerate(batch.per_table(used_v).items()):
+                low, high = float(range_v[t, 0]), float(range_v[t, 1])
+                if path in out:
+                    u, n, lo, hi, dim, cls = out[path]
+                    out[path] = (u | rows, n + float(lookups_v[t]), min(lo, low), max(hi, high), dim, cls)
+                else:
+                    out[path] = (rows, float(lookups_v[t]), low, high, batch.dims[t], classes[path])
+        return out
 
     def seen(self):
         """``{table path: (lookups, min id, max id, rows used)}`` of the epoch so far (ids in range)."""
-        out = {}
-        for path, (used, lookups, id_range, _, _) in self._tables.items():
-            low, high = (int(v) for v in id_range.numpy())
-            out[path] = (int(lookups.numpy()), low, high, int(np.count_nonzero(used.numpy())))
-        return out
+        return {path: (int(n), int(low), int(high), int(np.count_nonzero(used)))
+                for path, (used, n, low, high, _, _) in self._per_table().items()}
 
     def used(self):
         """``{table path: [input_dim] bool}``: the rows looked up this epoch so far."""
-        return {path: used.numpy() > 0 for path, (used, *_) in self._tables.items()}
+        return {path: v[0] for path, v in self._per_table().items()}
 
     def epoch_begin(self, ctx):
         self._reported = set()
-        for used, lookups, id_range, dim, _ in self._tables.values():
+        for used, lookups, id_range, batch, _ in self._groups.values():
             used.assign(tf.zeros_like(used))
-            lookups.assign(0.0)
-            id_range.assign([float(dim), -1.0])
+            lookups.assign(tf.zeros_like(lookups))
+            id_range.assign([[float(d), -1.0] for d in batch.dims])
 
     def epoch_end(self, ctx):
         return self._findings("this epoch")
@@ -142,12 +161,11 @@ class UnusedEmbedding(Detector):
         return self._findings("so far this epoch")
 
     def _findings(self, when):
-        for path, (used, lookups, id_range, dim, cls) in self._tables.items():
+        for path, (used, n_lookups, _, top, dim, cls) in self._per_table().items():
             if path in self._reported:
                 continue
-            n_used = int(np.count_nonzero(used.numpy()))
-            n_lookups = float(lookups.numpy())
-            top = int(id_range.numpy()[1])
+            n_used = int(np.count_nonzero(used))
+            top = int(top)
             if n_lookups <= 0:
                 continue
             unused = 1.0 - n_used / dim
