@@ -23,7 +23,7 @@ from gradtrace import snapshot as snapshot_module
 from gradtrace.anomaly import BLOCKING, Anomaly, AnomalyError, AnomalyLog, DetectorError, stopped_how, strongest
 from gradtrace.history import BUFFER, LayerHistory, step_values
 from gradtrace.stats import row_dict
-from gradtrace.step import INSPECT, KEY, TRACED, UNTRACED, Plan
+from gradtrace.step import FIRED, INSPECT, KEY, TRACED, UNTRACED, Plan
 
 _TENSOR_NAMES = {"ids": "input", "labels": "target"}
 
@@ -93,6 +93,11 @@ class Run:
         self.epoch = 0
         self.halted = False
         self._periodic = {}  # detector name -> the last period (step // every) it was checked in
+        # the step counter as last read, the calls since, and the most it grew per call: an upper bound on
+        # the step, so that the counter is read only when a period may have ended
+        self._counter = None
+        self._calls_since_read = 0
+        self._per_call = 1.0
         self.history = LayerHistory()  # per-layer statistics of every traced step, bounded (gradtrace.history)
         self._drained = {}  # (plan, segment index) -> traced steps already taken from its device buffer
         self._since_drain = 0  # steps run since the last drain
@@ -116,7 +121,8 @@ class Run:
                 compat.build_state_before_tracing(self.model, iterator)
             start, found = time.perf_counter(), self.log.total
             logs = engine.train_function(plan)(iterator)
-            logs = self.after_call(plan, traced, summary, logs)
+            fired = logs.pop(FIRED, None) if isinstance(logs, dict) else None
+            logs = self.after_call(plan, traced, summary, logs, fired)
             self.timed(traced, time.perf_counter() - start, summary or self.log.total != found)
             self.after_step(traced)
             return logs
@@ -135,9 +141,10 @@ class Run:
         plan = Plan(True, summary_bins=self.tensorboard.bins) if summary else TRACED if traced else UNTRACED
         return plan, traced, summary
 
-    def after_call(self, plan, traced, summary=False, logs=None):
-        """After one call of the watched step (one execution): read one boolean per update; act
-        only when a detector fired. Returns the logs the callbacks get."""
+    def after_call(self, plan, traced, summary=False, logs=None, fired=None):
+        """After one call of the watched step (one execution): read one boolean (``fired``, from the step's
+        outputs; else one per update, from its records); act only when a detector fired. Returns the logs
+        the callbacks get."""
         self.calls += 1
         variant = self.engine.variants.get(plan)
         record = variant.record() if variant is not None else None
@@ -148,6 +155,8 @@ class Run:
         if summary:
             self.tensorboard.write_step(int(record.last_step.numpy()), variant.table, record.last.numpy(),
                                         variant.histogram_rows, record.histograms.numpy())
+        if fired is not None and not bool(fired):
+            return logs
         # one boolean read per update (Keras' own step has one)
         fired = [seg for seg, rec in ((s, s.record()) for s in variant.segments)
                  if rec is not None and bool(rec.any.numpy())]
@@ -385,11 +394,26 @@ class Run:
 
     def periodic_checks(self):
         """After a call of the step: the detectors whose ``every`` steps have passed since their last
-        periodic check (one read of the step counter, only when some detector has a period)."""
+        periodic check. The step counter is read in the first calls, then only once the steps run since
+        its last read may have reached the next period: the counter grows by at most ``steps_per_execution``
+        times the most it grew per step in a call so far (a held step does not move it)."""
         due = [d for d in self.engine.detectors if d.every]
         if not due or self.halted:
             return
-        step = self.current_step()
+        self._calls_since_read += 1
+        steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if self._counter is not None:
+            last, reads = self._counter
+            bound = last + self._calls_since_read * steps * self._per_call
+            if reads >= 3 and bound < min((self._periodic.get(d.name, 0) + 1) * d.every for d in due):
+                return
+            step = self.current_step()
+            self._per_call = max(self._per_call, (step - last) / (self._calls_since_read * steps))
+            self._counter = (step, reads + 1)
+        else:
+            step = self.current_step()
+            self._counter = (step, 1)
+        self._calls_since_read = 0
         ready = [d for d in due if step // d.every > self._periodic.get(d.name, 0)]
         for d in ready:
             self._periodic[d.name] = step // d.every

@@ -48,6 +48,9 @@ from gradtrace.capture import Recorder
 from gradtrace.heads import loss_kind
 
 KEY = "__gradtrace__"
+# a step Keras' fit calls returns, with its logs, whether a detector has fired and not yet been handled (one
+# boolean the host reads off the step's outputs, instead of one variable read per update)
+FIRED = "__gradtrace_fired__"
 _HISTORY_COLUMNS = [st.COL[c] for c in history.COLUMNS]
 # the targets' and the model outputs' minimum and maximum are measured at every traced step
 # (small tensors) so that the head/loss checks can read them under any strategy
@@ -358,12 +361,13 @@ class Engine:
         """``traced -> detectors`` run by the train variants traced so far."""
         return {p.traced: v.detectors for p, v in self.variants.items() if p.mode == "train" and not p.summary_bins}
 
-    def step_function(self, plan):
-        """``train_step(data)`` for ``plan``: the model's own step, watched."""
+    def step_function(self, plan, reports_fired=False):
+        """``train_step(data)`` for ``plan``: the model's own step, watched (``reports_fired``: its logs
+        carry :data:`FIRED`, for the caller to take out)."""
         variant = self.variant(plan)
 
         def train_step(data):
-            return self._run_step(variant, data)
+            return self._run_step(variant, data, reports_fired=reports_fired)
 
         return train_step
 
@@ -380,7 +384,7 @@ class Engine:
         """The train function Keras builds around the watched step (iterator in, logs out), made once."""
         variant = self.variant(plan)
         if variant.function is None:
-            variant.function = compat.make_train_function(self.model, self.step_function(plan))
+            variant.function = compat.make_train_function(self.model, self.step_function(plan, reports_fired=True))
         return variant.function
 
     def batch_function(self, plan):
@@ -414,7 +418,7 @@ class Engine:
         return [d for d in self.detectors
                 if d.checks_in_step and (plan.traced or d.every_step or d.wants_ids or d.wants_labels)]
 
-    def _run_step(self, variant, data, body=None):
+    def _run_step(self, variant, data, body=None, reports_fired=False):
         plan = variant.plan
         model = self.model
         variant.traces += 1
@@ -431,6 +435,8 @@ class Engine:
         recorder.tapes = ctx.open_tapes
         ctx.variant, ctx.detectors, ctx.blocking = variant, detectors, blocking
         ctx.rollback, ctx.saved = rollback, saved
+        # under a strategy the per-replica outputs are reduced by Keras: the host reads the records instead
+        ctx.reports_fired = reports_fired and not tf.distribute.has_strategy()
         ctx.data = data
         unpacked = data if isinstance(data, tuple) and 1 <= len(data) <= 3 else (data,)
         ctx.x, ctx.y, ctx.sample_weight = (tuple(unpacked) + (None, None))[:3]
@@ -472,6 +478,9 @@ class Engine:
         if plan.mode == "train":
             for res in results:
                 self._write_record(ctx, res, logs)
+            if ctx.reports_fired and isinstance(logs, dict):
+                logs = dict(logs)
+                logs[FIRED] = tf.reduce_any(tf.stack([res.record.any.read_value() for res in results]))
         return logs
 
     @staticmethod

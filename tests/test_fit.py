@@ -279,3 +279,52 @@ def test_model_call_failure_is_reraised_with_the_layers_that_ran():
 def _assert_clean_generic(model):
     assert not any(gradtrace.is_patched(l) for l in compat.flatten_layers(model))
     assert "train_step" not in model.__dict__
+
+
+class _EveryTen(gradtrace.Detector):
+    """A periodic host check that notes the step counter at each of its calls."""
+
+    name = "every_ten"
+    reports_at = ("periodic",)
+    every = 10
+
+    def __init__(self):
+        super().__init__()
+        self.at = []
+
+    def periodic(self, run):
+        self.at.append(int(run.engine.optimizers[0].iterations.numpy()))
+        return []
+
+
+class _TwoUpdates(keras.Sequential):
+    """A custom train_step that applies two updates per call (two half batches)."""
+
+    def train_step(self, data):
+        x, y = data
+        for half in (slice(None, 4), slice(4, None)):
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(x=x[half], y=y[half], y_pred=self(x[half], training=True))
+            self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("case", ["plain", "steps_per_execution", "two_updates_per_call"])
+def test_periodic_checks_run_on_time_and_read_the_step_counter_only_near_a_period(case, monkeypatch):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((6,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)]
+    model = _TwoUpdates(layers) if case == "two_updates_per_call" else keras.Sequential(layers)
+    model.compile(optimizer="sgd", loss="mse", steps_per_execution=4 if case == "steps_per_execution" else 1)
+    x, y = np.random.default_rng(0).normal(size=(8 * 40, 6)).astype("float32"), np.zeros((8 * 40, 1), "float32")
+    reads = []
+    real = gradtrace.actions.Run.current_step
+    monkeypatch.setattr(gradtrace.actions.Run, "current_step", lambda self: reads.append(1) or real(self))
+    det = _EveryTen()
+    gradtrace.fit(model, x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, detectors=["nan", det])
+    per_call = 2 if case == "two_updates_per_call" else 1
+    # each period is checked once, in the call that reached it (4 steps per call: up to 3 steps late)
+    late = 3 if case == "steps_per_execution" else per_call - 1
+    assert len(det.at) == 4 * per_call and all(0 <= at - 10 * (k + 1) <= late for k, at in enumerate(det.at)), det.at
+    if case != "steps_per_execution":  # 40 calls: the counter is not read in each (3 first reads, then about
+        # one to find a period's end and one for the checks' own step)
+        assert len(reads) <= 3 + 2 * len(det.at) + 4 < 40, len(reads)
