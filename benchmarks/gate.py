@@ -35,7 +35,6 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"  # before TensorFlow is imported: get_memory_info counts tensors
 
 import numpy as np  # noqa: E402
 
@@ -104,15 +103,28 @@ def measure(model_name, steps, rounds):
         gc.collect()
         for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
             fn, it = steps_fns[v], iters[v]
-            rest = tf.config.experimental.get_memory_info("CPU:0")["current"]
-            tf.config.experimental.reset_memory_stats("CPU:0")
+            rest = memory("current")
+            if rest is not None:
+                tf.config.experimental.reset_memory_stats("CPU:0")
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 fn(it).numpy()
             wall[v].append((time.perf_counter() - t0) / steps)
             cpu[v].append((time.process_time() - c0) / steps)
-            peak[v].append((tf.config.experimental.get_memory_info("CPU:0")["peak"] - rest) / 2 ** 20)
-    return wall, cpu, {v: float(np.median(p)) for v, p in peak.items()}
+            if rest is not None:
+                peak[v].append((memory("peak") - rest) / 2 ** 20)
+    return wall, cpu, {v: float(np.median(p)) if p else float("nan") for v, p in peak.items()}
+
+
+def memory(which):
+    """TensorFlow's count of allocated CPU bytes; None where TensorFlow was imported before this module
+    could turn its BFC allocator on (then it counts nothing)."""
+    import tensorflow as tf
+
+    try:
+        return tf.config.experimental.get_memory_info("CPU:0")[which]
+    except ValueError:
+        return None
 
 
 def main(argv=None):
@@ -121,6 +133,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=60, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=6)
     args = p.parse_args(argv)
+    # before TensorFlow is imported (here, not at import: a process that imports this module keeps its allocator)
+    if "tensorflow" not in sys.modules:
+        os.environ["TF_CPU_ALLOCATOR_USE_BFC"] = "true"  # get_memory_info("CPU:0") then counts every tensor
     from tabulate import tabulate
 
     t0 = time.time()
@@ -139,6 +154,7 @@ def main(argv=None):
     print(tabulate(rows, headers=["model", "variant", "step ms", "wall ratio min/med/max",
                                   "CPU ratio min/med/max", "peak MB above rest", "peak ratio"]))
     print(f"\n{args.steps} steps x {args.rounds} interleaved rounds; total {time.time() - t0:.0f}s")
+    return rows
 
 
 if __name__ == "__main__":

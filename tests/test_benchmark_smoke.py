@@ -9,6 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
+import gate  # noqa: E402
 import overhead  # noqa: E402
 
 
@@ -24,3 +25,10 @@ def test_benchmark_smoke_writes_a_complete_table(tmp_path, capsys):
         assert r["step_ms"] > 0 and r["first_step_s"] > 0 and r["steps_timed"] >= 1
     assert doc["machine"]["tensorflow"] and doc["machine"]["cpus"]
     assert "gradtrace_every16" in capsys.readouterr().out
+
+
+def test_gate_benchmark_runs_every_variant(capsys):
+    rows = gate.main(["--models", "depth_10", "--steps", "2", "--rounds", "1"])
+    assert [r[1] for r in rows] == gate.VARIANTS
+    assert all(float(r[2]) > 0 for r in rows) and rows[0][3] == "1.00/1.00/1.00"
+    assert "keras_lossscale" in capsys.readouterr().out
