@@ -206,7 +206,6 @@ def _base_dict(t, relu, activation, which, s=None, n=None):
         n = tf.constant(float(static)) if static is not None else tf.cast(tf.size(t), tf.float32)
     if s is None:
         s = tf.reduce_sum(t)
-    safe_n = tf.maximum(n, 1.0)
     nonempty = None if static else n > 0  # a statically non-empty tensor needs no guard
 
     def guarded(v):
@@ -223,7 +222,7 @@ def _base_dict(t, relu, activation, which, s=None, n=None):
         out["zeros"] = tf.reduce_sum(tf.cast(tf.equal(t, 0.0), tf.float32))
     if "sqdev" in which:
         # two passes: the one-pass E[t^2] - mean^2 loses all precision when |mean| >> std
-        out["sqdev"] = 2.0 * tf.nn.l2_loss(t - s / safe_n)
+        out["sqdev"] = 2.0 * tf.nn.l2_loss(t - s / tf.maximum(n, 1.0))
     if "dead_frac" in which and relu and t.shape.rank is not None and t.shape.rank >= 2:
         unit_max = tf.reduce_max(tf.abs(t), axis=list(range(t.shape.rank - 1)))
         dead = tf.reduce_sum(tf.cast(tf.equal(unit_max, 0.0), tf.float32))
@@ -232,7 +231,7 @@ def _base_dict(t, relu, activation, which, s=None, n=None):
         low, high = SATURATION_LIMITS[activation]
         margin = 0.01 * (high - low)
         pinned = tf.logical_or(t <= low + margin, t >= high - margin)
-        out["saturated"] = tf.reduce_sum(tf.cast(pinned, tf.float32)) / safe_n
+        out["saturated"] = tf.reduce_sum(tf.cast(pinned, tf.float32)) / tf.maximum(n, 1.0)
     return out
 
 
