@@ -122,7 +122,6 @@ class LookupBatch:
         index_dtype = tf.int64 if self.total >= 2 ** 31 else tf.int32
         self.row = (tf.cast(tf.clip_by_value(self.ids, 0, dim - 1), index_dtype)
                     + tf.gather(tf.constant(self.offsets, index_dtype), self.table))
-        self.count = len(items)
 
     def per_table(self, values):
         """``{path: values[rows of that table]}`` of a host array over the row space."""
