@@ -118,13 +118,14 @@ def measure(model_name, steps, rounds):
 
 def memory(which):
     """TensorFlow's count of allocated CPU bytes; None where TensorFlow was imported before this module
-    could turn its BFC allocator on (then it counts nothing)."""
+    could turn its BFC allocator on (then it raises, or counts nothing: zeros)."""
     import tensorflow as tf
 
     try:
-        return tf.config.experimental.get_memory_info("CPU:0")[which]
+        info = tf.config.experimental.get_memory_info("CPU:0")
     except ValueError:
         return None
+    return info[which] if info["current"] > 0 else None
 
 
 def main(argv=None):
@@ -149,7 +150,7 @@ def main(argv=None):
 
         for v in VARIANTS:
             rows.append([m, v, f"{1e3 * np.median(wall[v]):.2f}", spread(wall, v), spread(cpu, v),
-                         f"{peak[v]:.2f}", f"{peak[v] / peak['apply']:.2f}"])
+                         f"{peak[v]:.2f}", f"{peak[v] / peak['apply']:.2f}" if peak["apply"] > 0 else "-"])
         print(f"done {m} ({time.time() - t0:.0f}s)", file=sys.stderr)
     print(tabulate(rows, headers=["model", "variant", "step ms", "wall ratio min/med/max",
                                   "CPU ratio min/med/max", "peak MB above rest", "peak ratio"]))
