@@ -372,11 +372,13 @@ class Engine:
         return train_step
 
     def custom_step(self, plan, fn):
-        """``fn(*args)`` (a hand-written step) watched under ``plan``: its args are the batch."""
+        """``fn(*args)`` (a hand-written step) watched under ``plan``: its args are the batch. It returns
+        ``(fn's outputs, fired)``: whether a detector has fired (a boolean tensor), or None where the host
+        must read the records (under a strategy)."""
         variant = self.variant(plan)
 
         def step(*args, **kwargs):
-            return self._run_step(variant, args, body=lambda: fn(*args, **kwargs))
+            return self._run_step(variant, args, body=lambda: fn(*args, **kwargs), reports_fired=True)
 
         return step
 
@@ -437,6 +439,7 @@ class Engine:
         ctx.rollback, ctx.saved = rollback, saved
         # under a strategy the per-replica outputs are reduced by Keras: the host reads the records instead
         ctx.reports_fired = reports_fired and not tf.distribute.has_strategy()
+        ctx.pairs = body is not None and reports_fired  # a hand-written step returns (outputs, fired)
         ctx.data = data
         unpacked = data if isinstance(data, tuple) and 1 <= len(data) <= 3 else (data,)
         ctx.x, ctx.y, ctx.sample_weight = (tuple(unpacked) + (None, None))[:3]
@@ -454,6 +457,18 @@ class Engine:
         return self._finish(ctx, logs, metric_vars, saved_metrics)
 
     def _finish(self, ctx, logs, metric_vars, saved_metrics):
+        logs = self._finish_logs(ctx, logs, metric_vars, saved_metrics)
+        fired = None
+        if ctx.reports_fired and ctx.results and ctx.plan.mode == "train":
+            fired = tf.reduce_any(tf.stack([res.record.any.read_value() for res in ctx.results]))
+        if ctx.pairs:
+            return logs, fired
+        if fired is not None and isinstance(logs, dict):
+            logs = dict(logs)
+            logs[FIRED] = fired
+        return logs
+
+    def _finish_logs(self, ctx, logs, metric_vars, saved_metrics):
         results, plan = ctx.results, ctx.plan
 
         def restore_metrics():
@@ -478,9 +493,6 @@ class Engine:
         if plan.mode == "train":
             for res in results:
                 self._write_record(ctx, res, logs)
-            if ctx.reports_fired and isinstance(logs, dict):
-                logs = dict(logs)
-                logs[FIRED] = tf.reduce_any(tf.stack([res.record.any.read_value() for res in results]))
         return logs
 
     @staticmethod

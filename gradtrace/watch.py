@@ -211,8 +211,8 @@ class watch:
             if plan not in functions:
                 functions[plan] = make(plan)
             start, found = time.perf_counter(), run.log.total
-            out = functions[plan](*args, **kwargs)
-            run.after_call(plan, traced)
+            out, fired = functions[plan](*args, **kwargs)
+            run.after_call(plan, traced, fired=fired)
             run.timed(traced, time.perf_counter() - start, run.log.total != found)
             run.after_step(traced)
             return out

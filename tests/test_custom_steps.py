@@ -195,12 +195,13 @@ def test_watch_your_own_loop_halts_before_the_bad_update(compiled):
 
         step = w.step(tf.function(train_step) if compiled else train_step)
         for i in range(0, len(x), 16):
-            step(x[i:i + 16], y[i:i + 16])
+            out = step(x[i:i + 16], y[i:i + 16])
             steps += 1
             if w.halted:
                 break
     assert [(a.detector, a.step, a.layer) for a in w.anomalies] == [("nan", 4, "mlp/faulty")]
     assert steps == 5 and int(optimizer.iterations) == 4
+    assert np.ndim(out) == 0 and not np.isfinite(float(out))  # the step returns what yours returns: the loss
     assert all(np.isfinite(np.asarray(v)).all() for v in model.weights)
     # your own loop keeps the per-layer history too (drained when the block ends)
     assert int(w.run.history.steps[-1, 1]) == 4 and "mlp/faulty" in w.run.history.layers("gradient_norm")
