@@ -84,21 +84,22 @@ def table_text(infos) -> str:
 class LookupBatch:
     """Every Embedding lookup of one step laid end to end, so that a detector reduces all of them with one
     scatter and a few segment reductions per step instead of a dozen ops per lookup (a recommender has
-    tens of tables).
+    tens of tables). Made once per step and update, and shared by the detectors that read it
+    (:meth:`gradtrace.stats.StatsView.lookup_batch`).
 
-    ``items``: ``[(table path, input_dim, ids, mask_zero)]``, one per lookup (a table called twice has
-    two). The distinct tables, in first-seen order, share one *row space*: table ``t``'s row ``r`` is
+    ``items``: ``[(table path, input_dim, ids)]``, one per lookup (a table called twice has two). The
+    distinct tables, in first-seen order, share one *row space*: table ``t``'s row ``r`` is
     ``offsets[t] + r``. Per id, in lookup order:
 
     - ``ids`` (int32, flattened), ``lookup`` (its lookup's index) and ``table`` (its table's index);
-    - ``in_range``: ``0 <= id < input_dim``; ``padding``: id 0 of a ``mask_zero`` table;
+    - ``in_range``: ``0 <= id < input_dim``;
     - ``row``: its row in the row space (an id out of range is clipped into its own table).
     """
 
     def __init__(self, items):
         self.paths, self.dims = [], []
         table_of = []
-        for path, dim, _, _ in items:
+        for path, dim, _ in items:
             if path not in self.paths:
                 self.paths.append(path)
                 self.dims.append(int(dim))
@@ -106,7 +107,7 @@ class LookupBatch:
         self.offsets = np.concatenate([[0], np.cumsum(self.dims)[:-1]]).astype(np.int64)
         self.total = int(sum(self.dims))
         self.key = tuple(zip(self.paths, self.dims))
-        flats = [tf.reshape(tf.cast(ids, tf.int32), [-1]) for _, _, ids, _ in items]
+        flats = [tf.reshape(tf.cast(ids, tf.int32), [-1]) for _, _, ids in items]
         sizes = [f.shape[0] for f in flats]
         if all(s is not None for s in sizes):  # static shapes: the per-id indices are constants
             self.lookup = tf.constant(np.repeat(np.arange(len(items), dtype=np.int32), sizes))
@@ -116,12 +117,16 @@ class LookupBatch:
         self.table = tf.gather(tf.constant(table_of, tf.int32), self.lookup)
         dim = tf.gather(tf.constant(self.dims, tf.int32), self.table)
         self.in_range = (self.ids >= 0) & (self.ids < dim)
-        masked = [bool(m) for _, _, _, m in items]
-        self.padding = (tf.gather(tf.constant(masked), self.lookup) & tf.equal(self.ids, 0)) if any(masked) \
-            else tf.zeros_like(self.in_range)
         index_dtype = tf.int64 if self.total >= 2 ** 31 else tf.int32
         self.row = (tf.cast(tf.clip_by_value(self.ids, 0, dim - 1), index_dtype)
                     + tf.gather(tf.constant(self.offsets, index_dtype), self.table))
+
+    def padding(self, masked):
+        """Per id: id 0 of a lookup whose table pads with it (``masked``: one bool per lookup, the layer's
+        ``mask_zero``)."""
+        if not any(masked):
+            return tf.zeros_like(self.in_range)
+        return tf.gather(tf.constant([bool(m) for m in masked]), self.lookup) & tf.equal(self.ids, 0)
 
     def per_table(self, values):
         """``{path: values[rows of that table]}`` of a host array over the row space."""

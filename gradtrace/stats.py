@@ -168,9 +168,26 @@ class StatsView:
         self.ids = ids or {}
         # row index of each ``ids`` row -> its :class:`Lookup` (traced steps, dense ids)
         self.lookups = lookups or {}
+        self._batches = {}  # row indices -> their LookupBatch (lookup_batch)
 
     def __getitem__(self, name):
         return self.matrix[:, COL[name]]
+
+    def lookup_batch(self, index=None):
+        """The :class:`~gradtrace.embeddings.LookupBatch` of the ``ids`` rows ``index`` (default: all), made
+        once per step and shared by the detectors that ask for the same rows. A table's path is its
+        base path: a table called twice is one table."""
+        from gradtrace.embeddings import LookupBatch
+        from gradtrace.graph import base_path
+
+        index = tuple(sorted(self.ids if index is None else index))
+        batch = self._batches.get(index)
+        if batch is None:
+            rows = self.table.rows
+            batch = self._batches[index] = LookupBatch(
+                [(base_path(rows[i].path), rows[i].input_dim, self.ids[i] if i in self.ids else self.lookups[i].ids)
+                 for i in index])
+        return batch
 
     def mask(self, **kw):
         return tf.constant(self.table.mask(**kw))

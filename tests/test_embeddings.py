@@ -204,15 +204,16 @@ def test_lookup_batch_lays_every_lookup_of_a_step_end_to_end():
 
     from gradtrace.embeddings import LookupBatch
 
-    b = LookupBatch([("m/user", 5, tf.constant([[0, 4], [7, 1]]), False),
-                     ("m/words", 3, tf.constant([0, 2, -1]), True),
-                     ("m/user", 5, tf.constant([3]), False)])
+    b = LookupBatch([("m/user", 5, tf.constant([[0, 4], [7, 1]])),
+                     ("m/words", 3, tf.constant([0, 2, -1])),
+                     ("m/user", 5, tf.constant([3]))])
     assert b.paths == ["m/user", "m/words"] and b.dims == [5, 3] and b.total == 8
     assert b.ids.numpy().tolist() == [0, 4, 7, 1, 0, 2, -1, 3]
     assert b.lookup.numpy().tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
     assert b.table.numpy().tolist() == [0, 0, 0, 0, 1, 1, 1, 0]
     assert b.in_range.numpy().tolist() == [True, True, False, True, True, True, False, True]
-    assert b.padding.numpy().tolist() == [False] * 4 + [True, False, False, False]
+    assert b.padding([False, True, False]).numpy().tolist() == [False] * 4 + [True, False, False, False]
+    assert not b.padding([False, False, False]).numpy().any()
     # user rows 0..4, words rows 5..7; out-of-range ids clipped into their own table
     assert b.row.numpy().tolist() == [0, 4, 4, 1, 5, 7, 5, 3]
     split = b.per_table(np.arange(8))

@@ -7,7 +7,6 @@ import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace.detectors.base import Detector
-from gradtrace.embeddings import LookupBatch
 from gradtrace.graph import base_path
 
 WORST = 3  # ids named per table
@@ -84,8 +83,7 @@ class EmbeddingRows(Detector):
         k = len(index)
         looks = [view.lookups[i] for i in index]
         paths = [base_path(view.table.rows[i].path) for i in index]
-        batch = LookupBatch([(p, int(lk.layer.input_dim), lk.ids, getattr(lk.layer, "mask_zero", False))
-                             for p, lk in zip(paths, looks)])
+        batch = view.lookup_batch(index)
         entry = self._vars(batch, {p: lk.layer for p, lk in zip(paths, looks)})
         tables = len(batch.dims)
         # per ids row: [streak, reported, reference norm (NaN until the first traced step)]
@@ -93,7 +91,7 @@ class EmbeddingRows(Detector):
         streak, reported, ref = state[:k], state[k:2 * k], state[2 * k:]
         streak, reported = tf.where(tf.math.is_nan(streak), 0.0, streak), tf.where(tf.math.is_nan(reported), 0.0,
                                                                                    reported)
-        ok = batch.in_range & tf.logical_not(batch.padding)
+        ok = batch.in_range & tf.logical_not(batch.padding([getattr(lk.layer, "mask_zero", False) for lk in looks]))
         okf = tf.cast(ok, tf.float32)
         entry["lookups"].assign_add(tf.math.unsorted_segment_sum(okf, batch.table, tables))
 

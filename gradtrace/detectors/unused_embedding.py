@@ -7,7 +7,6 @@ import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace.detectors.base import Detector
-from gradtrace.embeddings import LookupBatch
 from gradtrace.graph import base_path
 
 
@@ -106,10 +105,8 @@ class UnusedEmbedding(Detector):
     def check(self, view):
         n = len(view.table)
         if view.ids:
-            rows = [view.table.rows[i] for i in view.ids]
-            # a table called twice: one table, its lookups together
-            batch = LookupBatch([(base_path(r.path), r.input_dim, view.ids[i], False) for i, r in zip(view.ids, rows)])
-            classes = {base_path(r.path): r.layer_class for r in rows}
+            batch = view.lookup_batch()  # a table called twice: one table, its lookups together
+            classes = {base_path(view.table.rows[i].path): view.table.rows[i].layer_class for i in view.ids}
             used, lookups, id_range, _, _ = self._vars(batch, classes)
             tables = len(batch.dims)
             ok = tf.cast(batch.in_range, tf.float32)
