@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import threading
 from dataclasses import dataclass, field
 
@@ -222,6 +223,7 @@ class Recorder:
         self.sanitize_ids = sanitize_ids
         self.keep = keep
         self.calls: list[Call] = []
+        self.changed: list = []  # one boolean per sanitised lookup: did it replace an id (the step is held)
         self._counts: dict = {}
         self._refreshed = False
         self.graph = None
@@ -247,10 +249,13 @@ class Recorder:
         self._counts[id(layer)] = n
         path = base if n == 1 else f"{base}#{n}"
         ids = None
-        if isinstance(layer, keras.layers.Embedding) and args:
+        lookup = id_lookup(layer, original, args, kwargs)
+        if lookup is not None:
             ids, rebuild = _id_values(args[0])
-            if self.sanitize_ids:
+            if lookup == "sure" and self.sanitize_ids:
+                # the lookup reads row 0 instead; the step is held whenever a value was changed
                 bad = tf.logical_or(ids < 0, ids >= layer.input_dim)
+                self.changed.append(tf.reduce_any(bad))
                 args = (rebuild(tf.where(bad, tf.zeros_like(ids), ids)),) + tuple(args[1:])
         out = original(*args, **kwargs)
         flat = tf.nest.flatten(out)
@@ -269,6 +274,51 @@ class Recorder:
                      tapes=tuple(self.tapes))
             )
         return out
+
+
+_EMBEDDING_CALL = keras.layers.Embedding.call
+
+
+def id_lookup(layer, original, args, kwargs):
+    """Whether this call of ``layer`` looks ids up in an Embedding table: ``"sure"`` (its ids may be made
+    safe before the lookup), ``"check"`` (integer ids to an Embedding subclass's own ``call`` with
+    other arguments: checked, passed on untouched) or ``None`` (not a lookup, or not known to be one:
+    ``ReversibleEmbedding(hidden, reverse=True)`` is a float matmul with the transposed table).
+
+    Decided by the call, not by the class: Keras' own ``Embedding.call`` is always a lookup (it casts
+    any input to int32); a subclass's ``call`` is one when it gets integer ids and nothing else differs
+    from its defaults."""
+    if not isinstance(layer, keras.layers.Embedding) or not args:
+        return None
+    ids = args[0]
+    dtype = getattr(ids, "dtype", None)
+    integer = dtype is not None and tf.as_dtype(dtype).is_integer
+    own = getattr(type(layer), "call", None) is _EMBEDDING_CALL
+    if own:
+        return "sure"
+    if not integer:
+        return None
+    return "sure" if _only_defaults(original, args, kwargs) else "check"
+
+
+def _only_defaults(fn, args, kwargs):
+    """True when every argument of the call after the first is left at its default."""
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return False
+    params = list(inspect.signature(fn).parameters.values())
+    for name, value in list(bound.arguments.items())[1:]:
+        param = next((p for p in params if p.name == name), None)
+        if param is None or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            if value:
+                return False
+            continue
+        default = param.default
+        if default is inspect.Parameter.empty or not (value is default or (
+                isinstance(value, (bool, int, float, str, type(None))) and value == default)):
+            return False
+    return True
 
 
 def _id_values(ids):

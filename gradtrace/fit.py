@@ -286,9 +286,14 @@ def fit(
         tb_module.check_dir(tensorboard_dir)  # refused before anything is installed
 
     def plain_fit():
-        history = model.fit(x, y, batch_size, epochs, verbose, callbacks, validation_split, validation_data,
-                            shuffle, class_weight, sample_weight, initial_epoch, steps_per_epoch,
-                            validation_steps, validation_batch_size, validation_freq)
+        # by keyword: a subclass's fit (KerasHub's PipelineModel.fit) may order its arguments otherwise
+        history = model.fit(
+            x=x, y=y, batch_size=batch_size, epochs=epochs, verbose=verbose, callbacks=callbacks,
+            validation_split=validation_split, validation_data=validation_data, shuffle=shuffle,
+            class_weight=class_weight, sample_weight=sample_weight, initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
+            validation_batch_size=validation_batch_size, validation_freq=validation_freq,
+        )
         history.anomalies = []
         history.gradtrace = None
         return history

@@ -327,7 +327,9 @@ class Engine:
             d.reset()  # a new engine traces anew: its detectors start with fresh state
         self.actions = dict(actions)  # detector name -> action
         self.tap = tap
-        self.sanitize_ids = any(d.wants_ids for d in self.detectors)
+        # ids are made safe before the lookup only where a detector reports the bad ones (the step is then
+        # held); otherwise a bad id fails the lookup exactly as under model.fit
+        self.sanitize_ids = any(d.wants_ids and "bad" in d.needs for d in self.detectors)
         # class labels of a sparse crossentropy, checked against the output's units before the loss
         self.label_units = _label_units(model) if any(d.wants_labels for d in self.detectors) else None
         # the statistics the detectors read (each variant computes what its own detectors need)
@@ -426,7 +428,10 @@ class Engine:
         variant.traces += 1
         detectors = self._detectors_for(plan)
         blocking = [i for i, d in enumerate(detectors) if self.actions[d.name] in BLOCKING]
-        restores = bool(blocking) or plan.mode in ("report", "inspect")
+        # a step whose ids or labels were made safe (a changed value) is held whatever the action
+        sanitizes = self.sanitize_ids or plan.mode in ("force", "report") or (
+            body is None and self.label_units is not None)
+        restores = bool(blocking) or plan.mode in ("report", "inspect") or sanitizes
         rollback = list(model.non_trainable_variables) if restores else []
         metric_vars = list(getattr(model, "metrics_variables", [])) if restores else []
         saved = [tf.identity(v.value) for v in rollback]
@@ -451,6 +456,7 @@ class Engine:
             units, ignored = self.label_units
             ctx.labels = ctx.y if ignored is None else tf.where(tf.equal(ctx.y, ignored), tf.zeros_like(ctx.y), ctx.y)
             bad = (ctx.labels < 0) | (ctx.labels >= units)
+            recorder.changed.append(tf.reduce_any(bad))
             data = (ctx.x, tf.where(bad, tf.zeros_like(ctx.y), ctx.y)) + tuple(unpacked[2:])
         with ctx.active():
             logs = self.model_train_step(data) if body is None else body()
@@ -477,6 +483,8 @@ class Engine:
             return tf.constant(True)
 
         if not results:  # the step applied no update gradtrace could see: nothing was watched
+            if metric_vars and plan.mode == "force":  # a redo held for its replaced ids
+                tf.cond(ctx.held, restore_metrics, lambda: tf.constant(False))
             if model_has_weights(self.model) and plan.mode == "train":
                 self.warn_once("no_update", f"{type(self.model).__name__}.train_step applied no update through an "
                                f"optimizer gradtrace sees ({', '.join(self.optimizer_names) or 'none'}), so nothing "
@@ -578,8 +586,15 @@ class Engine:
         if ctx.step is None:
             ctx.step = tf.identity(compat.iterations(optimizer))
         plan = ctx.plan
+        # ids or labels replaced to let the step complete: such a step is never committed
+        changed = tf.reduce_any(tf.stack(ctx.recorder.changed)) if ctx.recorder.changed else None
         if plan.mode == "force":
-            return _applied(original, grads, tvars)
+            if changed is None:
+                return _applied(original, grads, tvars)
+            committed = tf.cond(changed | ctx.held, lambda: _restored(ctx.rollback, ctx.saved),
+                                lambda: _applied(original, grads, tvars))
+            ctx.held = tf.logical_or(ctx.held, tf.logical_not(committed))
+            return committed
         variant = ctx.variant
         segment = variant.segment(index)
         segment.optimizer = self._optimizer_label.get(id(optimizer), getattr(optimizer, "name", "optimizer"))
@@ -666,8 +681,10 @@ class Engine:
             }
         if not plan.commits:
             committed = hold(ctx.saved)
-        elif ctx.blocking:
-            block = tf.reduce_any(tf.gather(per_detector, ctx.blocking))
+        elif ctx.blocking or changed is not None:
+            block = tf.reduce_any(tf.gather(per_detector, ctx.blocking)) if ctx.blocking else tf.constant(False)
+            if changed is not None:
+                block = tf.logical_or(block, changed)
             # an earlier update of this step was held, or a stop earlier in this execution
             block = tf.logical_or(tf.logical_or(block, ctx.held), result.record.blocked)
             if replicas is not None:  # the statistics, and so block, are the same on every replica
@@ -795,6 +812,12 @@ class Engine:
 
 def model_has_weights(model) -> bool:
     return bool(model.trainable_weights)
+
+
+def _restored(variables, saved):
+    for v, old in zip(variables, saved):
+        v.assign(old)
+    return tf.constant(False)
 
 
 def _applied(original, grads, tvars):
