@@ -466,6 +466,21 @@ class Collector:
         table.derived = dict(self.derived)
         return table, matrix, (lambda: matrix) if needs >= ALL_BASE else (lambda: self._finish(self._local(ALL_BASE))[0])
 
+    def exact_counts(self, matrix):
+        """``matrix`` with exact NaN/Inf counts in place of the flags of a step that measured only some
+        statistics (for the record of a step that fired and was committed, so it cannot be measured again;
+        called inside the record's write branch, so it costs nothing on a step where nothing fired).
+        Under a strategy the flags stay (the counts would have to cross replicas)."""
+        if self._replicas is not None or not self.rows:
+            return matrix
+        rows = [i for i, t in enumerate(self._counted) if t is not None]
+        if not rows:
+            return matrix
+        pairs = [nonfinite_counts(self._counted[i]) for i in rows]
+        counts = tf.stack([tf.stack([tf.cast(a, tf.float32), tf.cast(b, tf.float32)]) for a, b in pairs])
+        index = [[i, COL[c]] for i in rows for c in ("nan", "inf")]
+        return tf.tensor_scatter_nd_update(matrix, tf.constant(index, tf.int32), tf.reshape(counts, [-1]))
+
     def _local(self, which):
         """This replica's ``(base [rows, len(BASE)], nan [rows], inf [rows], alive [units])``."""
         full = which >= ALL_BASE

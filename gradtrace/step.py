@@ -243,8 +243,10 @@ class Variant:
             return None, None
         shards = []
         for rid in sorted(records):
-            values = [tf.convert_to_tensor(v) for v in records[rid].batch]
-            shards.append(tf.nest.pack_sequence_as(self.batch_structure, values, expand_composites=True))
+            values = iter([tf.convert_to_tensor(v) for v in records[rid].batch])
+            leaves = [None if leaf is None else next(values)
+                      for leaf in tf.nest.flatten(self.batch_structure, expand_composites=True)]
+            shards.append(tf.nest.pack_sequence_as(self.batch_structure, leaves, expand_composites=True))
         host = shards[0] if len(shards) == 1 else tf.nest.map_structure(
             lambda *p: tf.concat(list(p), 0), *shards)
         if len(shards) == 1 or strategy is None:
@@ -298,6 +300,11 @@ def _float_tensors(structure, prefix, integers=False):
         elif integers and isinstance(value, (tf.Tensor, tf.Variable)) and value.dtype.is_integer:
             out.append((f"{prefix}{name}".rstrip("/"), tf.cast(value, tf.float32)))
     return out
+
+
+def _batch_leaves(data):
+    """The tensors of a batch (composite tensors expanded), without the ``None`` of an optional input left out."""
+    return [t for t in tf.nest.flatten(data, expand_composites=True) if t is not None]
 
 
 def _batch_size(x):
@@ -525,7 +532,7 @@ class Engine:
         def write():
             rec.fired.assign(res.fired)
             rec.values.assign(res.values)
-            rec.stats.assign(res.matrix)
+            rec.stats.assign(res.matrix if ctx.plan.every_statistic else res.collector.exact_counts(res.matrix))
             rec.step.assign(ctx.step)
             rec.committed.assign(res.committed)
             if rec.faults is not None:
@@ -533,7 +540,7 @@ class Engine:
             for k, v in kept.items():
                 rec.logs[k].assign(tf.cast(v, tf.float32))
             if rec.batch is not None:
-                for v, t in zip(rec.batch, tf.nest.flatten(ctx.data, expand_composites=True)):
+                for v, t in zip(rec.batch, _batch_leaves(ctx.data)):
                     v.assign(t)
             if stopping:  # halt and raise hold the rest of this execution too
                 stops = tf.reduce_any(tf.gather(res.per_detector, stopping))
@@ -558,7 +565,7 @@ class Engine:
         if rid not in segment.records:
             batch = None
             if self.keep_batch:
-                batch = tf.nest.flatten(ctx.data, expand_composites=True)
+                batch = _batch_leaves(ctx.data)
                 if ctx.variant.batch_structure is None:
                     ctx.variant.batch_structure = ctx.data
             segment.records[rid] = Record(res, ctx.step, res.histograms, batch)
@@ -740,7 +747,11 @@ class Engine:
         owners = self._weight_owners()
 
         def owner(v):
-            path, cls, layer = owners.get(id(v), (self.model.name, type(self.model).__name__, None))
+            # a variable shared by several layers (a retrieval layer handed an Embedding's table) is filed
+            # under the layer that used it in this step (the first to run), else the deepest that owns it
+            candidates = owners.get(id(v), [(self.model.name, type(self.model).__name__, None)])
+            ran = [c for c in candidates if id(c[2]) in order]
+            path, cls, layer = min(ran, key=lambda c: order[id(c[2])]) if ran else candidates[0]
             return path, cls, order.get(id(layer), n_calls)
 
         def scaled(g):
@@ -801,12 +812,17 @@ class Engine:
         return table, matrix, c, ids
 
     def _weight_owners(self):
-        """``id(variable) -> (layer path, layer class, layer)``, deepest layer wins."""
+        """``id(variable) -> [(layer path, layer class, layer)]``: the layers that own it, deepest first (a
+        layer's weights include its sublayers'; a variable handed to another layer is owned by both)."""
         owners = {}
-        layers = sorted(self.tap.layers.values(), key=lambda l: self.tap.path_of(l).count("/"))
+        layers = sorted(self.tap.layers.values(), key=lambda l: -self.tap.path_of(l).count("/"))
         for layer in layers:
             for v in layer.trainable_weights:
-                owners[id(v)] = (self.tap.path_of(layer), type(layer).__name__, layer)
+                entry = (self.tap.path_of(layer), type(layer).__name__, layer)
+                mine = owners.setdefault(id(v), [])
+                # a parent owns its sublayers' weights through them: keep only the deepest of one branch
+                if not any(p.startswith(entry[0] + "/") for p, _, _ in mine):
+                    mine.append(entry)
         return owners
 
 

@@ -33,11 +33,12 @@ class Watch(keras.callbacks.Callback):
     ``on_train_end``: call :meth:`close` then (the next ``on_train_begin`` also
     removes what a previous fit left). Put it first in the callback list: on a
     halted step it hands the callbacks after it the held step's own logs for
-    the epoch.
+    the epoch. ``verbose="auto"`` (the default) prints what ``fit`` would print:
+    nothing under ``model.fit(..., verbose=0)``.
     """
 
     def __init__(self, detectors=None, on_anomaly=None, snapshot_dir=None, trace_every=1, max_snapshots=5,
-                 tensorboard_dir=None, tensorboard_every=100, verbose=1, overhead=None, trace_at_least_every=100):
+                 tensorboard_dir=None, tensorboard_every=100, verbose="auto", overhead=None, trace_at_least_every=100):
         super().__init__()
         self.options = resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots,
                                        tensorboard_every, overhead, trace_at_least_every)
@@ -63,7 +64,7 @@ class Watch(keras.callbacks.Callback):
         self.close()  # what an interrupted earlier fit may have left
         model = self.model
         check_model(model)
-        self.run, engine = start_run(model, self.options, self.tensorboard_dir, self.verbose)
+        self.run, engine = start_run(model, self.options, self.tensorboard_dir, self._verbosity())
         self.runs.append(self.run)
         installed = Installed(model, engine, self.run)
         installed.__enter__()
@@ -83,6 +84,13 @@ class Watch(keras.callbacks.Callback):
                 raise
 
         model.train_function = guarded
+
+    def _verbosity(self):
+        """``verbose="auto"``: as quiet as the fit it watches (``model.fit(..., verbose=0)`` prints nothing)."""
+        if self.verbose != "auto":
+            return self.verbose
+        fit_verbose = (self.params or {}).get("verbose", 1)
+        return 1 if fit_verbose == "auto" else int(bool(fit_verbose))
 
     def _attach_to_history(self, history):
         if history is not None:
