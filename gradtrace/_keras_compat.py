@@ -8,6 +8,8 @@ upgrade that moves one of them is fixed here and nowhere else.
 
 from __future__ import annotations
 
+import re
+
 import keras
 
 
@@ -26,6 +28,25 @@ def summary_pb2():
     from tensorflow.core.framework import summary_pb2 as module
 
     return module
+
+
+def is_graph_model(layer) -> bool:
+    """A Functional or Sequential model: its layers are nodes of a graph, not attributes of its code."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(layer, (Functional, keras.Sequential))
+
+
+def _snake_case(name):
+    # keras.src.utils.naming.to_snake_case
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def is_auto_name(layer) -> bool:
+    """True when ``layer.name`` is the one Keras gave it (its class in snake case, maybe numbered)."""
+    return re.fullmatch(re.escape(_snake_case(type(layer).__name__)) + r"(_\d+)?", layer.name) is not None
 
 
 def all_layers(model) -> list:

@@ -270,6 +270,7 @@ class Run:
         """
         for a in found:
             a.stage = stage
+            a.layer_alias = self.engine.tap.alias_of(a.layer)
             self.log.add(a)
         for rec in (record, *more_records):  # one per update of the step that found something
             if len(self.records) < self.keep_records:

@@ -52,6 +52,13 @@ class Anomaly:
     stage: str = "step"
     hint: str = ""  # the most likely fix, in the terms of the model (layer names, activations, values)
     optimizer: str = ""  # the update it was found at: the name the model knows its optimizer by
+    # ``layer`` by Keras' automatic layer names (``retrieval_model/embedding_1`` for a layer the code holds
+    # as ``self.candidate_embedding``, which ``layer`` uses); "" when the two are the same
+    layer_alias: str = ""
+
+    def at(self, path) -> bool:
+        """True when the finding is at layer ``path``, by its attribute name or by its automatic one."""
+        return path in (self.layer, self.layer_alias) and bool(path)
 
     def to_dict(self) -> dict:
         return asdict(self)

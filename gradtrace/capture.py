@@ -66,17 +66,55 @@ def layer_paths(model) -> dict:
 
     Paths start with the model's own name (``outer/inner/user_emb``); a layer
     reachable along several routes keeps the first path found (breadth first).
+    A layer that Keras named automatically (``embedding_1``) and that its parent's
+    code holds in an attribute (``self.candidate_embedding``) is named by that
+    attribute, leading underscores dropped: the name the code uses, the same in every
+    process (:func:`layer_aliases` keeps the automatic one).
     """
-    paths = {id(model): model.name}
+    return _walk(model)[0]
+
+
+def layer_aliases(model) -> dict:
+    """``path -> the path by Keras' automatic names``, for the layers named by an attribute."""
+    return _walk(model)[1]
+
+
+def _walk(model):
+    paths, auto = {id(model): model.name}, {id(model): model.name}
     queue = [model]
     while queue:
         parent = queue.pop(0)
-        for child in compat.sublayers(parent):
+        children = [c for c in compat.sublayers(parent) if id(c) not in paths]
+        names = _attribute_names(parent, children)
+        for child in children:
             if id(child) in paths:
                 continue
-            paths[id(child)] = f"{paths[id(parent)]}/{child.name}"
+            paths[id(child)] = f"{paths[id(parent)]}/{names.get(id(child), child.name)}"
+            auto[id(child)] = f"{auto[id(parent)]}/{child.name}"
             queue.append(child)
-    return paths
+    aliases = {paths[i]: auto[i] for i in paths if paths[i] != auto[i]}
+    return paths, aliases
+
+
+def _attribute_names(parent, children) -> dict:
+    """``id(child) -> attribute name`` for the auto-named children ``parent`` holds in an attribute (a
+    subclassed model or layer), where that name is unique among its children's names."""
+    if not children or compat.is_graph_model(parent):
+        return {}
+    held = {}
+    for attr, value in vars(parent).items():
+        if isinstance(value, keras.layers.Layer) and id(value) not in held:
+            name = attr.lstrip("_")
+            if name:
+                held[id(value)] = name
+    taken = {c.name for c in children}
+    names = {}
+    for child in children:
+        name = held.get(id(child))
+        if name and name != child.name and compat.is_auto_name(child) and name not in taken:
+            names[id(child)] = name
+            taken.add(name)
+    return names
 
 
 def variable_paths(model) -> list:
@@ -181,6 +219,13 @@ class LayerTap:
 
     def path_of(self, layer) -> str:
         return self.paths.get(id(layer), layer.name)
+
+    def alias_of(self, path) -> str:
+        """``path`` (a row's: ``a/b``, ``a/b#2``, ``a/b:0``) by Keras' automatic layer names; "" when the same."""
+        aliases = layer_aliases(self.model)
+        best = max((p for p in aliases if path == p or path.startswith(p) and path[len(p)] in "/#:"),
+                   key=len, default=None)
+        return "" if best is None else aliases[best] + path[len(best):]
 
     def __enter__(self):
         return self.install()
