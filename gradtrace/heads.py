@@ -1,7 +1,8 @@
 """The static half of the head/loss checks: what kind of loss the model was compiled with.
 
 ``loss_kind(model)`` reads the ``loss`` given to ``model.compile`` (a name, a
-``keras.losses.Loss`` or a function) and returns ``(kind, from_logits)``;
+``keras.losses.Loss`` or a function) and returns ``(kind, from_logits)``
+(``loss_object_kind(loss)``: the same for a loss a custom ``train_step`` calls itself);
 ``kind`` is one of ``"binary_crossentropy"``, ``"categorical_crossentropy"``,
 ``"sparse_categorical_crossentropy"``, ``"regression"`` (squared, absolute,
 Huber, log-cosh errors), ``"bounded"`` (cosine similarity), ``"other"`` (anything else, a custom loss included)
@@ -44,6 +45,11 @@ def loss_kind(model) -> tuple[str, bool]:
         if len(loss) != 1:
             return "several", False
         loss = loss[0]
+    return loss_object_kind(loss)
+
+
+def loss_object_kind(loss) -> tuple[str, bool]:
+    """``(kind, from_logits)`` of one loss: a name, a ``keras.losses.Loss`` or a function."""
     from_logits = False
     if isinstance(loss, str):
         name = loss

@@ -13,6 +13,10 @@ points, only while a :class:`StepContext` is active on the tracing thread:
    statistics are computed, the detectors run, and the update is committed or
    held in-graph (:meth:`gradtrace.step.Engine.on_apply`).
 
+Beside the tape, ``keras.losses.Loss.__call__`` notes each Keras loss object a
+step calls under a tape (:class:`LossCall`): a custom ``train_step`` that
+computes its own loss (a GAN's) gets the head/loss checks a compiled loss gets.
+
 The tape methods are patched on the class for the duration of a fit (a
 ``with`` statement looks ``__enter__`` up on the type); the optimizer's
 ``apply`` on the instance. Both are removed when the fit ends, whatever
@@ -63,6 +67,16 @@ class GradientCall:
         self.by_call = by_call
 
 
+class LossCall:
+    """One call of a ``keras.losses.Loss`` inside the step (a custom ``train_step`` computing its loss)."""
+
+    def __init__(self, loss, y_true, y_pred, tapes):
+        self.loss = loss
+        self.y_true = y_true
+        self.y_pred = y_pred
+        self.tapes = tapes
+
+
 class StepContext:
     """What one traced step (one replica's trace) has seen so far."""
 
@@ -74,6 +88,7 @@ class StepContext:
         self.gradients: list[GradientCall] = []
         self.results = []  # one StepResult per gated optimizer update, in order
         self.held = tf.constant(False)  # an update of this step was held: every later one is held too
+        self.loss_calls: list[LossCall] = []  # the Keras loss objects called in the step, in order
         self.applies = 0
         self._used_gradients = set()
         self._used_calls = set()
@@ -110,6 +125,13 @@ class StepContext:
                 out.append(c)
                 self._used_calls.add(id(c))
         return out
+
+    def loss_call_for(self, gradient):
+        """The last Keras loss object called under ``gradient``'s tape (what a custom step differentiates)."""
+        if gradient is None:
+            return None
+        mine = [c for c in self.loss_calls if any(t is gradient.tape for t in c.tapes)]
+        return mine[-1] if mine else None
 
     def output_gradients(self, gradient):
         """Per recorded call, the gradients of its outputs from ``gradient`` (``None`` where it has none)."""
@@ -156,13 +178,27 @@ def _gradient(self, target, sources, output_gradients=None,
     return tf.nest.pack_sequence_as(sources, source_grads)
 
 
+def _loss_call(self, y_true, y_pred, *args, **kwargs):
+    out = _TAPE["loss"](self, y_true, y_pred, *args, **kwargs)
+    ctx = current()
+    graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+    if ctx is not None and ctx.open_tapes and graph is ctx.recorder.graph:
+        ctx.loss_calls.append(LossCall(self, y_true, y_pred, tuple(ctx.open_tapes)))
+    return out
+
+
 def install_tape_hooks():
+    """The tape's methods, and ``keras.losses.Loss.__call__`` (to see the losses a custom step computes)."""
+    import keras
+
     with _LOCK:
         if _TAPE["count"] == 0:
             _TAPE["saved"] = {name: tf.GradientTape.__dict__[name] for name in ("__enter__", "__exit__", "gradient")}
             tf.GradientTape.__enter__ = _enter
             tf.GradientTape.__exit__ = _exit
             tf.GradientTape.gradient = _gradient
+            _TAPE["loss"] = keras.losses.Loss.__dict__["__call__"]
+            keras.losses.Loss.__call__ = _loss_call
         _TAPE["count"] += 1
 
 
@@ -175,6 +211,9 @@ def uninstall_tape_hooks():
             for name, fn in _TAPE["saved"].items():
                 setattr(tf.GradientTape, name, fn)
             _TAPE["saved"] = None
+            import keras
+
+            keras.losses.Loss.__call__ = _TAPE.pop("loss")
 
 
 def tape_hooks_installed() -> bool:

@@ -45,7 +45,7 @@ from gradtrace import hooks
 from gradtrace import stats as st
 from gradtrace.anomaly import BLOCKING, DetectorError
 from gradtrace.capture import Recorder
-from gradtrace.heads import loss_kind
+from gradtrace.heads import loss_kind, loss_object_kind
 
 KEY = "__gradtrace__"
 # a step Keras' fit calls returns, with its logs, whether a detector has fired and not yet been handled (one
@@ -635,8 +635,12 @@ class Engine:
         detectors = ctx.detectors
         # only what this variant's detectors read (an untraced step: the sums of its rows)
         needs = st.ALL_BASE if plan.every_statistic else st.base_needs({c for d in detectors for c in d.needs})
+        # no loss compiled (a custom train_step): the last Keras loss of a known kind called under this tape
+        loss_call = ctx.loss_call_for(gradient) if loss_kind(self.model)[0] == "other" else None
+        if loss_call is not None and loss_object_kind(loss_call.loss)[0] in ("other", "several"):
+            loss_call = None
         table, matrix, collector, ids = self._rows(ctx, calls, outputs, loss, tvars, grads, ograds, unscale,
-                                                   replicas, needs, optimizer)
+                                                   replicas, needs, optimizer, loss_call)
         if plan.mode == "train" and not plan.summary_bins:
             segment.columns = st.computed_columns(needs, self.columns)
         examples = _batch_size(ctx.x) * (replicas.n if replicas is not None else 1)
@@ -706,7 +710,7 @@ class Engine:
         return committed
 
     def _rows(self, ctx, calls, outputs, loss, tvars, wgrads, ograds, unscale, replicas=None, needs=None,
-              optimizer=None):
+              optimizer=None, loss_call=None):
         """Register every captured tensor of the step with a stats Collector (in a fixed order).
         The model's output (head) rows and the targets also get their minimum and maximum."""
         traced = ctx.plan.traced
@@ -714,7 +718,10 @@ class Engine:
         n_calls = len(recorder.calls)
         c = st.Collector()
         ids, heads = {}, []
-        predictions = [t for t in tf.nest.flatten(recorder.y_pred) if t is not None] if traced else []
+        # the model's predictions are what the compiled loss reads; a custom step's own Keras loss (no loss
+        # compiled) reads its y_pred (its y_true are the step's own making, label noise included: not checked)
+        y_pred = recorder.y_pred if loss_call is None else loss_call.y_pred
+        predictions = [t for t in tf.nest.flatten(y_pred) if t is not None] if traced else []
         if traced:
             for name, t in _float_tensors(ctx.x, ""):
                 c.add("input", "inputs", t, name=name, shape=tuple(t.shape))
@@ -741,7 +748,7 @@ class Engine:
                 if head:
                     heads.append(t)
         if loss is not None:
-            kind, from_logits = loss_kind(self.model)
+            kind, from_logits = loss_kind(self.model) if loss_call is None else loss_object_kind(loss_call.loss)
             c.add("loss", "loss", loss, layer_class="loss", order=n_calls, loss_kind=kind,
                   from_logits=from_logits)
         owners = self._weight_owners()

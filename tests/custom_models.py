@@ -36,7 +36,7 @@ class FaultAt(layers.Layer):
 
 
 class GAN(keras.Model):
-    def __init__(self, latent_dim=4, features=6, fault_at=None, fault_value=float("nan")):
+    def __init__(self, latent_dim=4, features=6, fault_at=None, fault_value=float("nan"), d_activation="sigmoid"):
         super().__init__(name="gan")
         self.latent_dim = latent_dim
         gen_layers = [keras.Input((latent_dim,)), layers.Dense(16, activation="relu", name="g_hidden")]
@@ -46,7 +46,7 @@ class GAN(keras.Model):
         self.generator = keras.Sequential(gen_layers, name="generator")
         self.discriminator = keras.Sequential([
             keras.Input((features,)), layers.Dense(16, activation="relu", name="d_hidden"),
-            layers.Dense(1, activation="sigmoid", name="d_out")], name="discriminator")
+            layers.Dense(1, activation=d_activation, name="d_out")], name="discriminator")
         self.seed_generator = keras.random.SeedGenerator(1337)
 
     def compile(self, d_optimizer, g_optimizer, loss_fn):
@@ -94,9 +94,10 @@ class GAN(keras.Model):
         return {"d_loss": self.d_loss_metric.result(), "g_loss": self.g_loss_metric.result()}
 
 
-def gan(fault_at=None, fault_value=float("nan")):
+def gan(fault_at=None, fault_value=float("nan"), d_activation="sigmoid"):
+    """``d_activation=None``: a linear discriminator feeding ``BinaryCrossentropy(from_logits=False)``."""
     keras.utils.set_random_seed(7)
-    m = GAN(fault_at=fault_at, fault_value=fault_value)
+    m = GAN(fault_at=fault_at, fault_value=fault_value, d_activation=d_activation)
     m.compile(d_optimizer=keras.optimizers.Adam(1e-3), g_optimizer=keras.optimizers.Adam(1e-3),
               loss_fn=keras.losses.BinaryCrossentropy())
     m(ops.zeros((1, m.latent_dim)))  # build both nested models

@@ -240,3 +240,12 @@ def test_watch_close_leaves_the_model_plain_after_a_fit_another_callback_broke()
     assert not any(gradtrace.is_patched(layer) for layer in compat.flatten_layers(m))
     m.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert int(m.optimizer.iterations) == 2 + 6
+
+
+def test_a_custom_step_computing_its_own_loss_gets_the_head_checks():
+    # keras.io's DCGAN with the discriminator's sigmoid left out: a linear output feeding
+    # BinaryCrossentropy(from_logits=False), a loss the step calls itself (nothing compiled)
+    h = gradtrace.fit(C.gan(d_activation=None), C.gan_data(), batch_size=16, epochs=2, shuffle=False, verbose=0)
+    found = [(a.detector, a.step, a.layer) for a in h.anomalies]
+    assert found == [("head_mismatch", 0, "gan/discriminator/d_out")], [str(a) for a in h.anomalies]
+    assert "from_logits=True" in h.anomalies[0].hint

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradtrace.detectors.base import Detector
+from gradtrace.graph import base_path
 from gradtrace.heads import CROSSENTROPY
 
 # what was found, by code (the anomaly's value)
@@ -36,7 +37,10 @@ class HeadMismatch(Detector):
     the targets and the layer. Cases 1, 4 and 5 are read off the model and the compiled loss, and
     fire at the first traced step; 2, 3 and 6 read the batch's targets (minimum and maximum over the
     whole batch, under a strategy too), at the first traced step whose targets show it. Only one
-    output and one target are compared (with several outputs, only cases 1, 4 and 5).
+    output and one target are compared (with several outputs, only cases 1, 4 and 5). A custom
+    ``train_step`` with no compiled loss is checked against the Keras loss object it calls under each
+    update's tape (that call's ``y_pred`` is the head; cases 1, 4 and 5: the labels such a step makes,
+    noised or smoothed on purpose, are not targets), once per layer.
     ``tolerance=1e-6`` leaves room for rounding of targets already in range.
     """
 
@@ -96,10 +100,15 @@ class HeadMismatch(Detector):
         target = next((r for r in table.rows if r.kind == "target"), None)
         from gradtrace.stats import COL
 
+        reported = self._state.setdefault("reported", set())  # host side: (layer, code) said this fit
         for i in np.flatnonzero(fired):
             row, code = table.rows[i], int(values[i])
+            layer = base_path(row.path)  # the layer, not its call (a GAN calls its discriminator twice)
+            if (layer, code) in reported:
+                continue  # the same head under a second update of the step (a GAN's generator loss)
+            reported.add((layer, code))
             units = row.shape[-1] if row.shape else "?"
-            what = f"{row.path} ({row.layer_class}, {row.activation}, {units} unit{'s' if units != 1 else ''})"
+            what = f"{layer} ({row.layer_class}, {row.activation}, {units} unit{'s' if units != 1 else ''})"
             loss_name = loss.loss_kind if loss is not None else "the loss"
             if code == SOFTMAX_ONE_UNIT:
                 msg = (f"{what} is the output layer: a softmax over one unit always outputs 1.0, so its output "
@@ -110,30 +119,30 @@ class HeadMismatch(Detector):
                 lo, hi = float(matrix[target.index][COL["min"]]), float(matrix[target.index][COL["max"]])
                 msg = (f"{what} is the output layer and can only produce values in [0, 1], but the targets "
                        f"range over [{lo:.4g}, {hi:.4g}]: it saturates trying to reach them.")
-                hint = (f"for a regression target use a linear output (activation=None) on {row.path}, or scale "
+                hint = (f"for a regression target use a linear output (activation=None) on {layer}, or scale "
                         "the targets into [0, 1]; for classes, one-hot or integer labels with a matching loss.")
             elif code == TANH_TARGETS_OUT_OF_RANGE:
                 lo, hi = float(matrix[target.index][COL["min"]]), float(matrix[target.index][COL["max"]])
                 msg = (f"{what} is the output layer and can only produce values in [-1, 1], but the targets "
                        f"range over [{lo:.4g}, {hi:.4g}]: it saturates trying to reach them.")
-                hint = (f"use a linear output (activation=None) on {row.path}, or scale the targets into [-1, 1] "
+                hint = (f"use a linear output (activation=None) on {layer}, or scale the targets into [-1, 1] "
                         "(and undo it on the predictions).")
             elif code == RELU_NEGATIVE_TARGETS:
                 lo = float(matrix[target.index][COL["min"]])
                 msg = (f"{what} is the output layer and can never produce a negative value, but the targets go "
                        f"down to {lo:.4g}: its units get stuck at 0 for those examples.")
-                hint = f"use a linear output (activation=None) on {row.path}."
+                hint = f"use a linear output (activation=None) on {layer}."
             elif code == RELU_BEFORE_CROSSENTROPY:
                 msg = (f"{what} is the output layer and feeds {loss_name}: a ReLU cuts every negative score "
                        "to 0 before the loss sees it.")
-                hint = (f"use activation=None on {row.path} with from_logits=True, or 'sigmoid'/'softmax' "
+                hint = (f"use activation=None on {layer} with from_logits=True, or 'sigmoid'/'softmax' "
                         "with from_logits=False.")
             else:
                 msg = (f"{what} is the output layer and its unbounded output goes into {loss_name} with "
                        "from_logits=False, which clips it into [1e-7, 1 - 1e-7] as if it were a probability: "
                        "most gradients are then 0.")
                 hint = (f"pass from_logits=True to the loss (keras.losses.{_loss_class(loss_name)}(from_logits=True)), "
-                        f"or give {row.path} a sigmoid/softmax activation.")
+                        f"or give {layer} a sigmoid/softmax activation.")
             yield row, float(code), msg, hint
 
 
