@@ -324,6 +324,32 @@ def test_scale_growth_fires_on_growth_through_depth_not_on_a_large_input_scale()
     assert ex[0][0].path == "m/h0" and "initialised at too large a scale" in ex[0][2]
     flat_but_large = matrix(rows, norm={0: rms(500.0), 1: rms(700.0), 2: rms(900.0)})
     assert not run(gradtrace.ScaleGrowth(), rows, flat_but_large)[0].any()
+    # the initialisation only: once per fit, and never after the optimizer's first update (a scale grown
+    # later was grown by the updates: exploding and divergence say so)
+    assert run(gradtrace.ScaleGrowth(), rows, grown, steps=3)[0].sum() == 1
+    view = StatsView(Table(rows), tf.constant(grown), step=tf.constant(7, tf.int64))
+    assert not np.asarray(gradtrace.ScaleGrowth().check(view)[0]).any()
+
+
+def test_scale_growth_measures_one_chain_of_hidden_layers():
+    """A second network beside the first (a distillation teacher trained elsewhere, its logits large) is
+    not measured against the first, and no network's output layer counts: its scale is the task's."""
+    student, teacher = ["m/s0", "m/s1", "m/s2", "m/s_out"], ["m/t0", "m/t1", "m/t2", "m/t_out"]
+    paths = student + teacher
+    rows = [R(i, "output", p, i, shape=(32, 64), head=p == "m/s_out") for i, p in enumerate(paths)] + [
+        R(8 + i, "weight_gradient", p, i, name="kernel") for i, p in enumerate(paths)]
+    chain = lambda ps: {p: set(ps[k + 1:]) for k, p in enumerate(ps)}  # noqa: E731
+    graph = LayerGraph(depth={p: 3 - k % 4 for k, p in enumerate(paths)}, downstream={**chain(student), **chain(teacher)},
+                       order={p: k for k, p in enumerate(paths)})
+    rms = lambda r: r * np.sqrt(100.0)  # noqa: E731
+    # the student at initialisation (RMS 0.5 throughout), the trained teacher's logits at RMS 40
+    m = matrix(rows, norm={0: rms(0.5), 1: rms(0.5), 2: rms(0.5), 3: rms(0.5), 4: rms(1.0), 5: rms(2.0),
+                           6: rms(3.0), 7: rms(40.0)})
+    assert not run(gradtrace.ScaleGrowth(), rows, m, graph=graph)[0].any()
+    # the student's own growth through its hidden layers still fires, and is blamed inside the student
+    grown = matrix(rows, norm={0: rms(0.5), 1: rms(20.0), 2: rms(900.0)})
+    fired, _, ex = run(gradtrace.ScaleGrowth(), rows, grown, graph=graph)
+    assert fired[0][0] and ex[0][0].path in ("m/s0", "m/s1", "m/s2")
 
 
 def test_saturation_and_loss_plateau():

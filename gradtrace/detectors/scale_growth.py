@@ -9,8 +9,8 @@ from gradtrace.detectors.base import Detector
 
 
 class ScaleGrowth(Detector):
-    """Fires, once per fit, when the activation scale grows through the depth of the network: the
-    RMS of the output of the deepest layer with weights (the output layer excluded) is more than
+    """Fires, once per fit, when the activation scale grows through the depth of the network at
+    initialisation: the RMS of the output of the deepest hidden layer with weights is more than
     ``max_growth`` (default 100) times that of the first layer with weights, over at least
     ``min_layers`` (default 3) such layers, and above ``min_scale`` (default 10). Then the
     gradients are huge from step 0 and grow toward the input too, so ``exploding`` never sees a
@@ -18,6 +18,16 @@ class ScaleGrowth(Detector):
     about sqrt(fan_in / 2) per ReLU layer (5.7x at 64 units: 100x in three layers); Glorot and He
     initialisations keep it near 1 per layer, and so do normalisation layers and residual sums of
     a few dozen blocks, which stay below 100x.
+
+    What is judged is the initialisation, so only the weights as they stand before the first
+    update: the fit's first traced step, and only while the step's optimizer has made no update
+    (its ``iterations`` are 0). A scale that grows later was grown by the updates (a learning rate
+    too large, targets on a large scale, a WGAN critic's unbounded output), which ``exploding`` and
+    ``divergence`` judge with the right cause. The layers compared are one chain: those the first
+    layer with weights feeds (by the traced graph), so a second network beside it (a distillation
+    teacher, trained elsewhere) is not measured against the first; and hidden layers only: a layer
+    whose output feeds no other layer with weights (the model's head, a teacher's logits) is an
+    output, whose scale is the task's, not the initialisation's.
 
     Blame rule: the layer with weights whose output scale grew the most from its input's (the first
     one on ties): its initialisation scale is the origin; the RMS ratio from the first to the last
@@ -36,11 +46,17 @@ class ScaleGrowth(Detector):
 
     @staticmethod
     def _weighted_outputs(table):
-        """Output rows of layers that have weight gradients, in execution order, the head excluded."""
+        """Output rows of the hidden layers with weight gradients on the first one's chain, in execution
+        order: the first layer with weights and the layers it feeds that feed another layer with weights."""
         weighted = {r.path for r in table.rows if r.kind == "weight_gradient"}
-        rows = [r for r in table.rows if r.kind == "output" and r.path in weighted and not r.head
-                and r.layer_class != "Embedding"]
-        return sorted(rows, key=lambda r: r.order)
+        rows = sorted((r for r in table.rows if r.kind == "output" and r.path in weighted
+                       and r.layer_class != "Embedding"), key=lambda r: r.order)
+        if not rows:
+            return []
+        first = rows[0]
+        chain = [r for r in rows if r is first or table.feeds(first.path, r.path)]
+        paths = {r.path for r in rows}
+        return [r for r in chain if not r.head and any(table.feeds(r.path, p) for p in paths if p != r.path)]
 
     def check(self, view):
         n = len(view.table)
@@ -51,9 +67,12 @@ class ScaleGrowth(Detector):
         first, last = rms[rows[0].index], rms[rows[-1].index]
         growth = last / tf.maximum(first, 1e-30)
         bad = (growth > self.max_growth) & (last > self.min_scale) & tf.math.is_finite(growth)
-        done = self.state(view, "done")
-        fire_now = bad & (tf.reduce_max(done) == 0)
-        self.update(done, tf.maximum(done, tf.cast(bad, tf.float32)))
+        done = self.state(view, "done")  # 1 once the fit's first traced step was judged
+        initial = tf.equal(tf.reduce_max(done), 0.0)
+        if view.step is not None:  # no update made yet by the step's optimizer: the weights as initialised
+            initial &= tf.equal(tf.cast(view.step, tf.int64), 0)
+        fire_now = bad & initial
+        self.update(done, tf.ones_like(done))
         fired = fire_now & (tf.range(n) == rows[0].index)
         return fired, tf.where(tf.range(n) == rows[0].index, growth, 0.0)
 
