@@ -328,10 +328,11 @@ def test_encoder_decoder_transformer():
     model = keras.Model([enc_in, dec_in], decoder([dec_in, encoder(enc_in)]), name="s2s")
     model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
     history = gradtrace.fit(model, [src, tgt], y, batch_size=32, epochs=3, verbose=0)
-    _assert_healthy(model, history, 60, min_drop=0.05, ids_paths=["s2s/enc/enc_emb/embedding"])
+    _assert_healthy(model, history, 60, min_drop=0.05, ids_paths=["s2s/enc/enc_emb/token_embeddings"])
     graph = history.gradtrace.engine.tables[True].graph
-    enc_tok, dec_tok = "s2s/enc/enc_emb/embedding", "s2s/dec/dec_emb/embedding_2"
-    cross, self_attention = "s2s/dec/decoder/multi_head_attention_2", "s2s/dec/decoder/multi_head_attention_1"
+    # paths by the attributes the code holds the layers in (Keras' automatic names kept as aliases)
+    enc_tok, dec_tok = "s2s/enc/enc_emb/token_embeddings", "s2s/dec/dec_emb/token_embeddings"
+    cross, self_attention = "s2s/dec/decoder/attention_2", "s2s/dec/decoder/attention_1"
     assert graph.feeds(enc_tok, "s2s/dec/probs") and graph.feeds(enc_tok, f"{cross}/value")
     assert not graph.feeds(enc_tok, f"{self_attention}/value") and graph.feeds(dec_tok, f"{self_attention}/value")
     assert not graph.feeds(enc_tok, dec_tok) and not graph.feeds(dec_tok, enc_tok)
