@@ -12,7 +12,11 @@ captured tensor is met, gives the layers that feed it directly. From there:
 
 - ``depth(path)``: the fewest captured layers between the layer's output and
   the loss (0: a layer whose output the loss reads directly);
-- ``feeds(path, other)``: ``other`` lies on a path from ``path`` to the loss.
+- ``feeds(path, other)``: ``other`` lies on a path from ``path`` to the loss;
+- ``cut(path)``: when every route from the layer's output to the loss passes an
+  op that passes no gradient (``StopGradient``, ``Sign``, ``Round``, ``Floor``,
+  a cast to an integer type, ``ArgMax``, a comparison), the first such op met
+  going up, and the layer just above it.
 
 When there is no graph (a step run eagerly), execution order stands in for
 both, as it did before: a layer feeds every layer that ran after it.
@@ -25,11 +29,38 @@ import collections
 # Walking a graph this large is not worth it (a trace of a huge model): execution order stands in.
 MAX_VISITS = 500_000
 
+# Ops whose gradient is None or zero by definition (TensorFlow registers them NotDifferentiable or
+# with a zero gradient). Any op with an integer or boolean output passes no gradient either (a cast
+# to int, ArgMax, a comparison): that is read from the dtype.
+NO_GRADIENT_OPS = frozenset({
+    "StopGradient", "PreventGradient", "Sign", "Round", "Rint", "Floor", "Ceil", "FloorDiv", "ZerosLike",
+    "OnesLike", "Shape", "ShapeN", "Size", "Rank", "RandomUniform", "RandomStandardNormal",
+})
+
+
+def _passes_gradient(op, tensor) -> bool:
+    """Whether ``op`` passes a gradient back to its input ``tensor``."""
+    if op.type in NO_GRADIENT_OPS:
+        return False
+    if not (tensor.dtype.is_floating or tensor.dtype.is_complex):
+        return False
+    return any(o.dtype.is_floating or o.dtype.is_complex or o.dtype == "resource" or o.dtype == "variant"
+               for o in op.outputs) or not op.outputs
+
+
+def _describe(op) -> str:
+    if op.type == "Cast":
+        return f"a Cast to {op.outputs[0].dtype.name} ({op.name})"
+    return f"{op.type} ({op.name})"
+
 
 class LayerGraph:
     """``depth`` and ``downstream`` per layer path (a layer called twice: both calls together)."""
 
-    def __init__(self, depth: dict, downstream: dict, order: dict, consumers=None, feeders=None):
+    def __init__(self, depth: dict, downstream: dict, order: dict, consumers=None, feeders=None, cuts=None,
+                 unreached=None):
+        self._cuts = cuts or {}  # (path, consumer path or "loss") -> the op that passes no gradient between them
+        self._unreached = unreached or frozenset()  # paths with no route to the loss that passes a gradient
         self._depth = depth
         self._downstream = downstream
         self._consumers = consumers or {}  # path -> the layers reading its output directly
@@ -64,6 +95,25 @@ class LayerGraph:
         None when the graph does not know ``path``."""
         known = self._known(path)
         return None if known is None else self._feeders.get(known, frozenset())
+
+    def cut(self, path):
+        """``(op, above)`` when no route from ``path``'s output to the loss passes a gradient: ``op`` describes
+        the first op met going up that passes none (``"Sign (model/lambda/Sign)"``), ``above`` the layer that
+        reads what it made (``"loss"``: the loss does). None when a gradient reaches ``path`` (or unknown)."""
+        known = self._known(path)
+        if known is None or known not in self._unreached:
+            return None
+        queue, seen = collections.deque([known]), {known}
+        while queue:
+            node = queue.popleft()
+            for above in sorted(self._consumers.get(node, ())) + ["loss"]:
+                op = self._cuts.get((node, above))
+                if op is not None and (above == "loss" or above not in self._unreached):
+                    return op, above
+                if above != "loss" and above in self._unreached and above not in seen:
+                    seen.add(above)
+                    queue.append(above)
+        return None
 
     def feeds(self, path, other) -> bool:
         """True when ``other``'s output depends on ``path``'s (``other`` is above ``path``)."""
@@ -112,31 +162,39 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
         if under is not None and hasattr(under, "ref") and under.ref() not in owners:
             logits[under.ref()] = ref
 
-    def feeders(start_ops, aliases=None):
-        """Captured tensors met walking back from ``start_ops`` (not through another captured one)."""
+    def feeders(start_ops, aliases=None, routes=None):
+        """Captured tensors met walking back from ``start_ops`` (not through another captured one). With
+        ``routes`` (a dict), each one's ``routes[ref]`` gets the op that passes no gradient on the way
+        (the one nearest ``ref``) for each route, or None for a route that passes one."""
         aliases = aliases or {}
-        found, seen, stack = set(), set(), list(start_ops)
+        found, seen, stack = set(), set(), [(op, None) for op in start_ops]
         while stack:
-            op = stack.pop()
-            if op in seen:
+            op, cut = stack.pop()
+            if (op, cut is None) in seen:
                 continue
-            seen.add(op)
+            seen.add((op, cut is None))
             budget[0] -= 1
             if budget[0] < 0:
                 raise _TooLarge
             for t in op.inputs:
-                ref = t.ref()
+                # the op nearest the feeder wins (walking back: the last met): the one applied to its output
+                on = cut if _passes_gradient(op, t) else _describe(op)
+                ref = aliases.get(t.ref(), t.ref())
                 if ref in owners:
                     found.add(ref)
-                elif ref in aliases:
-                    found.add(aliases[ref])
+                    if routes is not None:
+                        routes.setdefault(ref, set()).add(on)
                 else:
-                    stack.append(t.op)
+                    stack.append((t.op, on))
         return found
 
     try:
-        parents = {ref: feeders([ref.deref().op]) - {ref} for ref in owners}
-        heads = {loss.ref()} & set(owners) or feeders([loss.op], logits)
+        parents, routes = {}, {}
+        for ref in owners:
+            routes[ref] = {}
+            parents[ref] = feeders([ref.deref().op], routes=routes[ref]) - {ref}
+        loss_routes = {}
+        heads = {loss.ref()} & set(owners) or feeders([loss.op], logits, routes=loss_routes)
     except _TooLarge:
         return None
     children = collections.defaultdict(set)
@@ -171,8 +229,34 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
     far = max(depth.values(), default=0) + 1
     for path in downstream:
         depth.setdefault(path, far)  # captured but not on the way to this loss (another head's)
+    # Edges every route of which passes an op with no gradient, and the tensors no gradient reaches.
+    cuts, clean_parents = {}, collections.defaultdict(set)
+    for child, by_parent in list(routes.items()) + [(None, loss_routes)]:
+        for parent, ons in by_parent.items():
+            if parent == child:
+                continue
+            if None in ons:
+                clean_parents[child].add(parent)
+            else:
+                above = ["loss"] if child is None else [base_path(q) for q in owners[child]]
+                for p in owners[parent]:
+                    for a in above:
+                        cuts.setdefault((base_path(p), a), sorted(ons)[0])
+                        cuts.setdefault((p, a), sorted(ons)[0])
+    reached = set(clean_parents[None]) if loss.ref() not in owners else {loss.ref()}
+    queue = collections.deque(reached)
+    while queue:
+        ref = queue.popleft()
+        for p in clean_parents.get(ref, ()):
+            if p not in reached:
+                reached.add(p)
+                queue.append(p)
+    reached_paths = {q for ref in reached for p in owners[ref] for q in (p, base_path(p))}
+    unreached = frozenset(q for ref in owners if ref not in reached for p in owners[ref]
+                          for q in (p, base_path(p)) if q not in reached_paths)
     return LayerGraph(depth, {p: frozenset(s) for p, s in downstream.items()}, order,
-                      {p: frozenset(s) for p, s in consumers.items()}, {p: frozenset(s) for p, s in fed.items()})
+                      {p: frozenset(s) for p, s in consumers.items()}, {p: frozenset(s) for p, s in fed.items()},
+                      cuts, unreached)
 
 
 def _iterative_above(ref, children, memo):

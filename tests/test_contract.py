@@ -63,7 +63,8 @@ def mlp_rows(head_activation="linear", head_units=1, loss_kind="regression", fro
 def test_every_builtin_detector_has_a_contract_case_here():
     covered = {"nan", "exploding", "vanishing", "dead_relu", "head_mismatch", "no_gradient", "scale_growth",
                "saturation", "loss_plateau", "embedding_out_of_range", "unused_embedding", "embedding_twins",
-               "embedding_collapse", "divergence", "labels_out_of_range", "embedding_rows"}
+               "embedding_collapse", "divergence", "labels_out_of_range", "embedding_rows", "gradient_cut",
+               "identical_units"}
     assert set(BUILTINS) == covered
 
 
@@ -452,3 +453,74 @@ def test_embedding_collapse_reads_the_effective_rank_of_the_table():
         Ctx.model.optimizer.iterations.assign_add(100)
         fired.append([f[0] for f in det.periodic(Ctx)])
     assert fired == [[], [], [], ["m/rich"]] and det.history["m/rich"][0][0] == 100
+
+
+def _cut_rows(norm_shape=(1, 8)):
+    """inputs -> m/d1 -> m/bn (BatchNormalization) -> m/out (head) -> loss, with a custom layer m/c beside d1
+    whose kernel has a weight row but no gradient row (the step never reads it)."""
+    return [
+        R(0, "output", "m/d1", 0, shape=(1, 8)), R(1, "output", "m/bn", 1, cls="BatchNormalization", shape=norm_shape),
+        R(2, "output", "m/out", 2, shape=(1, 1), head=True), R(3, "loss", "loss", 3, cls="loss"),
+        R(4, "gradient", "m/d1", 0), R(5, "gradient", "m/bn", 1), R(6, "gradient", "m/out", 2),
+        R(7, "weight", "m/d1", 0, name="kernel"), R(8, "weight_gradient", "m/d1", 0, name="kernel"),
+        R(9, "weight", "m/bn", 1, name="gamma"), R(10, "weight_gradient", "m/bn", 1, name="gamma"),
+        R(11, "weight", "m/out", 2, name="kernel"), R(12, "weight_gradient", "m/out", 2, name="kernel"),
+    ]
+
+
+CUT_GRAPH = dict(depth={"m/d1": 2, "m/bn": 1, "m/out": 0}, downstream={"m/d1": {"m/bn", "m/out"}, "m/bn": {"m/out"},
+                                                                        "m/out": set()},
+                 order={"m/d1": 0, "m/bn": 1, "m/out": 2}, consumers={"m/d1": {"m/bn"}, "m/bn": {"m/out"}})
+
+
+def test_gradient_cut_names_the_layer_above_that_passes_no_gradient():
+    rows = _cut_rows()
+    healthy = matrix(rows, mean={3: 0.7}, norm={4: 1.0, 5: 1.0, 6: 1.0, 8: 0.5, 10: 0.5, 12: 0.5})
+    assert not run(gradtrace.GradientCut(), rows, healthy, steps=6, graph=LayerGraph(**CUT_GRAPH))[0].any()
+    # every gradient zero is no_gradient's, not this one's
+    assert not run(gradtrace.GradientCut(), rows, matrix(rows, mean={3: 0.7}), steps=6)[0].any()
+    cut = matrix(rows, mean={3: 0.7}, norm={5: 1.0, 6: 1.0, 10: 0.5, 12: 0.5})  # d1 gets nothing, above it does
+    fired, _, ex = run(gradtrace.GradientCut(patience=3), rows, cut, steps=4, graph=LayerGraph(**CUT_GRAPH))
+    assert fired[:, 8].tolist() == [False, False, True, False] and fired.sum() == 1  # after 3 steps, once
+    fired, _, ex = run(gradtrace.GradientCut(patience=3), rows, cut, steps=3, graph=LayerGraph(**CUT_GRAPH))
+    assert ex[0][0].path == "m/d1" and "m/bn (BatchNormalization)" in ex[0][2] and "batch of 1 example" in ex[0][2]
+
+
+def test_gradient_cut_names_the_op_on_the_way_and_a_weight_never_read():
+    rows = _cut_rows()
+    graph = LayerGraph(**CUT_GRAPH, cuts={("m/d1", "m/bn"): "Sign (m/binarize/Sign)"}, unreached=frozenset({"m/d1"}))
+    cut = matrix(rows, mean={3: 0.7}, norm={5: 1.0, 6: 1.0, 10: 0.5, 12: 0.5})
+    fired, _, ex = run(gradtrace.GradientCut(patience=1), rows, cut, graph=graph)
+    assert fired[0][8] and "Sign (m/binarize/Sign)" in ex[0][2] and "m/bn" in ex[0][2]
+    # a kernel with a weight row and no gradient row: the gradient is None, known at the first step
+    rows = _cut_rows()[:11] + [R(11, "weight", "m/out", 2, name="kernel"), R(12, "weight", "m/out", 2, name="bias"),
+                               R(13, "weight_gradient", "m/out", 2, name="bias")]
+    m = matrix(rows, mean={3: 0.7}, norm={4: 1.0, 5: 1.0, 6: 1.0, 8: 0.5, 10: 0.5, 13: 0.5})
+    fired, _, ex = run(gradtrace.GradientCut(), rows, m, steps=2, graph=LayerGraph(**CUT_GRAPH))
+    assert fired[0][11] and not fired[1].any()  # once per fit
+    fired, _, ex = run(gradtrace.GradientCut(), rows, m, graph=LayerGraph(**CUT_GRAPH))
+    assert ex[0][0].path == "m/out" and "never reads kernel" in ex[0][2]
+
+
+def test_identical_units_reads_the_kernel_columns_after_updates():
+    import types
+
+    import keras
+
+    def ctx(*layers, iterations=8):
+        model = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=tf.Variable(iterations)))
+        tap = types.SimpleNamespace(layers={i: l for i, l in enumerate(layers)},
+                                    paths={i: f"m/{l.name}" for i, l in enumerate(layers)})
+        return types.SimpleNamespace(engine=types.SimpleNamespace(model=model, tap=tap))
+
+    same = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(0.1), name="same")
+    same.build((None, 3))
+    random = keras.layers.Dense(4, name="random")
+    random.build((None, 3))
+    one = keras.layers.Dense(1, kernel_initializer="zeros", name="one")
+    one.build((None, 3))
+    found = list(gradtrace.IdenticalUnits().epoch_end(ctx(same, random, one)))
+    assert [f[0] for f in found] == ["m/same"] and "Constant(value=0.1)" in found[0][3] and found[0][4]
+    assert list(gradtrace.IdenticalUnits().epoch_end(ctx(same, iterations=0))) == []  # not yet trained
+    same.bias.assign([0.0, 0.0, 0.1, 0.0])  # biases that differ make the units differ
+    assert list(gradtrace.IdenticalUnits().epoch_end(ctx(same))) == []

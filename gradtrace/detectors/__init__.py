@@ -13,7 +13,9 @@ from gradtrace.detectors.embedding_out_of_range import EmbeddingOutOfRange
 from gradtrace.detectors.embedding_rows import EmbeddingRows
 from gradtrace.detectors.embedding_tables import EmbeddingCollapse, EmbeddingTwins
 from gradtrace.detectors.exploding import Exploding
+from gradtrace.detectors.gradient_cut import GradientCut
 from gradtrace.detectors.head_mismatch import HeadMismatch
+from gradtrace.detectors.identical_units import IdenticalUnits
 from gradtrace.detectors.labels_out_of_range import LabelsOutOfRange
 from gradtrace.detectors.loss_plateau import LossPlateau
 from gradtrace.detectors.nan import NaN
@@ -27,15 +29,15 @@ BUILTINS = {
     cls.name: cls
     for cls in (NaN, Exploding, Vanishing, DeadReLU, UnusedEmbedding, EmbeddingOutOfRange, Saturation, LossPlateau,
                 HeadMismatch, NoGradient, ScaleGrowth, EmbeddingTwins, EmbeddingCollapse, Divergence,
-                EmbeddingRows, LabelsOutOfRange)
+                EmbeddingRows, LabelsOutOfRange, GradientCut, IdenticalUnits)
 }
 # Used when detectors=None. loss_plateau is off by default.
 # In this order: the detectors that name a cause (the learning rate or the data's scale, the data, the
 # output layer, the initialisation, a cut in the gradient) come before those that see a symptom (a
 # gradient that explodes or vanishes), so the first anomaly of a step is its most likely origin.
 DEFAULT = ("divergence", "nan", "embedding_out_of_range", "labels_out_of_range", "head_mismatch", "scale_growth",
-           "no_gradient", "exploding", "vanishing", "saturation", "dead_relu", "unused_embedding", "embedding_rows",
-           "embedding_twins", "embedding_collapse")
+           "identical_units", "no_gradient", "gradient_cut", "exploding", "vanishing", "saturation", "dead_relu",
+           "unused_embedding", "embedding_rows", "embedding_twins", "embedding_collapse")
 
 
 def resolve(detectors) -> list[Detector]:
@@ -78,7 +80,9 @@ __all__ = [
     "EmbeddingRows",
     "EmbeddingTwins",
     "Exploding",
+    "GradientCut",
     "HeadMismatch",
+    "IdenticalUnits",
     "LabelsOutOfRange",
     "LossPlateau",
     "NaN",
