@@ -64,7 +64,7 @@ def test_every_builtin_detector_has_a_contract_case_here():
     covered = {"nan", "exploding", "vanishing", "dead_relu", "head_mismatch", "no_gradient", "scale_growth",
                "saturation", "loss_plateau", "embedding_out_of_range", "unused_embedding", "embedding_twins",
                "embedding_collapse", "divergence", "labels_out_of_range", "embedding_rows", "gradient_cut",
-               "identical_units"}
+               "identical_units", "no_progress"}
     assert set(BUILTINS) == covered
 
 
@@ -524,3 +524,40 @@ def test_identical_units_reads_the_kernel_columns_after_updates():
     assert list(gradtrace.IdenticalUnits().epoch_end(ctx(same, iterations=0))) == []  # not yet trained
     same.bias.assign([0.0, 0.0, 0.1, 0.0])  # biases that differ make the units differ
     assert list(gradtrace.IdenticalUnits().epoch_end(ctx(same))) == []
+
+
+def test_no_progress_compares_the_running_loss_with_its_start_and_with_chance():
+    rows = [R(0, "target", "targets", 0, cls=""), R(1, "output", "m/out", 1, shape=(32, 4), head=True),
+            R(2, "loss", "loss", 2, cls="loss", loss_kind="sparse_categorical_crossentropy"),
+            R(3, "weight_gradient", "m/out", 1, name="kernel")]
+    examples = tf.constant(32.0)
+    det = gradtrace.NoProgress(window=640, min_steps=60)
+    # at chance (log 4) for 80 steps: fires once, once both the window and the steps are reached
+    stuck = matrix(rows, mean={2: float(np.log(4.0))}, norm={3: 1.0})
+    fired, values, ex = run(det, rows, stuck, steps=60, examples=examples)
+    assert fired[:, 2].sum() == 1 and fired[59, 2] and values[2] == pytest.approx(1.0, rel=1e-3)
+    assert "class prior" in ex[0][2]
+    assert not det.check(StatsView(Table(rows), tf.constant(stuck), step=tf.constant(60, tf.int64),
+                                   examples=examples))[0].numpy().any()  # once per fit
+    # learning: the loss falls below chance, slowly (1% per 10 steps): silent
+    det = gradtrace.NoProgress(window=640, min_steps=60)
+    table = Table(rows)
+    fired_any = False
+    for s in range(120):
+        m = matrix(rows, mean={2: float(np.log(4.0)) * (1.0 - 0.001 * s)}, norm={3: 1.0})
+        f, _ = det.check(StatsView(table, tf.constant(m), step=tf.constant(s, tf.int64), examples=examples))
+        fired_any |= bool(np.asarray(f).any())
+    assert not fired_any
+    # a regression stuck at the targets' variance (it predicts their mean): fires
+    rows_r = [R(0, "target", "targets", 0, cls=""), R(1, "output", "m/out", 1, shape=(32, 1), head=True),
+              R(2, "loss", "loss", 2, cls="loss", loss_kind="regression"),
+              R(3, "weight_gradient", "m/out", 1, name="kernel")]
+    at_mean = matrix(rows_r, mean={0: 50.0, 2: 4.0}, std={0: 2.0}, norm={3: 1.0})
+    fired, _, ex = run(gradtrace.NoProgress(window=640, min_steps=60), rows_r, at_mean, steps=60, examples=examples)
+    assert fired[59, 2] and "targets' mean" in ex[0][2]
+    # from the variance down to half of it: learning
+    det, table = gradtrace.NoProgress(window=640, min_steps=60), Table(rows_r)
+    for s in range(70):
+        m = matrix(rows_r, mean={0: 50.0, 2: 4.0 if s < 10 else 2.0}, std={0: 2.0}, norm={3: 1.0})
+        f, _ = det.check(StatsView(table, tf.constant(m), step=tf.constant(s, tf.int64), examples=examples))
+        assert not np.asarray(f).any()
