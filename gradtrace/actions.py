@@ -99,6 +99,7 @@ class Run:
         self._calls_since_read = 0
         self._per_call = 1.0
         self.history = LayerHistory()  # per-layer statistics of every traced step, bounded (gradtrace.history)
+        self.epoch_logs = {}  # the last finished epoch's logs (RunCallback), for the host-side checks
         self._drained = {}  # (plan, segment index) -> traced steps already taken from its device buffer
         self._since_drain = 0  # steps run since the last drain
         for plan, variant in engine.variants.items():  # a compiled step kept from an earlier fit: its buffer
@@ -482,6 +483,7 @@ class RunCallback(keras.callbacks.Callback):
         self.run.epoch_begin(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
+        self.run.epoch_logs = dict(logs or {})  # the epoch's mean loss, for the host-side checks
         self.run.epoch_end_checks(epoch)
 
     def on_train_end(self, logs=None):

@@ -111,6 +111,7 @@ class Watch(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.run.hand_over_held_logs(logs)
+        self.run.epoch_logs = dict(logs or {})
         self.run.epoch_end_checks(epoch)
 
     def on_train_end(self, logs=None):

@@ -64,7 +64,7 @@ def test_every_builtin_detector_has_a_contract_case_here():
     covered = {"nan", "exploding", "vanishing", "dead_relu", "head_mismatch", "no_gradient", "scale_growth",
                "saturation", "loss_plateau", "embedding_out_of_range", "unused_embedding", "embedding_twins",
                "embedding_collapse", "divergence", "labels_out_of_range", "embedding_rows", "gradient_cut",
-               "identical_units", "no_progress"}
+               "identical_units", "no_progress", "penalties"}
     assert set(BUILTINS) == covered
 
 
@@ -561,3 +561,28 @@ def test_no_progress_compares_the_running_loss_with_its_start_and_with_chance():
         m = matrix(rows_r, mean={0: 50.0, 2: 4.0 if s < 10 else 2.0}, std={0: 2.0}, norm={3: 1.0})
         f, _ = det.check(StatsView(table, tf.constant(m), step=tf.constant(s, tf.int64), examples=examples))
         assert not np.asarray(f).any()
+
+
+def test_penalties_weighs_the_regularisers_against_the_epoch_loss():
+    import types
+
+    import keras
+
+    layer = keras.layers.Dense(4, kernel_regularizer=keras.regularizers.L2(1.0), name="d")
+    layer.build((None, 8))
+    tap = types.SimpleNamespace(layers={0: layer}, paths={0: "m/d"})
+    ctx = types.SimpleNamespace(engine=types.SimpleNamespace(tap=tap), epoch_logs={})
+    det = gradtrace.Penalties()
+    det.reset()
+    det.epoch_begin(ctx)
+    penalty = float(layer.kernel_regularizer(layer.kernel))
+    layer.kernel.assign(layer.kernel * 0.5)  # the weights shrank to half
+    ctx.epoch_logs = {"loss": penalty / 4 * 1.5}  # the penalty (now a quarter of it) is 2/3 of the loss
+    found = list(det.epoch_end(ctx))
+    assert [f[0] for f in found] == ["m/d"] and "L2(l2=1)" in found[0][3] and "50%" in found[0][3]
+    assert list(det.epoch_end(ctx)) == []  # once per fit
+    det.reset()
+    det.epoch_begin(ctx)
+    ctx.epoch_logs = {"loss": penalty * 10}  # the data dominates
+    layer.kernel.assign(layer.kernel * 0.5)
+    assert list(det.epoch_end(ctx)) == []

@@ -4,7 +4,8 @@
   activation trained as is), a kernel read once in ``build()``, BatchNormalization over batches of one;
 - a layer's units differ (``identical_units``): every kernel initialised to one constant;
 - training makes progress (``no_progress``): labels shuffled apart from their inputs, a learning rate
-  far too small.
+  far too small;
+- the data drives the loss (``penalties``): an L2 factor of 1 on every hidden kernel.
 
 The healthy side of each (silence) is the healthy suite and the client models, run with every default
 detector (tests/test_healthy.py, tests/test_clients.py, tests/test_keras_io.py).
@@ -99,3 +100,15 @@ def test_no_progress_says_why(fault):
         assert "class prior" in found[0].message and "labels belong to their inputs" in found[0].hint
     else:
         assert "updates are too small" in found[0].message and "1e-06 (SGD)" in found[0].message
+
+
+def test_penalties_name_the_regulariser_and_its_factor():
+    keras.utils.set_random_seed(0)
+    l2 = keras.regularizers.L2(1.0)
+    model = keras.Sequential([keras.Input((8,)), layers.Dense(64, activation="relu", kernel_regularizer=l2, name="h1"),
+                              layers.Dense(64, activation="relu", kernel_regularizer=l2, name="h2"),
+                              layers.Dense(1, activation="sigmoid", name="out")], name="reg")
+    model.compile("adam", "binary_crossentropy")
+    h = _fit(model, epochs=2)
+    found = [a for a in h.anomalies if a.detector == "penalties"]
+    assert [a.layer for a in found] == ["reg/h2"] and "L2(l2=1)" in found[0].message, [str(a) for a in h.anomalies]

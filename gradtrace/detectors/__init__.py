@@ -19,6 +19,7 @@ from gradtrace.detectors.identical_units import IdenticalUnits
 from gradtrace.detectors.labels_out_of_range import LabelsOutOfRange
 from gradtrace.detectors.loss_plateau import LossPlateau
 from gradtrace.detectors.nan import NaN
+from gradtrace.detectors.penalties import Penalties
 from gradtrace.detectors.no_gradient import NoGradient
 from gradtrace.detectors.no_progress import NoProgress
 from gradtrace.detectors.saturation import Saturation
@@ -30,7 +31,7 @@ BUILTINS = {
     cls.name: cls
     for cls in (NaN, Exploding, Vanishing, DeadReLU, UnusedEmbedding, EmbeddingOutOfRange, Saturation, LossPlateau,
                 HeadMismatch, NoGradient, ScaleGrowth, EmbeddingTwins, EmbeddingCollapse, Divergence,
-                EmbeddingRows, LabelsOutOfRange, GradientCut, IdenticalUnits, NoProgress)
+                EmbeddingRows, LabelsOutOfRange, GradientCut, IdenticalUnits, NoProgress, Penalties)
 }
 # Used when detectors=None. loss_plateau is off by default.
 # In this order: the detectors that name a cause (the learning rate or the data's scale, the data, the
@@ -38,7 +39,8 @@ BUILTINS = {
 # gradient that explodes or vanishes), so the first anomaly of a step is its most likely origin.
 DEFAULT = ("divergence", "nan", "embedding_out_of_range", "labels_out_of_range", "head_mismatch", "scale_growth",
            "identical_units", "no_gradient", "gradient_cut", "exploding", "vanishing", "saturation", "dead_relu",
-           "unused_embedding", "embedding_rows", "embedding_twins", "embedding_collapse", "no_progress")
+           "unused_embedding", "embedding_rows", "embedding_twins", "embedding_collapse", "penalties",
+           "no_progress")
 
 
 def resolve(detectors) -> list[Detector]:
@@ -89,6 +91,7 @@ __all__ = [
     "NaN",
     "NoGradient",
     "NoProgress",
+    "Penalties",
     "Saturation",
     "ScaleGrowth",
     "UnusedEmbedding",

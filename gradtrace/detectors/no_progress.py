@@ -31,8 +31,8 @@ class NoProgress(Detector):
 
     Blame rule: the loss; the message says why, from the statistics of the step it fires at: weight
     gradients cut (``gradient_cut``), updates too small for the weights (the learning rate, with a
-    better value), the penalties (``model.losses``) making up the loss, or, when all of those look healthy,
-    the data (labels that do not belong to their inputs; a recurrent layer reading padding last).
+    better value), or, when those look healthy, the data (labels that do not belong to their inputs; a
+    recurrent layer reading padding last). Penalties that outweigh the data are ``penalties``'s.
     """
 
     name = "no_progress"
