@@ -402,6 +402,8 @@ def test_unused_embedding_leaves_a_frequency_sorted_vocabulary_alone():
         found = list(det.periodic(None))  # the same check, run every `every` steps as at epoch end
         assert bool(found) == fires, found
     assert "Zipf-like" in found[0][3] and "500 of its 10000 rows" in found[0][3]
+    # each of the 500 ids seen 60 times on average, spread up to the top of the table: raw ids
+    assert "the ids are raw" in found[0][3] and "IntegerLookup" in found[0][4] and "input_dim=501" in found[0][4]
 
 
 def test_unused_embedding_on_a_small_dataset_reads_the_id_range():

@@ -59,6 +59,12 @@ class UnusedEmbedding(Detector):
       probability below 1e-6. A table sized for 50,000 ids fed ids below 500 is caught after about
       400 lookups, at any dataset size.
 
+    When the distinct-ids rule fires on ids spread over the whole range (the highest id seen at or
+    above ``max_reach`` of ``input_dim``) and each id used was looked up ``raw_repeats`` (default 10)
+    times or more on average (the data's vocabulary is exhausted: more lookups would bring few new
+    ids), the ids are raw (record numbers, hashes, codes), not re-indexed: the finding says so, with
+    the vocabulary size that would do and ``IntegerLookup``/``StringLookup`` as the fix.
+
     Blame rule: the table, with rows used, the highest id seen and the ``input_dim`` that would do.
     """
 
@@ -69,8 +75,10 @@ class UnusedEmbedding(Detector):
     wants_ids = True
     reports_at = ("epoch_end", "periodic")
 
-    def __init__(self, max_unused=0.75, margin=0.5, zipf_s=1.5, max_reach=0.5, every=None, action=None):
+    def __init__(self, max_unused=0.75, margin=0.5, zipf_s=1.5, max_reach=0.5, raw_repeats=10.0, every=None,
+                 action=None):
         super().__init__(action)
+        self.raw_repeats = self._check_range("raw_repeats", raw_repeats, 1.0, float("inf"))
         self.max_unused = self._check_range("max_unused", max_unused, 0.0, 1.0, high_open=True)
         self.margin = self._check_range("margin", margin, 0.0, 1.0, low_open=True)
         self.zipf_s = self._check_range("zipf_s", zipf_s, 0.0, 10.0, low_open=True)
@@ -186,6 +194,17 @@ class UnusedEmbedding(Detector):
                         f"{1 - reach:.0%} of the table is never reached by this data ({n_used} rows used; even "
                         f"frequency-sorted ids with a Zipf-like draw would have gone above {top} with probability "
                         f"1 - {p_low:.3g}^{int(n_lookups)}).")
+            if few and reach >= self.max_reach and n_lookups >= self.raw_repeats * n_used:
+                # raw ids: few distinct ids, each seen many times (the data's vocabulary is exhausted), spread
+                # over the whole range; re-indexed ids would run 0..n_used
+                yield path, "weight", unused, (
+                    f"{path} ({cls}): {what} Each id used was looked up {n_lookups / max(n_used, 1):.0f} times on "
+                    f"average, so the data has about {n_used} distinct ids, spread up to {top}: the ids are raw "
+                    f"(record numbers, hashes, codes), not re-indexed. A vocabulary of {n_used + 1} rows would do."
+                ), (f"map the raw ids to 0..{n_used} before {path}, with keras.layers.IntegerLookup (or StringLookup) "
+                    f"adapted on the training ids, and size the table input_dim={n_used + 1} (the extra row for "
+                    "ids not seen in training).")
+                continue
             yield path, "weight", unused, (
                 f"{path} ({cls}): {what} If the ids only go up to {top}, input_dim={top + 1} would do."
             ), (f"size {path} for the vocabulary the data really has (input_dim={top + 1}), or "
