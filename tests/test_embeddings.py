@@ -145,16 +145,19 @@ class Detach(layers.Layer):
         return ops.stop_gradient(x)
 
 
-def test_rows_that_never_learn_are_found_at_epoch_end_in_the_detached_table_only():
+def test_a_detached_table_is_found_at_the_first_step_with_the_op_that_cuts_it():
     keras.utils.set_random_seed(3)
     model = _two_tables(item_between=Detach(name="detach"))
     model.compile(optimizer="adam", loss="binary_crossentropy")
     x, y = _two_table_data(640, hot=False)
     with pytest.warns(UserWarning, match="Gradients do not exist"):  # Keras' own warning says which variable
         h = gradtrace.fit(model, x, y, batch_size=64, epochs=1, verbose=0)
-    found = [(a.detector, a.layer, a.stage) for a in h.anomalies]
-    assert found == [("embedding_rows", "rec/inner/item_emb", "epoch_end")], h.anomalies
-    assert "none of its 640 lookups" in h.anomalies[0].message and "stop_gradient" in h.anomalies[0].hint
+    # the table cut off whole is gradient_cut's, at the first step, naming the op that cuts it
+    found = [(a.detector, a.layer, a.stage, a.step) for a in h.anomalies]
+    assert found == [("gradient_cut", "rec/inner/item_emb", "step", 0)], h.anomalies
+    assert "StopGradient" in h.anomalies[0].message and "no gradient reaches embeddings" in h.anomalies[0].message
+    rows = next(d for d in h.gradtrace.engine.detectors if d.name == "embedding_rows")
+    assert not rows.moved()["rec/inner/item_emb"].any()  # the report's "rows that learned": none
 
 
 def test_collapsed_item_table_is_caught_by_the_periodic_check(tmp_path, capsys):

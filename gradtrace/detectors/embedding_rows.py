@@ -1,4 +1,4 @@
-"""``embedding_rows``: Embedding rows that explode, and rows that are looked up but never learn."""
+"""``embedding_rows``: Embedding rows that explode (and, for the report, the rows that learned)."""
 
 from __future__ import annotations
 
@@ -25,14 +25,12 @@ class EmbeddingRows(Detector):
       and 1e10 in 32 while its user rows stayed at 0.2; healthy tables (Adam up to 0.05, Zipf ids)
       stayed below 20x their initial norm and below 2 in absolute terms. (The same batch is no
       reference: when the hot ids explode, most lookups are of hot ids too.)
-    - **Rows that never learn** (epoch end): none of a trainable table's lookups this epoch (at least
-      ``min_lookups`` of them) gave its rows a non-zero gradient. The table is looked up, but
-      its output does not reach the loss with a gradient: a ``stop_gradient``, a cast to int, an
-      ``argmax`` or a ``round`` after it. The padding row of a ``mask_zero=True`` table is left out; a
-      frozen table (``trainable=False``) is frozen on purpose. Only a table cut off whole is a
-      finding: some rows without a gradient is normal (measured: behind ``GlobalMaxPooling1D``, which
-      passes each channel's gradient to one position, 58-81% of a healthy text model's looked-up rows
-      got none in an epoch).
+    - **Rows that learned** (kept per epoch, for :func:`gradtrace.embedding_tables` and the report):
+      the rows a lookup gave a non-zero gradient. A table none of whose lookups gets a gradient (a
+      ``stop_gradient``, a cast to int, an ``argmax`` or a ``round`` after it) is ``gradient_cut``'s
+      finding, made at the first step and naming the op; some rows without one is normal (measured:
+      behind ``GlobalMaxPooling1D``, which passes each channel's gradient to one position, 58-81% of a
+      healthy text model's looked-up rows got none in an epoch).
 
     Blame rule: the table itself (its path), naming its worst ids.
     """
@@ -40,14 +38,13 @@ class EmbeddingRows(Detector):
     name = "embedding_rows"
     default_action = "warn"
     needs = ()
-    reports_at = ("step", "epoch_end")
+    reports_at = ("step",)
 
-    def __init__(self, factor=100.0, min_norm=10.0, patience=5, min_lookups=32, action=None):
+    def __init__(self, factor=100.0, min_norm=10.0, patience=5, action=None):
         super().__init__(action)
         self.factor = self._check_range("factor", factor, 1.0, float("inf"), low_open=True)
         self.min_norm = self._check_range("min_norm", min_norm, 0.0, float("inf"))
         self.patience = self._check_int("patience", patience, 1)
-        self.min_lookups = self._check_int("min_lookups", min_lookups, 1)
         self._groups = {}
 
     def reset(self):
@@ -183,16 +180,3 @@ class EmbeddingRows(Detector):
         for entry in self._groups.values():
             entry["lookups"].assign(tf.zeros_like(entry["lookups"]))
             entry["moved"].assign(tf.zeros_like(entry["moved"]))
-
-    def epoch_end(self, ctx):
-        for path, (layer, lookups, moved) in self._per_table().items():
-            if not layer.trainable:
-                continue
-            lookups = int(lookups)
-            if lookups < self.min_lookups or np.any(moved):
-                continue
-            yield path, "weight", 1.0, (
-                f"{path} (Embedding): rows that never learn: none of its {lookups} lookups this epoch gave its "
-                "rows a gradient: its output does not reach the loss with a gradient."
-            ), (f"look after {path} for a stop_gradient, a cast to int, argmax or round, or a Lambda that leaves "
-                "the graph; if the table is meant to stay fixed, set trainable=False on it.")

@@ -35,7 +35,7 @@ class GradientCut(Detector):
 
     name = "gradient_cut"
     default_action = "warn"
-    needs = ("norm", "size", "mean", "min", "max")
+    needs = ("norm", "size", "mean", "min", "max", "nan", "inf")
 
     def __init__(self, patience=5, min_loss=1e-4, action=None):
         super().__init__(action)
@@ -67,7 +67,10 @@ class GradientCut(Detector):
                 seg[r.index] = k
         layer_norm = tf.math.unsorted_segment_max(tf.where(view["size"] > 0, rms, 0.0), seg, len(paths) + 1)[:-1]
         some = tf.reduce_any(layer_norm > 0.0)
-        live = (loss > self.min_loss) & tf.math.is_finite(loss) & some
+        # a step with a NaN/Inf anywhere is nan's (statistics skip non-finite values: a poisoned layer's
+        # finite remainder can read as zero)
+        finite = tf.equal(tf.reduce_sum(view["nan"] + view["inf"]), 0.0)
+        live = (loss > self.min_loss) & tf.math.is_finite(loss) & some & finite
         zero = tf.equal(layer_norm, 0.0) & live
         streak = self.state(view, "streak", size=len(paths))
         new = tf.where(zero, streak + 1.0, 0.0)

@@ -46,9 +46,15 @@ class IdenticalUnits(Detector):
     def epoch_end(self, ctx):
         import tensorflow as tf
 
+        import numpy as np
+
+        from gradtrace import _keras_compat as compat
+
         model = ctx.engine.model
         optimizer = getattr(model, "optimizer", None)
-        if optimizer is not None and int(optimizer.iterations) == 0:
+        # the count of updates (a MirroredVariable under a strategy: read its value)
+        updates = int(np.asarray(tf.convert_to_tensor(compat.iterations(optimizer)))) if optimizer is not None else None
+        if updates == 0:
             return
         tap = ctx.engine.tap
         for lid, layer in sorted(tap.layers.items(), key=lambda t: tap.paths.get(t[0], t[1].name)):
@@ -72,7 +78,7 @@ class IdenticalUnits(Detector):
             init = _initialiser(layer)
             yield path, "weight", value, (
                 f"{path} ({type(layer).__name__}): its {units} units are identical: every column of its kernel "
-                f"holds the same values after {int(optimizer.iterations) if optimizer is not None else '?'} updates "
+                f"holds the same values after {updates if updates is not None else '?'} updates "
                 f"(kernel_initializer {init}). Identical units get identical gradients, so training never tells "
                 f"them apart: the layer works as one unit."
             ), ("use a random kernel_initializer (the Keras default 'glorot_uniform', or 'he_normal' before ReLU) "

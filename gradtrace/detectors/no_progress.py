@@ -37,7 +37,7 @@ class NoProgress(Detector):
 
     name = "no_progress"
     default_action = "warn"
-    needs = ("mean", "std", "norm", "size")
+    needs = ("mean", "std", "norm", "size", "nan", "inf")
 
     def __init__(self, window=4096, min_steps=200, start_steps=10, min_drop=0.02, action=None):
         super().__init__(action)
@@ -69,7 +69,7 @@ class NoProgress(Detector):
         if loss_row is None:
             return tf.zeros([n], tf.bool), tf.zeros([n])
         loss = view["mean"][loss_row]
-        finite = tf.math.is_finite(loss)
+        finite = tf.math.is_finite(loss) & tf.equal(view["nan"][loss_row] + view["inf"][loss_row], 0.0)
         # [steps, examples, start sum, ema, best, target sum, target square sum, target batches, said]
         s = self.state(view, "state", size=9)
         steps, examples, start_sum, ema, best = s[0], s[1], s[2], s[3], s[4]
