@@ -35,7 +35,7 @@ class GradientCut(Detector):
 
     name = "gradient_cut"
     default_action = "warn"
-    needs = ("norm", "size", "mean", "min", "max", "nan", "inf")
+    needs = ("norm", "size", "mean", "nan", "inf")
 
     def __init__(self, patience=5, min_loss=1e-4, action=None):
         super().__init__(action)
