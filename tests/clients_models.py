@@ -33,7 +33,7 @@ def bert_classifier(lr=1e-3):
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.BertBackbone(vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=HIDDEN,
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=HIDDEN,
                                              intermediate_dim=32, max_sequence_length=SEQ)
     model = keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None)
     return _compile(model, lr, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -43,7 +43,7 @@ def gpt2_lm(lr=1e-3):
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=HIDDEN,
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=VOCAB, num_layers=1, num_heads=2, hidden_dim=HIDDEN,
                                              intermediate_dim=32, max_sequence_length=SEQ)
     return _compile(keras_hub.models.GPT2CausalLM(backbone, preprocessor=None), lr, lm_loss(), weighted_metrics=[])
 
@@ -52,7 +52,7 @@ def gemma_lm(lr=1e-3):
     import keras_hub
 
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=VOCAB, num_layers=2, num_query_heads=2,
+    backbone = keras_hub.models.GemmaBackbone(vocabulary_size=VOCAB, num_layers=1, num_query_heads=2,
                                               num_key_value_heads=1, hidden_dim=HIDDEN, intermediate_dim=32,
                                               head_dim=8)
     return _compile(keras_hub.models.GemmaCausalLM(backbone, preprocessor=None), lr, lm_loss(), weighted_metrics=[])

@@ -84,7 +84,7 @@ def test_gpt2_causal_lm_reverse_embedding_is_untouched_and_ids_beyond_vocabulary
 
 def test_gemma_causal_lm_with_a_learning_rate_of_10_is_caught_at_the_first_bad_update():
     _, paths = parity(C.gemma_lm, C.token_data())
-    _has(paths, "token_embedding", "token_embedding#2", "decoder_block_0/attention/query", "decoder_block_1/ffw_linear")
+    _has(paths, "token_embedding", "token_embedding#2", "decoder_block_0/attention/query", "decoder_block_0/ffw_linear")
     found = fault(lambda: C.gemma_lm(lr=10.0), C.token_data(n=64))
     assert found, "a learning rate of 10 went unnoticed"
     first = found[0]
