@@ -55,11 +55,14 @@ IN_PROCESS = ["keras", "keras_again", "gradtrace", "gradtrace_budget5", "gradtra
 # gradtrace_every16: trace_every=16
 # gradtrace_warn: every default detector with on_anomaly="warn": no update is ever held, so the step has no gate
 # (tf.cond) and keeps no copy of the state it would restore
-OPTIONAL = ["gradtrace_first6", "gradtrace_prev10", "gradtrace_nohistory", "gradtrace_nan", "gradtrace_every16",
+# gradtrace_prev15: the fifteen default detectors before identical_units, gradient_cut, penalties and
+# no_progress joined them, to measure what those four cost per step
+OPTIONAL = ["gradtrace_first6", "gradtrace_prev10", "gradtrace_prev15", "gradtrace_nohistory", "gradtrace_nan", "gradtrace_every16",
             "gradtrace_warn"]
 FIRST6 = ["nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding"]
 PREV10 = ["nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding", "vanishing",
           "dead_relu", "unused_embedding", "embedding_twins"]
+NEW4 = ("identical_units", "gradient_cut", "penalties", "no_progress")
 SUBPROCESS = ["check_numerics", "dump_curt_health", "dump_full_health"]
 MODELS = ["two_embedding", "two_tower_8", "deep_mlp", "residual_ln_40", "cnn_bn", "transformer", "depth_10",
           "depth_50", "depth_200"]
@@ -223,7 +226,9 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
 
         every = {"gradtrace_every16": 16, "gradtrace_guard": 10 ** 9}.get(contender, 1)
         budget = 0.05 if contender == "gradtrace_budget5" else None
-        detectors = {"gradtrace_first6": FIRST6, "gradtrace_prev10": PREV10, "gradtrace_nan": ["nan"]}.get(contender)
+        prev15 = [d for d in gradtrace.detectors.DEFAULT if d not in NEW4]
+        detectors = {"gradtrace_first6": FIRST6, "gradtrace_prev10": PREV10, "gradtrace_prev15": prev15,
+                     "gradtrace_nan": ["nan"]}.get(contender)
         Engine.keep_history = contender != "gradtrace_nohistory"
         try:
             h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, overhead=budget,
