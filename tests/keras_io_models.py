@@ -174,7 +174,9 @@ def translation_data(n=96, seed=0):
 IMAGE = (8, 8, 1)
 
 
-class Distiller(keras.Model):
+class _DistillerBase(keras.Model):
+    """The example's constructor and ``compile``, shared by its two forms below."""
+
     def __init__(self, student, teacher):
         super().__init__()
         self.teacher = teacher
@@ -186,6 +188,13 @@ class Distiller(keras.Model):
         self.distillation_loss_fn = distillation_loss_fn
         self.alpha = alpha
         self.temperature = temperature
+
+    def call(self, x):
+        return self.student(x)
+
+
+class Distiller(_DistillerBase):
+    """The example's ``train_step`` form (before its Keras 3 conversion)."""
 
     def train_step(self, data):
         x, y = data
@@ -216,9 +225,6 @@ class Distiller(keras.Model):
         results = {m.name: m.result() for m in self.metrics if m.name != "loss"}
         results.update({"student_loss": student_loss, "distillation_loss": distillation_loss})
         return results
-
-    def call(self, x):
-        return self.student(x)
 
 
 def _cnn(filters, name):
@@ -273,20 +279,8 @@ def distiller(seed=0, teacher_epochs=3):
 
 
 
-class Distiller3(keras.Model):
+class Distiller3(_DistillerBase):
     """The example's Keras 3 version: the teacher runs in ``compute_loss``, inside fit's own tape."""
-
-    def __init__(self, student, teacher):
-        super().__init__()
-        self.teacher = teacher
-        self.student = student
-
-    def compile(self, optimizer, metrics, student_loss_fn, distillation_loss_fn, alpha=0.1, temperature=3):
-        super().compile(optimizer=optimizer, metrics=metrics)
-        self.student_loss_fn = student_loss_fn
-        self.distillation_loss_fn = distillation_loss_fn
-        self.alpha = alpha
-        self.temperature = temperature
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, allow_empty=False):
         teacher_pred = self.teacher(x, training=False)
@@ -296,9 +290,6 @@ class Distiller3(keras.Model):
             ops.softmax(y_pred / self.temperature, axis=1),
         ) * (self.temperature**2)
         return self.alpha * student_loss + (1 - self.alpha) * distillation_loss
-
-    def call(self, x):
-        return self.student(x)
 
 
 def distiller3(seed=0, teacher_epochs=3, freeze_teacher=True):

@@ -31,6 +31,18 @@ from gradtrace.anomaly import check_action
 from gradtrace.stats import COLUMNS
 
 
+
+def describe(obj) -> str:
+    """A Keras initialiser's or regulariser's class and settings, as written in code:
+    ``Constant(value=0.1)``, ``L2(l2=1)`` (floats short, no seed)."""
+    try:
+        cfg = {k: v for k, v in obj.get_config().items() if v is not None and k != "seed"}
+    except Exception:
+        cfg = {}
+    args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in sorted(cfg.items()))
+    return f"{type(obj).__name__}({args})"
+
+
 class Detector:
     name = "detector"
     default_action = "warn"

@@ -141,7 +141,7 @@ class GradientCut(Detector):
         row = outs[0]
         return row, (self._single_value(row) if row.layer_class in NORMALISATIONS else "")
 
-    def _why(self, table, matrix, row, layer_class):
+    def _why(self, table, matrix, row):
         path = row.path
         graph = table.graph
         cut = graph.cut(path) if graph is not None else None
@@ -198,16 +198,15 @@ class GradientCut(Detector):
             by_layer.setdefault(table.rows[i].path, []).append(table.rows[i])
         # the layer nearest the loss first: the one the cause is closest to
         order = sorted(by_layer, key=lambda p: table.nearness(by_layer[p][0]))
+        whys = {p: self._why(table, matrix, by_layer[p][0]) for p in order}  # once per layer
         said = set()
         for path in order:
-            row = by_layer[path][0]
-            why = self._why(table, matrix, row, row.layer_class)
+            row, why = by_layer[path][0], whys[path]
             if why is None or (why[0], row.kind) in said:
                 continue
             said.add((why[0], row.kind))
-            same = [p for p in order if p != path and (self._why(table, matrix, by_layer[p][0], "") or (None,))[0]
-                    == why[0]]
-            tail = f"; {len(same)} more layer(s) cut alike" if same else ""
+            same = sum(1 for p in order if p != path and whys[p] is not None and whys[p][0] == why[0])
+            tail = f"; {same} more layer(s) cut alike" if same else ""
             if row.kind == "weight":
                 names = ", ".join(r.name for r in by_layer[path])
                 what = f"{path} ({row.layer_class}): no gradient reaches {names}"

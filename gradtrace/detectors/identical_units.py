@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-from gradtrace.detectors.base import Detector
-
-
-def _initialiser(layer, attr="kernel_initializer"):
-    init = getattr(layer, attr, None)
-    if init is None:
-        return "unknown"
-    try:
-        cfg = {k: v for k, v in init.get_config().items() if v is not None and k != "seed"}
-    except Exception:
-        cfg = {}
-    args = ", ".join(f"{k}={v!r}" for k, v in sorted(cfg.items()))
-    return f"{type(init).__name__}({args})"
+from gradtrace.detectors.base import Detector, describe
 
 
 class IdenticalUnits(Detector):
@@ -75,7 +63,7 @@ class IdenticalUnits(Detector):
                 continue
             self._reported.add(path)
             value = float(tf.reduce_max(tf.abs(k)))
-            init = _initialiser(layer)
+            init = describe(layer.kernel_initializer) if getattr(layer, "kernel_initializer", None) else "unknown"
             yield path, "weight", value, (
                 f"{path} ({type(layer).__name__}): its {units} units are identical: every column of its kernel "
                 f"holds the same values after {updates if updates is not None else '?'} updates "

@@ -50,7 +50,7 @@ class NoProgress(Detector):
         self.min_drop = self._check_range("min_drop", min_drop, 0.0, 1.0, low_open=True, high_open=True)
 
     @staticmethod
-    def _chance(table, view):
+    def _chance(table):
         """The loss of a model that ignores its inputs, in-graph (NaN when the loss kind does not say)."""
         loss_row = table.index("loss", "loss")
         kind = table.rows[loss_row].loss_kind
@@ -61,7 +61,7 @@ class NoProgress(Detector):
             return None if not k or k < 2 else ("uniform", tf.constant(math.log(k), tf.float32))
         if kind == "binary_crossentropy" and target is not None:
             return ("prior", target)
-        if kind == "regression" and target is not None and table.rows[loss_row].layer_class == "loss":
+        if kind == "regression" and target is not None:
             return ("variance", target)
         return None
 
@@ -80,7 +80,7 @@ class NoProgress(Detector):
         examples1 = examples + tf.cast(view.examples if view.examples is not None else 0.0, tf.float32)
         start1 = start_sum + tf.where(finite & (steps < self.start_steps), loss, 0.0)
         ema1 = tf.where(finite, tf.where(steps > 0, 0.98 * ema + 0.02 * loss, loss), ema)
-        chance = self._chance(table, view)
+        chance = self._chance(table)
         t_sum, t_sq, t_n = s[5], s[6], s[7]
         if chance is not None and chance[0] != "uniform":
             t = chance[1]

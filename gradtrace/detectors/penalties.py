@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradtrace.detectors.base import Detector
+from gradtrace.detectors.base import Detector, describe
 
 # regulariser attribute -> the weight it applies to (Keras layers' constructor arguments)
 REGULARISED = {
@@ -10,14 +10,6 @@ REGULARISED = {
     "recurrent_regularizer": "recurrent_kernel", "depthwise_regularizer": "depthwise_kernel",
     "pointwise_regularizer": "pointwise_kernel", "gamma_regularizer": "gamma", "beta_regularizer": "beta",
 }
-
-
-def _describe(reg):
-    try:
-        cfg = {k: v for k, v in reg.get_config().items() if v}
-    except Exception:
-        cfg = {}
-    return f"{type(reg).__name__}({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v!r}' for k, v in sorted(cfg.items()))})"
 
 
 class Penalties(Detector):
@@ -97,7 +89,7 @@ class Penalties(Detector):
         yield path, "weight", penalty / loss, (
             f"{path}: the weight penalties make up {penalty / loss:.0%} of the loss ({penalty:.4g} of {loss:.4g}) "
             f"and the regularised weights have shrunk to {now / self._start:.0%} of their norm at the start: the "
-            f"regularisers, not the data, drive training. The largest term is {path}'s {attr} {_describe(reg)} "
+            f"regularisers, not the data, drive training. The largest term is {path}'s {attr} {describe(reg)} "
             f"({top:.4g}){f', of {others + 1}' if others else ''}."
         ), ("lower the regularisation factor (an L2 of 1e-4 to 1e-3 is usual) or remove it; a penalty that "
             "outweighs the data loss pulls every weight to 0 and the model toward a constant output.")
