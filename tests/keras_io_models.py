@@ -253,9 +253,9 @@ def digits_data(n=128, seed=0):
     return x, y
 
 
-def distiller(seed=0, teacher_epochs=3):
+def distiller(seed=0, teacher_epochs=3, form=None, freeze_teacher=False):
     """The teacher trained as usual (its own fit: Adam, sparse crossentropy from logits), then the distiller
-    compiled as in the example (alpha 0.1, temperature 10)."""
+    (``form``: :class:`Distiller` by default) compiled as in the example (alpha 0.1, temperature 10)."""
     keras.utils.set_random_seed(seed)
     teacher = _cnn((16, 32), "teacher")
     student = _cnn((4, 8), "student")
@@ -266,7 +266,8 @@ def distiller(seed=0, teacher_epochs=3):
         metrics=[keras.metrics.SparseCategoricalAccuracy()],
     )
     teacher.fit(x, y, epochs=teacher_epochs, batch_size=16, verbose=0)
-    d = Distiller(student=student, teacher=teacher)
+    teacher.trainable = not freeze_teacher
+    d = (form or Distiller)(student=student, teacher=teacher)
     d.compile(
         optimizer=keras.optimizers.Adam(),
         metrics=[keras.metrics.SparseCategoricalAccuracy()],
@@ -276,7 +277,6 @@ def distiller(seed=0, teacher_epochs=3):
         temperature=10,
     )
     return d
-
 
 
 class Distiller3(_DistillerBase):
@@ -295,24 +295,8 @@ class Distiller3(_DistillerBase):
 def distiller3(seed=0, teacher_epochs=3, freeze_teacher=True):
     """``distiller`` in its Keras 3 form (``compute_loss``); the teacher frozen (``trainable=False``) after
     its own training, as knowledge distillation assumes ("the teacher is trained and fixed")."""
-    keras.utils.set_random_seed(seed)
-    teacher = _cnn((16, 32), "teacher")
-    student = _cnn((4, 8), "student")
-    x, y = digits_data(seed=seed + 1)
-    teacher.compile(optimizer=keras.optimizers.Adam(),
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    teacher.fit(x, y, epochs=teacher_epochs, batch_size=16, verbose=0)
-    teacher.trainable = not freeze_teacher
-    d = Distiller3(student=student, teacher=teacher)
-    d.compile(
-        optimizer=keras.optimizers.Adam(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy()],
-        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        distillation_loss_fn=keras.losses.KLDivergence(),
-        alpha=0.1,
-        temperature=10,
-    )
-    return d
+    return distiller(seed, teacher_epochs, form=Distiller3, freeze_teacher=freeze_teacher)
+
 
 # -- WGAN-GP overriding Model.train_step ------------------------------------------------------------------
 # https://keras.io/examples/generative/wgan_gp/
