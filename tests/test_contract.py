@@ -585,3 +585,58 @@ def test_penalties_weighs_the_regularisers_against_the_epoch_loss():
     ctx.epoch_logs = {"loss": penalty * 10}  # the data dominates
     layer.kernel.assign(layer.kernel * 0.5)
     assert list(det.epoch_end(ctx)) == []
+
+
+def test_update_size_measures_each_layers_update_against_its_weights():
+    import types
+
+    import keras
+
+    dense = keras.layers.Dense(64, name="d")
+    dense.build((None, 64))
+    out = keras.layers.Dense(4, name="out")
+    out.build((None, 64))
+    optimizer = keras.optimizers.SGD(learning_rate=1e-5)
+    optimizer.build(dense.trainable_weights + out.trainable_weights)
+    step = {"now": 0}
+    tap = types.SimpleNamespace(layers={0: dense, 1: out}, paths={0: "m/d", 1: "m/out"})
+    ctx = types.SimpleNamespace(engine=types.SimpleNamespace(model=types.SimpleNamespace(optimizer=optimizer), tap=tap),
+                                current_step=lambda: step["now"])
+
+    def move(by, layers=(dense, out)):  # every kernel moves by ``by`` of its size per step, over 5 steps
+        for layer in layers:
+            k = layer.kernel.numpy()
+            layer.kernel.assign(k + 5 * by * np.linalg.norm(k) / np.sqrt(k.size) * np.sign(k))
+        step["now"] += 5
+        return list(det.periodic(ctx))
+
+    # too small: from an optimizer's first update, every layer moves by 1e-6 per step: fires at the 2nd check
+    det = gradtrace.UpdateSize()
+    det.epoch_begin(ctx)
+    assert move(1e-6) == []
+    found = move(1e-6)
+    assert [f[0] for f in found] == ["learning rate"] and f"{1e-5:.3g}" in found[0][3] and "1e-06" in found[0][3]
+    assert found[0][4].startswith("raise the learning rate, to about 0.01")
+    assert move(1e-6) == []  # once per fit
+    # a healthy 1e-3 on one layer is enough to stay silent; so is a learning rate that is warming up
+    det = gradtrace.UpdateSize()
+    det.epoch_begin(ctx)
+    assert move(1e-6, (out,)) + move(1e-3, (dense,)) + move(1e-6, (out,)) + move(1e-3, (dense,)) == []
+    det = gradtrace.UpdateSize()
+    det.epoch_begin(ctx)
+    optimizer.learning_rate.assign(2e-5)
+    assert move(1e-6) + move(1e-6) == []
+    optimizer.learning_rate.assign(1e-5)
+    # not from the start of training (the optimizer had made updates): a converged model is left alone
+    det = gradtrace.UpdateSize()
+    step["now"] = 100
+    det.epoch_begin(ctx)
+    assert move(1e-6) + move(1e-6) == []
+    # too large: one layer rewritten at every step, at two checks in a row
+    det = gradtrace.UpdateSize()
+    det.epoch_begin(ctx)
+    assert move(2.0, (dense,)) == []
+    found = move(2.0, (dense,))
+    assert [f[0] for f in found] == ["m/d"] and "lower the learning rate" in found[0][4]
+    with pytest.raises(ValueError, match="low=0.1 must be below high=0.01"):
+        gradtrace.UpdateSize(low=0.1, high=0.01)

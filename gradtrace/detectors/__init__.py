@@ -25,13 +25,14 @@ from gradtrace.detectors.no_progress import NoProgress
 from gradtrace.detectors.saturation import Saturation
 from gradtrace.detectors.scale_growth import ScaleGrowth
 from gradtrace.detectors.unused_embedding import UnusedEmbedding
+from gradtrace.detectors.update_size import UpdateSize
 from gradtrace.detectors.vanishing import Vanishing
 
 BUILTINS = {
     cls.name: cls
     for cls in (NaN, Exploding, Vanishing, DeadReLU, UnusedEmbedding, EmbeddingOutOfRange, Saturation, LossPlateau,
                 HeadMismatch, NoGradient, ScaleGrowth, EmbeddingTwins, EmbeddingCollapse, Divergence,
-                EmbeddingRows, LabelsOutOfRange, GradientCut, IdenticalUnits, NoProgress, Penalties)
+                EmbeddingRows, LabelsOutOfRange, GradientCut, IdenticalUnits, NoProgress, Penalties, UpdateSize)
 }
 # Used when detectors=None. loss_plateau is off by default.
 # In this order: the detectors that name a cause (the learning rate or the data's scale, the data, the
@@ -40,7 +41,7 @@ BUILTINS = {
 DEFAULT = ("divergence", "nan", "embedding_out_of_range", "labels_out_of_range", "head_mismatch", "scale_growth",
            "identical_units", "no_gradient", "gradient_cut", "exploding", "vanishing", "saturation", "dead_relu",
            "unused_embedding", "embedding_rows", "embedding_twins", "embedding_collapse", "penalties",
-           "no_progress")
+           "update_size", "no_progress")
 
 
 def resolve(detectors) -> list[Detector]:
@@ -95,6 +96,7 @@ __all__ = [
     "Saturation",
     "ScaleGrowth",
     "UnusedEmbedding",
+    "UpdateSize",
     "Vanishing",
     "resolve",
 ]
