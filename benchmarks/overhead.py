@@ -57,7 +57,9 @@ IN_PROCESS = ["keras", "keras_again", "gradtrace", "gradtrace_budget5", "gradtra
 # (tf.cond) and keeps no copy of the state it would restore
 # gradtrace_prev15: the fifteen default detectors before identical_units, gradient_cut, penalties and
 # no_progress joined them, to measure what those four cost per step
-OPTIONAL = ["gradtrace_first6", "gradtrace_prev10", "gradtrace_prev15", "gradtrace_nohistory", "gradtrace_nan", "gradtrace_every16",
+# gradtrace_prev19: every default detector but update_size (a host-side read of a sample of the weights every
+# 5 steps), to measure what it costs per step
+OPTIONAL = ["gradtrace_first6", "gradtrace_prev10", "gradtrace_prev15", "gradtrace_prev19", "gradtrace_nohistory", "gradtrace_nan", "gradtrace_every16",
             "gradtrace_warn"]
 FIRST6 = ["nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding"]
 PREV10 = ["nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding", "vanishing",
@@ -227,8 +229,9 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
         every = {"gradtrace_every16": 16, "gradtrace_guard": 10 ** 9}.get(contender, 1)
         budget = 0.05 if contender == "gradtrace_budget5" else None
         prev15 = [d for d in gradtrace.detectors.DEFAULT if d not in NEW4]
+        prev19 = [d for d in gradtrace.detectors.DEFAULT if d != "update_size"]
         detectors = {"gradtrace_first6": FIRST6, "gradtrace_prev10": PREV10, "gradtrace_prev15": prev15,
-                     "gradtrace_nan": ["nan"]}.get(contender)
+                     "gradtrace_prev19": prev19, "gradtrace_nan": ["nan"]}.get(contender)
         Engine.keep_history = contender != "gradtrace_nohistory"
         try:
             h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, overhead=budget,

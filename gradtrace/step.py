@@ -596,9 +596,14 @@ class Engine:
         # ids or labels replaced to let the step complete: such a step is never committed
         changed = tf.reduce_any(tf.stack(ctx.recorder.changed)) if ctx.recorder.changed else None
         if plan.mode == "force":
-            if changed is None:
-                return _applied(original, grads, tvars)
-            committed = tf.cond(changed | ctx.held, lambda: _restored(ctx.rollback, ctx.saved),
+            # the redo of a snapshotted step: committed unless an update would put a NaN/Inf into a
+            # weight or an optimizer slot (then skipped, as LossScaleOptimizer skips such a step; a
+            # LossScaleOptimizer is left to skip it itself, and lower its scale)
+            scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+            skip = tf.constant(False) if scaled else tf.logical_not(_all_finite(grads))
+            if changed is not None:
+                skip = skip | changed
+            committed = tf.cond(skip | ctx.held, lambda: _restored(ctx.rollback, ctx.saved),
                                 lambda: _applied(original, grads, tvars))
             ctx.held = tf.logical_or(ctx.held, tf.logical_not(committed))
             return committed
@@ -841,6 +846,13 @@ def _restored(variables, saved):
     for v, old in zip(variables, saved):
         v.assign(old)
     return tf.constant(False)
+
+
+def _all_finite(grads):
+    """True when every gradient (an IndexedSlices' values) is free of NaN/Inf."""
+    checks = [tf.reduce_all(tf.math.is_finite(g.values if isinstance(g, tf.IndexedSlices) else g))
+              for g in grads if g is not None]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
 def _applied(original, grads, tvars):

@@ -121,11 +121,31 @@ def test_snapshot_action_keeps_training_exactly_as_if_uninterrupted(tmp_path):
 def test_snapshot_cap_holds(tmp_path):
     model = dropout_model_with_fault(at=1)
     h = _train(model, tmp_path, on_anomaly="snapshot", max_snapshots=2)
-    assert int(model.optimizer.iterations) == 8  # snapshot keeps training
+    # snapshot keeps training but skips each bad update, the layer's call counter with it: the fault
+    # repeats at every later batch, and no NaN ever reaches a weight
+    assert int(model.optimizer.iterations) == 1
+    assert all(np.isfinite(w).all() for w in model.get_weights())
     assert len(os.listdir(tmp_path / "snaps")) == 2
     assert [a.snapshot is not None for a in h.anomalies][:2] == [True, True]
     assert all(a.snapshot is None and "cap of 2" in a.snapshot_error for a in h.anomalies[2:])
     assert len(h.anomalies) > 2
+
+
+def test_snapshot_action_skips_the_bad_update_and_snapshots_the_faults_repeat(tmp_path):
+    """``on_anomaly="snapshot"``: the failing step is written, its update skipped (no NaN reaches a weight
+    or an optimizer slot), training goes on, and the same fault one epoch later is written too."""
+    keras.utils.set_random_seed(0)
+    model = dropout_model_with_fault(at=10**6)
+    x, y = M.two_embedding_data(n=128)
+    y[70] = np.nan  # a bad label in batch 2 of every epoch
+    h = gradtrace.fit(model, x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, on_anomaly="snapshot",
+                      snapshot_dir=tmp_path / "s")
+    assert [(a.detector, a.layer, a.step, a.epoch) for a in h.anomalies] == [
+        ("nan", "targets", 2, 0), ("nan", "targets", 5, 1)]
+    assert all(a.snapshot and a.snapshot_error is None for a in h.anomalies)
+    assert int(model.optimizer.iterations) == 6  # 8 batches, the two bad updates skipped
+    assert all(np.isfinite(v.numpy()).all() for v in model.optimizer.variables)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
 def test_snapshot_action_defaults_to_a_directory(tmp_path, monkeypatch):
