@@ -379,3 +379,22 @@ def test_a_label_past_the_output_units_halts_at_its_step_and_the_process_trains_
     model = _classifier(keras.losses.SparseCategoricalCrossentropy(ignore_class=-1))
     h = gradtrace.fit(model, x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
     assert h.anomalies == [] and int(model.optimizer.iterations) == 3
+
+
+def test_a_nan_already_in_a_weight_is_blamed_on_the_weight():
+    """Under 'warn' a NaN update is applied; the steps after it blame the weight that holds it, not the first
+    layer whose output it spoils (nor an 'infinite derivative')."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,))
+    h = layers.Dense(16, activation="relu", name="d1")(inp)
+    h = M.NaNAtStep(2, name="faulty")(h)
+    h = layers.Dense(8, activation="relu", name="d2")(h)
+    model = keras.Model(inp, layers.Dense(1, name="out")(h), name="m")
+    model.compile("adam", "mse")
+    x = np.random.default_rng(0).normal(size=(128, 8)).astype("float32")
+    h = gradtrace.fit(model, x, x[:, :1], batch_size=32, epochs=1, shuffle=False, verbose=0, on_anomaly="warn",
+                      detectors=["nan"])
+    first, then = h.anomalies[0], h.anomalies[1]
+    assert (first.layer, first.tensor, first.step) == ("m/faulty", "output", 2)
+    assert (then.layer, then.tensor, then.step) == ("m/d1", "weight", 3), str(then)
+    assert "already holds" in then.message and "first nan finding" in then.hint

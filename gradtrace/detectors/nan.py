@@ -11,7 +11,9 @@ from gradtrace.stats import COL
 
 # Where to look for the origin, in order: the data, the forward pass in execution
 # order, the loss, the backward pass in backward order, and the weights.
-_ORIGIN_ORDER = ("input", "target", "output", "loss", "gradient", "weight_gradient", "weight")
+# A weight already non-finite (measured on a reported step) comes right after the data: it is read
+# before its layer's output is made, and poisons everything downstream.
+_ORIGIN_ORDER = ("input", "target", "weight", "output", "loss", "gradient", "weight_gradient")
 _DATA_NAMES = {"input": "inputs", "target": "targets"}
 
 
@@ -28,6 +30,11 @@ class NaN(Detector):
     infinite derivative); when the loss alone reads it, the loss. An overflow
     (Inf only, or under a loss scale), no graph, or no such reader: the first
     layer in backward order.
+
+    A weight that already holds a NaN/Inf (an earlier step's non-finite update, applied under ``warn``)
+    poisons every output after it: from the second finding of a fit on, the weights are read (on the
+    host, only then) and such a weight is blamed, with the step that let it in, not the first layer
+    whose output it spoiled.
     """
 
     name = "nan"
@@ -38,6 +45,10 @@ class NaN(Detector):
     def __init__(self, loss_scale_patience=20, action=None):
         super().__init__(action)
         self.loss_scale_patience = self._check_int("loss_scale_patience", loss_scale_patience, 1)
+
+    def reset(self):
+        super().reset()
+        self._earlier = None  # the step of this fit's first finding (host side)
 
     def check(self, view):
         bad = view["nan"] + view["inf"]
@@ -68,6 +79,18 @@ class NaN(Detector):
 
         origin = min(idx, key=rank)
         row = table.rows[origin]
+        earlier, self._earlier = getattr(self, "_earlier", None), True
+        poisoned = self._poisoned_weight(table) if earlier and row.kind != "weight" else None
+        if poisoned is not None:
+            w_row, count = poisoned
+            yield w_row, float(count), (
+                f"weight {w_row.name} of {w_row.path} ({w_row.layer_class}) already holds {count} NaN/Inf, let in "
+                f"by the update of an earlier step with a non-finite finding (applied under 'warn'): every output "
+                f"computed from it is non-finite, so the layers after it are not to blame."), (
+                "look at this fit's first nan finding for where the NaN came from; under the default "
+                "on_anomaly='halt' (or 'snapshot') a non-finite update never reaches the weights. Reload the "
+                "weights from before it (a checkpoint) to go on.")
+            return
         made_nan = matrix[origin][COL["nan"]] > 0  # an overflow makes Inf; 0 * Inf of a derivative makes NaN
         overflow = getattr(self, "_loss_scaled", False)
         if row.kind == "gradient" and table.graph is not None and made_nan and not overflow:
@@ -93,6 +116,26 @@ class NaN(Detector):
         yield row, float(values[origin]), self.message(row, float(values[origin]), matrix[origin], others), \
             self.hint(row)
 
+    @staticmethod
+    def _poisoned_weight(table):
+        """``(weight row, NaN/Inf count)`` of the first weight (in execution order) whose variable holds a
+        non-finite value now, or None. Read on the host, on a finding's step only."""
+        from gradtrace import _keras_compat as compat
+
+        try:
+            variables = list(compat.optimizer_trainable_variables(table.optimizer))
+        except Exception:
+            return None
+        by_key = {}
+        for v in variables:
+            by_key.setdefault((v.name, tuple(v.shape)), []).append(v)
+        for r in sorted((r for r in table.rows if r.kind == "weight"), key=lambda r: (r.order, r.index)):
+            for v in by_key.get((r.name, tuple(r.shape)), ()):
+                count = int(tf.reduce_sum(tf.cast(~tf.math.is_finite(tf.convert_to_tensor(v)), tf.int32)))
+                if count:
+                    return r, count
+        return None
+
     def hint(self, row):
         if row.kind in _DATA_NAMES:
             return (f"find the NaN/Inf in the {_DATA_NAMES[row.kind]} (np.isnan, np.isinf) and clean or drop those "
@@ -100,6 +143,9 @@ class NaN(Detector):
         if row.kind == "output":
             return (f"look in {row.path} for a log, sqrt, division or exp of a value out of range (log of 0 gives "
                     "-inf); on_anomaly='snapshot' and `gradtrace replay` name the op and source line.")
+        if row.kind == "weight":
+            return ("an earlier update let the NaN/Inf into this weight (an update applied under 'warn'); look at "
+                    "this fit's first nan finding, and reload the weights from before it.")
         if row.kind == "loss":
             return ("the loss turned finite outputs into NaN/Inf: a crossentropy on probabilities of exactly 0 or 1, "
                     "or a division by 0 in a custom loss; use from_logits=True or clip.")
