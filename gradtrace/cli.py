@@ -33,6 +33,28 @@ def _shapes(value):
     return str(np.asarray(value).shape)
 
 
+def _strict(value):
+    """``value`` as strict JSON can hold it: NaN and +-Inf become the strings "NaN", "Infinity" and
+    "-Infinity" (``JSON.parse`` and every strict parser reject the bare tokens), NumPy scalars and
+    arrays become numbers and lists."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _strict(value.tolist())
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if np.isnan(v):
+            return "NaN"
+        return v if np.isfinite(v) else ("Infinity" if v > 0 else "-Infinity")
+    return value
+
+
 def _show(path, as_json):
     from gradtrace import snapshot
 
@@ -40,7 +62,7 @@ def _show(path, as_json):
     m = dict(snap.manifest)
     batch = _shapes(snap.data)
     if as_json:
-        print(json.dumps({"manifest": m, "batch_shapes": batch}, indent=1))
+        print(json.dumps(_strict({"manifest": m, "batch_shapes": batch}), indent=1, allow_nan=False))
         return 0
     print(f"snapshot {snap.path}")
     print(f"  step {m['step']}, epoch {m['epoch']}, model {m['model']!r}")
@@ -59,7 +81,7 @@ def _replay(path, as_json):
 
     r = replay(path)
     if as_json:
-        print(json.dumps(r.to_dict(), indent=1, default=float))
+        print(json.dumps(_strict(r.to_dict()), indent=1, allow_nan=False))
     else:
         print(r)
     return 0

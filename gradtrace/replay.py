@@ -34,7 +34,7 @@ from gradtrace.stats import COL, row_dict
 
 class Replay:
     """What a replayed step holds: ``loss``, ``outputs``/``gradients`` by layer path,
-    ``weight_gradients`` by variable path, ``anomalies``, ``origin`` and ``table()``."""
+    ``weight_gradients`` by layer path and variable name (``outer/tower_a/proj/kernel``), ``anomalies``, ``origin`` and ``table()``."""
 
     def __init__(self, snapshot, model, loss, outputs, gradients, weight_gradients, table, matrix, anomalies, origin):
         self.snapshot = snapshot
@@ -154,9 +154,26 @@ def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
         snap, model, float(ins["loss"].numpy()),
         dict(ins["outputs"]),
         {p: g for p, g in ins["gradients"].items() if g is not None},
-        {v.path: g for v, g in zip(model.trainable_variables, wgrads) if g is not None},
+        _by_layer_path(engine, [v for v, _ in engine.variants[INSPECT].inspected["weight_gradients"]], wgrads),
         table, matrix, anomalies, origin,
     )
+
+
+def _by_layer_path(engine, variables, grads):
+    """``{"<layer path>/<variable name>": gradient}``: keyed like ``Replay.outputs`` (full layer paths), so two
+    inner models that each have a layer ``proj`` keep apart (Keras' variable paths would collide)."""
+    owners = engine._weight_owners()
+    out = {}
+    for v, g in zip(variables, grads):
+        if g is None:
+            continue
+        path = owners[id(v)][0][0] if owners.get(id(v)) else v.path.rsplit("/", 1)[0]
+        key, k = f"{path}/{v.name}", 1
+        while key in out:  # one layer holding two variables of one name
+            k += 1
+            key = f"{path}/{v.name}_{k}"
+        out[key] = g
+    return out
 
 
 def _model_for(snap, model, custom_objects, safe_mode):

@@ -207,12 +207,16 @@ def test_cli_replays_and_shows_in_a_fresh_process(tmp_path):
         done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     out, show, bad = done
     assert out.returncode == 0, out.stderr[-2000:]
-    doc = json.loads(out.stdout)
+    def bare(token):
+        raise AssertionError(f"not JSON: a bare {token} in the output")
+
+    doc = json.loads(out.stdout, parse_constant=bare)  # strict JSON: JSON.parse would reject NaN
+    assert any(row["nan"] == "NaN" or row["mean"] == "NaN" for row in doc["layers"])  # non-finite, as strings
     assert doc["step"] == 2 and doc["anomalies"][0]["layer"] == "outer/inner/faulty"
     assert doc["loss"] == pytest.approx(doc["recorded_loss"], rel=1e-6)
     assert doc["origin"]["layer"] == "outer/inner/faulty"
     assert show.returncode == 0, show.stderr[-2000:]
-    assert json.loads(show.stdout)["manifest"]["step"] == 2
+    assert json.loads(show.stdout, parse_constant=bare)["manifest"]["step"] == 2
     # without the module that defines the custom layer, it says exactly what to pass
     assert bad.returncode == 1
     assert "NaNAtStep" in bad.stderr and "custom_objects" in bad.stderr and "Traceback" not in bad.stderr
@@ -343,3 +347,24 @@ def test_capture_and_summary_reach_every_nested_layer():
     text = gradtrace.summary(model, x, print_fn=None)
     assert "outer/inner/user_emb" in text and "1,600" in text and "Embedding" in text
     assert not any(gradtrace.is_patched(l) for l in compat.flatten_layers(model))
+
+
+def test_replay_weight_gradients_are_keyed_by_layer_path(tmp_path):
+    """Two inner models with a layer of the same name: every trainable variable keeps its own gradient."""
+    keras.utils.set_random_seed(0)
+
+    def tower(name):
+        inp = keras.Input((4,))
+        return keras.Model(inp, layers.Dense(3, name="proj")(inp), name=name)
+
+    inp = keras.Input((4,))
+    h = layers.Concatenate(name="cat")([tower("tower_a")(inp), tower("tower_b")(inp)])
+    out = layers.Dense(1, name="out")(M.NaNAtStep(1, name="faulty")(h))
+    model = keras.Model(inp, out, name="outer")
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    h = gradtrace.fit(model, x, x[:, :1], batch_size=32, verbose=0, shuffle=False, snapshot_dir=tmp_path / "s")
+    r = gradtrace.replay(h.anomalies[0].snapshot)
+    assert sorted(r.weight_gradients) == sorted(
+        f"outer/{layer}/{w}" for layer in ("tower_a/proj", "tower_b/proj", "out") for w in ("kernel", "bias"))
+    assert len(r.weight_gradients) == len(model.trainable_variables)
