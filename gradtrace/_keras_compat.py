@@ -97,7 +97,7 @@ def plain_variable(initial_value, name, shape=None):
         return resource_variable_ops.ResourceVariable(value, trainable=False, name=name, shape=shape)
 
 
-def make_train_function(model, step_function):
+def make_train_function(model, step_function, jit_compile=None):
     """The train function Keras' own ``make_train_function`` builds (its ``steps_per_execution``
     loop over the iterator, ``strategy.run``, replica reduction, ``tf.function`` with the model's
     ``jit_compile``), around ``step_function`` instead of ``model.train_step``. The model's
@@ -105,9 +105,19 @@ def make_train_function(model, step_function):
 
     Under ``MultiWorkerMirroredStrategy`` Keras' own function fails on its replica reduction
     (``model.fit`` too, in Keras 3.15: see :func:`compile_step`), so the step is compiled by
-    :func:`compile_step` and called ``steps_per_execution`` times per call on the iterator."""
+    :func:`compile_step` and called ``steps_per_execution`` times per call on the iterator.
+
+    ``jit_compile`` (when not None) replaces the model's own for this function only: a step that
+    compiles its own XLA part (see ``Engine.train_function``) is wrapped without XLA."""
     import tensorflow as tf
 
+    if jit_compile is not None and bool(jit_compile) != bool(model.jit_compile):
+        saved = model.jit_compile
+        model.jit_compile = jit_compile
+        try:
+            return make_train_function(model, step_function)
+        finally:
+            model.jit_compile = saved
     if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
         one_step = compile_step(model, step_function)
 

@@ -79,9 +79,12 @@ class Run:
         self.snapshot_dir = snapshot_dir
         self.max_snapshots = max_snapshots
         self.snapshots: list[str] = []
+        # your own loop (gradtrace.watch): ``(your step function, run(plan, batch) -> its logs)``, and the
+        # optimizer it applies (written in a snapshot)
+        self.own_step = None
+        self.snapshot_optimizer = None
         self._last = None  # the record of the last traced step
         self.held_logs = None  # the logs of a step held by a halt
-        self.rerun_held = True  # measure a held step in full by running it again (the model's own step)
         self.trace_every = trace_every
         self.budget = None  # a gradtrace.budget.Budget when fit got overhead=
         self.traced_calls = 0
@@ -202,12 +205,12 @@ class Run:
             if not committed and data is None:
                 data, dist_data = variant.captured_batch(seg, self.model.distribute_strategy)
             columns = None if complete else seg.columns
-            if not complete and not committed and dist_data is not None and self.rerun_held:
+            if not complete and not committed and dist_data is not None:
                 # The step was held, so its pre-step state is intact: measure everything (exact
                 # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.
                 # The watched step itself only computes what the detectors read.
                 if report is None:
-                    report = dict(self.engine.batch_function(Plan(variant.plan.traced, "report"))(dist_data))[KEY]
+                    report = dict(self.run_step(Plan(variant.plan.traced, "report"), dist_data))[KEY]
                 if seg.index < len(report):
                     matrix = report[seg.index]["stats"].numpy()
                     faults = report[seg.index]["replica_faults"].numpy() if "replica_faults" in report[seg.index] \
@@ -216,7 +219,7 @@ class Run:
             mine = build_anomalies(seg.detectors, self.engine.actions, seg.table, fired, values, matrix, step,
                                    self.epoch, faults, columns)
             table = seg.table
-            if mine and not variant.plan.traced and not committed and dist_data is not None and self.rerun_held:
+            if mine and not variant.plan.traced and not committed and dist_data is not None:
                 # a guarded (untraced) step refused a non-finite update; it was held, so its pre-step
                 # state is intact: trace it now, committing nothing, to name the layer it started in
                 traced = self._traced_findings(dist_data, seg.index, step, {a.detector for a in mine})
@@ -237,12 +240,19 @@ class Run:
                 a.snapshot_error = "not written: the failing batch is not kept under jit_compile=True"
         return self._act(found, records[0], data, dist_data, more_records=records[1:])
 
+    def run_step(self, plan, dist_data):
+        """The watched step under ``plan`` on a batch the host holds (a held step measured in full, traced
+        again, or redone): the model's own step, or your loop's (gradtrace.watch). Returns its logs."""
+        if self.own_step is not None:
+            return self.own_step[1](plan, dist_data)
+        return self.engine.batch_function(plan)(dist_data)
+
     def _traced_findings(self, dist_data, index, step, detectors):
         """Run a held step again traced (every layer, every statistic, every detector; nothing committed)
         and return ``(anomalies, table, matrix)`` of its update ``index``, or ``None`` when the traced
         step does not confirm every detector in ``detectors`` (then the guarded step's findings stand)."""
         try:
-            out = dict(self.engine.batch_function(INSPECT)(dist_data))[KEY]
+            out = dict(self.run_step(INSPECT, dist_data))[KEY]
         except Exception as e:  # the guarded step's findings stand (its update is held either way)
             self.engine.warn_once("inspect", f"the held step could not be traced again to name its layer "
                                   f"({type(e).__name__}: {e}); its findings are those of the guarded step.")
@@ -294,10 +304,14 @@ class Run:
             self.halted = True
             raise AnomalyError(found)
         if action == "snapshot":
-            # the step was held so the snapshot has its pre-step state; now redo it, committed
+            # the step was held so the snapshot has its pre-step state; now redo it, committed (unless its
+            # update is non-finite: then it is skipped)
             if dist_data is None:
                 return None
-            out = dict(self.engine.batch_function(Plan(False, "force"))(dist_data))
+            out = self.run_step(Plan(False, "force"), dist_data)
+            if self.own_step is not None:  # your own loop's step (gradtrace.watch): its outputs are yours
+                return None
+            out = dict(out)
             out.pop(KEY, None)
             return out
         if action == "halt":
@@ -319,7 +333,8 @@ class Run:
             path = snapshot_module.write(
                 self.snapshot_dir, model=self.model, data=data, step=record.step, epoch=record.epoch,
                 anomalies=found, detectors=[d.name for d in self.engine.detectors],
-                table=record.table, matrix=record.matrix,
+                table=record.table, matrix=record.matrix, optimizer=self.snapshot_optimizer,
+                own_step=None if self.own_step is None else getattr(self.own_step[0], "__qualname__", "step"),
             )
         except Exception as e:  # a snapshot must never crash training silently: say why on the anomaly
             for a in found:

@@ -68,10 +68,10 @@ def _engine_for(model, dets, actions, optimizers=()):
         tuple(id(o) for o in optimizers),
         tuple((type(d), d.config()) for d in dets),
         tuple(sorted(actions.items())),
-        id(model.optimizer),
+        id(getattr(model, "optimizer", None)),  # an uncompiled model (your own loop) has none
         compat.compile_identity(model),
-        bool(model.run_eagerly),
-        bool(model.jit_compile),
+        bool(getattr(model, "run_eagerly", False)),
+        bool(getattr(model, "jit_compile", False)),
         int(getattr(model, "steps_per_execution", 1) or 1),
     )
     cached = _ENGINES.get(model)

@@ -70,7 +70,8 @@ class Replay:
         a, b = rec.astype(np.float64), self.matrix.astype(np.float64)
         both_nan = np.isnan(a) & np.isnan(b)
         same_inf = np.isinf(a) & (a == b)
-        diff = np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-6)
+        with np.errstate(invalid="ignore"):  # inf - inf: a NaN, then told apart below
+            diff = np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-6)
         diff[both_nan | same_inf] = 0.0
         return float(np.nanmax(np.where(np.isnan(diff), np.inf, diff))) if diff.size else 0.0
 
@@ -112,22 +113,47 @@ class Replay:
         return "\n".join(lines)
 
 
-def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
-    """Replay the step of the snapshot at ``path``; see the module docstring."""
+def replay(path, model=None, custom_objects=None, safe_mode=True, step=None, optimizer=None) -> Replay:
+    """Replay the step of the snapshot at ``path``; see the module docstring. A snapshot of your own loop
+    (``gradtrace.watch``) replays your step: pass it (``step=train_step``, as decorated by ``w.step`` or
+    not) and the optimizer it applies (``optimizer=``, default ``model.optimizer``)."""
     snap = snapshot_module.load(path)
+    own = snap.manifest.get("own_step")
+    if own and step is None:
+        raise SnapshotError(
+            f"{snap.path}: a step of your own loop ({own}); pass it, the model and the optimizer it applies: "
+            f"gradtrace.replay(path, model=model, step={own.rsplit('.', 1)[-1]}, optimizer=optimizer)")
+    if step is not None and not callable(step):
+        raise TypeError(f"step must be your step function, got {type(step).__name__}")
     model = _model_for(snap, model, custom_objects, safe_mode)
-    _restore(snap, model)
+    optimizer = optimizer or getattr(model, "optimizer", None)
+    _restore(snap, model, optimizer, own_step=step is not None)
     data = tf.nest.map_structure(lambda a: None if a is None else tf.convert_to_tensor(a), snap.data)
+    return _replay(snap, model, optimizer, data, step)
 
+
+def _replay(snap, model, optimizer, data, own=None):
+    """Run the snapshotted step (the model's own, or ``own``: your loop's step function) through the engine
+    under the ``inspect`` plan: every statistic, every tensor kept, nothing committed."""
     from gradtrace.actions import build_anomalies
     from gradtrace.step import INSPECT, KEY, Engine
 
     names = [n for n in snap.manifest["detectors"] if n in detectors_module.BUILTINS]
     dets = detectors_module.resolve(names or None)
     tap = LayerTap(model)
-    engine = Engine(model, dets, {d.name: "warn" for d in dets}, tap)
-
-    step = engine.step_function(INSPECT)  # the model's own step, watched; it measures everything, commits nothing
+    own_fn = None
+    if own is not None:  # your step as w.step wrapped it, a tf.function, or a Python function
+        own_fn, compiled, own_jit = getattr(own, "gradtrace_step", None) or (
+            (own.python_function, True, bool(compat.function_jit_compile(own))) if hasattr(own, "python_function")
+            else (own, False, False))
+    engine = Engine(model, dets, {d.name: "warn" for d in dets}, tap, optimizers=() if own is None else (optimizer,))
+    if own_fn is None:
+        step = engine.step_function(INSPECT)  # the model's own step, watched; it measures everything, commits nothing
+        jit, eager = bool(model.jit_compile), model.run_eagerly
+    else:
+        custom = engine.custom_step(INSPECT, own_fn)
+        step = lambda batch: custom(*batch)[0]  # noqa: E731
+        jit, eager = own_jit, not compiled  # compiled as your step was: a tf.function with its jit_compile
 
     def inspect(batch):
         out = step(batch)
@@ -137,11 +163,11 @@ def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
 
     # Compiled as the recorded step was (same graph rewrites, so NaN propagates through
     # fused ops exactly as it did in training), unless the model trains eagerly.
-    if not model.run_eagerly:
-        inspect = tf.function(tf.autograph.experimental.do_not_convert(inspect), jit_compile=bool(model.jit_compile))
+    if not eager:
+        inspect = tf.function(tf.autograph.experimental.do_not_convert(inspect), jit_compile=jit)
     with engine.installed():
         extra, ins, wgrads = inspect(data)
-        _restore(snap, model)  # the step ran in training mode: put BatchNorm and seed states back
+        _restore(snap, model, optimizer, own_step=own is not None)  # put BatchNorm and seed states back
         variant = engine.variants[INSPECT]
         table = variant.table
         matrix = extra["stats"].numpy()
@@ -149,7 +175,8 @@ def replay(path, model=None, custom_objects=None, safe_mode=True) -> Replay:
                                     extra["values"].numpy(), matrix, snap.step, snap.manifest["epoch"])
         origin = None
         if np.any(matrix[:, COL["nan"]] + matrix[:, COL["inf"]] > 0):
-            origin = _origin(model, data, tap)
+            origin = _origin(model, data, tap) if own_fn is None else _origin_own(snap, model, optimizer, own_fn,
+                                                                                 data, tap)
     return Replay(
         snap, model, float(ins["loss"].numpy()),
         dict(ins["outputs"]),
@@ -217,14 +244,16 @@ def _model_for(snap, model, custom_objects, safe_mode):
     return model
 
 
-def _restore(snap, model):
-    if not getattr(model, "compiled", False) or model.optimizer is None:
-        raise SnapshotError(f"{snap.path}: the model is not compiled; compile it as for training, then replay")
+def _restore(snap, model, optimizer=None, own_step=False):
+    optimizer = optimizer or getattr(model, "optimizer", None)
+    if optimizer is None or not (own_step or getattr(model, "compiled", False)):
+        raise SnapshotError(f"{snap.path}: the model is not compiled; compile it as for training, then replay"
+                            if not own_step else f"{snap.path}: pass the optimizer your step applies (optimizer=)")
     if not model.built:
         x = snap.data[0] if isinstance(snap.data, tuple) else snap.data
         model(tf.nest.map_structure(lambda a: None if a is None else tf.convert_to_tensor(a), x), training=False)
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
     from gradtrace.capture import variable_paths
 
     named = variable_paths(model)
@@ -236,7 +265,7 @@ def _restore(snap, model):
         raise SnapshotError(f"{snap.path}: the model's variables do not match the snapshot's:\n{diff}")
     for (_, v), value in zip(named, snap.variables):
         v.assign(value)
-    opt = list(model.optimizer.variables)
+    opt = list(optimizer.variables)
     want_opt = [(p, list(s)) for p, s in snap.manifest["optimizer_variables"]]
     if [list(v.shape) for v in opt] != [s for _, s in want_opt]:
         diff = _diff([(v.path, list(v.shape)) for v in opt], want_opt)
@@ -288,23 +317,42 @@ def _origin(model, data, tap):
         tape.gradient(loss, model.trainable_variables)
         return None
     except (tf.errors.InvalidArgumentError, ValueError) as e:
-        text = str(e)
-        op = re.search(r'op "?([A-Za-z0-9_]+)"? \(# of outputs', text) or re.search(r'op "([^"]+)"', text)
-        name = re.search(r"\(op name: ([^)]+)\)|op name: (\S+)", text)
-        failure = tap.failure if stage == "forward" else None
-        src, code = _user_frame(e)
-        return {
-            "op_type": op.group(1) if op else "unknown",
-            "op_name": (name.group(1) or name.group(2)) if name else (op.group(1) if op else ""),
-            "layer": failure[0] if failure else ("loss" if stage == "loss" else "(backward pass)"),
-            "layer_class": failure[1] if failure else "",
-            "pass": stage,
-            "source": src,
-            "code": code,
-            "message": text.splitlines()[0][:300] if text else "",
-        }
+        return _origin_of(e, stage, tap)
     finally:
         tf.debugging.disable_check_numerics()
+
+
+def _origin_own(snap, model, optimizer, fn, data, tap):
+    """Your own step, eagerly, with numerics checks on: the first op to produce NaN/Inf. The step is stopped
+    there, before its update; should it get through, every variable is put back as the snapshot has it."""
+    tf.debugging.enable_check_numerics()
+    try:
+        fn(*data)
+        return None
+    except (tf.errors.InvalidArgumentError, ValueError) as e:
+        return _origin_of(e, "forward" if tap.failure else "backward", tap)
+    finally:
+        tf.debugging.disable_check_numerics()
+        _restore(snap, model, optimizer, own_step=True)
+
+
+def _origin_of(e, stage, tap):
+    """The op, layer, pass and source line a numerics check failed at."""
+    text = str(e)
+    op = re.search(r'op "?([A-Za-z0-9_]+)"? \(# of outputs', text) or re.search(r'op "([^"]+)"', text)
+    name = re.search(r"\(op name: ([^)]+)\)|op name: (\S+)", text)
+    failure = tap.failure if stage == "forward" else None
+    src, code = _user_frame(e)
+    return {
+        "op_type": op.group(1) if op else "unknown",
+        "op_name": (name.group(1) or name.group(2)) if name else (op.group(1) if op else ""),
+        "layer": failure[0] if failure else ("loss" if stage == "loss" else "(backward pass)"),
+        "layer_class": failure[1] if failure else "",
+        "pass": stage,
+        "source": src,
+        "code": code,
+        "message": text.splitlines()[0][:300] if text else "",
+    }
 
 
 def _user_frame(exc):

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_VERSION = 1
+OPTIONAL_KEYS = frozenset({"own_step"})  # your own loop's step function (gradtrace.watch); absent before it
 MANIFEST_KEYS = frozenset(
     {"format", "format_version", "gradtrace", "tensorflow", "keras", "step", "epoch", "model", "anomalies",
      "detectors", "batch", "files", "variables", "optimizer_variables", "has_architecture", "has_compile_config"}
@@ -101,8 +102,11 @@ def _decode(spec, arrays):
 
 # -- writing -----------------------------------------------------------------------------------
 
-def write(directory, *, model, data, step, epoch, anomalies, detectors, table, matrix) -> str:
-    """Write one snapshot atomically and return its path."""
+def write(directory, *, model, data, step, epoch, anomalies, detectors, table, matrix, optimizer=None,
+          own_step=None) -> str:
+    """Write one snapshot atomically and return its path. ``optimizer``: the one the step applies (default
+    ``model.optimizer``); ``own_step``: the name of your own loop's step function (``gradtrace.watch``),
+    whose arguments ``data`` holds: replay then needs that function."""
     import keras
     import tensorflow as tf
 
@@ -126,7 +130,7 @@ def write(directory, *, model, data, step, epoch, anomalies, detectors, table, m
 
         named = variable_paths(model)
         variables = [v for _, v in named]
-        opt_vars = list(model.optimizer.variables)
+        opt_vars = list((optimizer or model.optimizer).variables)
         np.savez(
             tmp / "state.npz",
             **{f"v{i}": np.asarray(v.numpy()) for i, v in enumerate(variables)},
@@ -164,6 +168,7 @@ def write(directory, *, model, data, step, epoch, anomalies, detectors, table, m
             "optimizer_variables": [[v.path, list(v.shape)] for v in opt_vars],
             "has_architecture": has_arch,
             "has_compile_config": has_compile,
+            "own_step": own_step,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
         os.rename(tmp, final)
@@ -247,7 +252,7 @@ def read_manifest(path) -> dict:
             f"{root}: snapshot format version {version!r} is not supported by this gradtrace "
             f"(it reads version {FORMAT_VERSION}); use the gradtrace version that wrote it ({manifest.get('gradtrace')})"
         )
-    keys = set(manifest)
+    keys = set(manifest) - OPTIONAL_KEYS
     if keys != MANIFEST_KEYS:
         extra, missing = sorted(keys - MANIFEST_KEYS), sorted(MANIFEST_KEYS - keys)
         raise SnapshotError(f"{root}: manifest.json has unexpected keys {extra} and lacks {missing}")

@@ -143,6 +143,7 @@ class Record:
         self.histograms = None if histograms is None else _slot(histograms, "gradtrace_histograms")
         # the failing batch's components (composite tensors expanded), any shape
         self.batch = None if batch is None else [_slot(t, "gradtrace_batch", tf.TensorShape(None)) for t in batch]
+        self.batch_kept = None  # under XLA: the batch was kept outside the XLA cluster in this execution
         self.logs = {}  # the failing step's own logs (scalars), as its train_step returned them
         # the per-layer history's device buffer (gradtrace.history): a few columns of every traced
         # step, drained by the host every history.BUFFER traced steps
@@ -164,6 +165,8 @@ class Record:
     def reset(self):
         self.any.assign(False)
         self.blocked.assign(False)
+        if self.batch_kept is not None:
+            self.batch_kept.assign(False)
 
 
 class Segment:
@@ -197,6 +200,7 @@ class Variant:
         self.plan = plan
         self.segments: list[Segment] = []
         self.batch_structure = None  # the step's data, symbolic: how to rebuild the captured batch
+        self.batch_outside = False  # the batch is kept outside the step (XLA): see Engine.keeping_the_batch
         self.inspected = None
         self.function = None
         self.traces = 0  # how many times the step was traced (Python ran it)
@@ -395,8 +399,50 @@ class Engine:
         """The train function Keras builds around the watched step (iterator in, logs out), made once."""
         variant = self.variant(plan)
         if variant.function is None:
-            variant.function = compat.make_train_function(self.model, self.step_function(plan, reports_fired=True))
+            step = self.step_function(plan, reports_fired=True)
+            if self.keep_batch or self.model.run_eagerly:
+                variant.function = compat.make_train_function(self.model, step)
+            else:
+                compiled = tf.function(step, jit_compile=True, reduce_retracing=True)
+                variant.function = compat.make_train_function(self.model, self.keeping_the_batch(variant, compiled),
+                                                              jit_compile=False)
         return variant.function
+
+    def keeping_the_batch(self, variant, compiled, custom=False):
+        """Under XLA: ``compiled`` (the watched step, compiled with ``jit_compile=True`` as Keras compiles its
+        own) and around it, outside the XLA cluster, the failing batch kept for a snapshot (a variable whose
+        shape changes cannot live inside an XLA cluster). The batch is Keras' one argument, or (``custom``)
+        the arguments of your own step."""
+
+        variant.batch_outside = True
+
+        def step_keeping_the_batch(*data):
+            out = compiled(*data)
+            data = data if custom else data[0]
+            rid = _replica_id()
+            leaves = _batch_leaves(data)
+            if variant.batch_structure is None:
+                variant.batch_structure = data
+            for segment in variant.segments:
+                rec = segment.records.get(rid)
+                if rec is None:
+                    continue
+                if rec.batch is None:
+                    rec.batch = [_slot(t, "gradtrace_batch", tf.TensorShape(None)) for t in leaves]
+                    rec.batch_kept = compat.plain_variable(False, name="gradtrace_batch_kept")
+
+                def keep(rec=rec):
+                    for v, t in zip(rec.batch, leaves):
+                        v.assign(t)
+                    rec.batch_kept.assign(True)
+                    return tf.constant(True)
+
+                # the first firing step of the execution (its record was written then)
+                tf.cond(rec.any.read_value() & tf.logical_not(rec.batch_kept.read_value()), keep,
+                        lambda: tf.constant(False))
+            return out
+
+        return step_keeping_the_batch
 
     def batch_function(self, plan):
         """The watched step compiled as Keras compiles its step, on a batch the host holds."""
@@ -500,7 +546,7 @@ class Engine:
             return logs
         if plan.returns_result:
             restore_metrics()
-            logs = dict(logs)
+            logs = dict(logs) if isinstance(logs, dict) else {"outputs": logs}  # your own step's outputs
             logs[KEY] = [self._result_logs(ctx, res) for res in results]
             return logs
         if metric_vars:  # a held step leaves the metric accumulators as they were (after its logs were read)
@@ -564,7 +610,7 @@ class Engine:
         rid = _replica_id()
         if rid not in segment.records:
             batch = None
-            if self.keep_batch:
+            if self.keep_batch and not ctx.variant.batch_outside:
                 batch = _batch_leaves(ctx.data)
                 if ctx.variant.batch_structure is None:
                     ctx.variant.batch_structure = ctx.data

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace.fit import Installed, attach_run, check_model, resolve_options, start_run
+from gradtrace.step import Plan
 
 
 class Watch(keras.callbacks.Callback):
@@ -153,19 +154,25 @@ class watch:
     :class:`~gradtrace.AnomalyError`. ``w.anomalies`` and ``w.run`` (for
     :func:`gradtrace.report`) hold what was found. The optimizers watched are
     ``optimizer`` and the model's own (``model.optimizer`` and optimizer
-    attributes). Snapshots are not written for your own loop.
+    attributes). With ``snapshot_dir`` (or ``on_anomaly="snapshot"``) the failing step's batch (the
+    step's arguments), weights and optimizer state are written, under XLA too; replay it with
+    ``gradtrace.replay(path, model=model, step=train_step, optimizer=optimizer)``.
+    ``tensorboard_dir`` writes the per-layer summaries every ``tensorboard_every`` steps, as under
+    :func:`gradtrace.fit`.
     """
 
     def __init__(self, model, optimizer=None, detectors=None, on_anomaly=None, trace_every=1, verbose=1,
-                 overhead=None, trace_at_least_every=100):
+                 overhead=None, trace_at_least_every=100, snapshot_dir=None, max_snapshots=5,
+                 tensorboard_dir=None, tensorboard_every=100):
         if not isinstance(model, keras.layers.Layer):
             raise TypeError(f"gradtrace.watch expects a Keras model or layer, got {type(model).__name__}.")
         if optimizer is not None and not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(f"optimizer must be a keras.optimizers.Optimizer, got {type(optimizer).__name__}.")
         self.model = model
         self.optimizer = optimizer
-        self.options = resolve_options(detectors, on_anomaly, None, trace_every, 0, 100, overhead,
-                                       trace_at_least_every)
+        self.options = resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots,
+                                       tensorboard_every, overhead, trace_at_least_every)
+        self.tensorboard_dir = tensorboard_dir
         self.verbose = verbose
         self.run = None
         self._engine = None
@@ -180,8 +187,9 @@ class watch:
         return self.run.anomalies if self.run is not None else []
 
     def __enter__(self):
-        self.run, self._engine = start_run(self.model, self.options, None, self.verbose, optimizer=self.optimizer)
-        self.run.rerun_held = False  # a held step of your loop is reported from what it measured
+        self.run, self._engine = start_run(self.model, self.options, self.tensorboard_dir, self.verbose,
+                                           optimizer=self.optimizer)
+        self.run.snapshot_optimizer = self.optimizer or getattr(self.model, "optimizer", None)
         self._hooks = self._engine.installed()
         self._hooks.__enter__()
         return self
@@ -194,6 +202,8 @@ class watch:
                     self.run.drain_history()
             finally:
                 hooks.__exit__(None, None, None)
+                if self.run.tensorboard is not None:
+                    self.run.tensorboard.close()
         if exc[1] is not None:
             attach_run(exc[1], None, self.run)
         return False
@@ -210,20 +220,35 @@ class watch:
 
         def make(plan):
             step = engine.custom_step(plan, python_function)
-            return tf.function(step, jit_compile=compat.function_jit_compile(fn)) if compiled else step
+            if not compiled:
+                return step
+            if compat.function_jit_compile(fn) and plan.mode == "train":
+                # XLA for your step as you asked; the failing batch kept outside the XLA cluster
+                return tf.function(engine.keeping_the_batch(engine.variant(plan),
+                                                            tf.function(step, jit_compile=True), custom=True))
+            return tf.function(step, jit_compile=compat.function_jit_compile(fn))
+
+        def run_on(plan, data):  # a held step measured in full, traced again or redone (gradtrace.fit's too)
+            if plan not in functions:
+                functions[plan] = make(plan)
+            return functions[plan](*data)[0]
+
+        run.own_step = (python_function, run_on)
 
         def call(*args, **kwargs):
             if self._hooks is None:
                 raise RuntimeError("the watched step was called after its `with gradtrace.watch(...)` block ended; "
                                    "call it inside the block (or watch it again)")
-            plan, traced, _ = run.next_plan()
+            plan, traced, summary = run.next_plan()
             if plan not in functions:
                 functions[plan] = make(plan)
             start, found = time.perf_counter(), run.log.total
             out, fired = functions[plan](*args, **kwargs)
-            run.after_call(plan, traced, fired=fired)
+            run.after_call(plan, traced, summary, fired=fired)
             run.timed(traced, time.perf_counter() - start, run.log.total != found)
             run.after_step(traced)
             return out
 
+        # what gradtrace.replay(path, step=...) runs, and how it was compiled
+        call.gradtrace_step = (python_function, compiled, bool(compat.function_jit_compile(fn)))
         return call
