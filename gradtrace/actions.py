@@ -237,7 +237,8 @@ class Run:
         if data is None and self.snapshot_dir is not None and not all(bool(s.record().committed.numpy())
                                                                       for s in segments):
             for a in found:
-                a.snapshot_error = "not written: the failing batch is not kept under jit_compile=True"
+                a.snapshot_error = ("not written: the failing batch is not kept under jit_compile=True with a "
+                                    "distribution strategy (Keras' jit_compile='auto' is False under any strategy)")
         return self._act(found, records[0], data, dist_data, more_records=records[1:])
 
     def run_step(self, plan, dist_data):

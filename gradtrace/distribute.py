@@ -106,6 +106,12 @@ class Replicas:
         return self.ctx.merge_call(cross, args=(block, commit_args, hold_args))
 
 
+def replicas_of(model) -> int:
+    """How many replicas ``model``'s strategy runs the step on (1 without a strategy)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return int(getattr(strategy, "num_replicas_in_sync", 1) or 1)
+
+
 def current():
     """:class:`Replicas` when the step runs under a strategy with more than one replica."""
     ctx = tf.distribute.get_replica_context()

@@ -63,11 +63,19 @@ class Replay:
         return row_dict(self.matrix[i])
 
     def max_difference(self) -> float:
-        """Largest relative difference between the recorded and the replayed statistics."""
+        """Largest relative difference between the recorded and the replayed statistics (0.0: bit for bit;
+        a step recorded on several replicas differs by float rounding, its sums taken in another order)."""
         rec = self.snapshot.matrix
         if rec.shape != self.matrix.shape:
             return float("inf")
         a, b = rec.astype(np.float64), self.matrix.astype(np.float64)
+        replicas = int(self.snapshot.manifest.get("replicas", 1) or 1)
+        if replicas > 1:
+            # recorded under a strategy: the loss and the weight gradients were one per replica, their
+            # sizes summed over replicas; replay runs the whole batch on one device
+            for r in self.rows.rows:
+                if r.kind in ("loss", "weight_gradient"):
+                    a[r.index, COL["size"]] /= replicas
         both_nan = np.isnan(a) & np.isnan(b)
         same_inf = np.isinf(a) & (a == b)
         with np.errstate(invalid="ignore"):  # inf - inf: a NaN, then told apart below

@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_VERSION = 1
-OPTIONAL_KEYS = frozenset({"own_step"})  # your own loop's step function (gradtrace.watch); absent before it
+# absent in snapshots written before them: your own loop's step function (gradtrace.watch), the replicas
+# the step ran on (a distribution strategy's)
+OPTIONAL_KEYS = frozenset({"own_step", "replicas"})
 MANIFEST_KEYS = frozenset(
     {"format", "format_version", "gradtrace", "tensorflow", "keras", "step", "epoch", "model", "anomalies",
      "detectors", "batch", "files", "variables", "optimizer_variables", "has_architecture", "has_compile_config"}
@@ -169,6 +171,7 @@ def write(directory, *, model, data, step, epoch, anomalies, detectors, table, m
             "has_architecture": has_arch,
             "has_compile_config": has_compile,
             "own_step": own_step,
+            "replicas": int(getattr(getattr(model, "distribute_strategy", None), "num_replicas_in_sync", 1) or 1),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
         os.rename(tmp, final)

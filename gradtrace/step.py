@@ -400,7 +400,9 @@ class Engine:
         variant = self.variant(plan)
         if variant.function is None:
             step = self.step_function(plan, reports_fired=True)
-            if self.keep_batch or self.model.run_eagerly:
+            if self.keep_batch or self.model.run_eagerly or distribute.replicas_of(self.model) > 1:
+                # (under a strategy, XLA is Keras' own: a nested XLA function would cross the replicas'
+                # synchronisation; Keras resolves jit_compile="auto" to False under any strategy)
                 variant.function = compat.make_train_function(self.model, step)
             else:
                 compiled = tf.function(step, jit_compile=True, reduce_retracing=True)
@@ -413,36 +415,38 @@ class Engine:
         own) and around it, outside the XLA cluster, the failing batch kept for a snapshot (a variable whose
         shape changes cannot live inside an XLA cluster). The batch is Keras' one argument, or (``custom``)
         the arguments of your own step."""
-
         variant.batch_outside = True
 
         def step_keeping_the_batch(*data):
             out = compiled(*data)
-            data = data if custom else data[0]
-            rid = _replica_id()
-            leaves = _batch_leaves(data)
-            if variant.batch_structure is None:
-                variant.batch_structure = data
-            for segment in variant.segments:
-                rec = segment.records.get(rid)
-                if rec is None:
-                    continue
-                if rec.batch is None:
-                    rec.batch = [_slot(t, "gradtrace_batch", tf.TensorShape(None)) for t in leaves]
-                    rec.batch_kept = compat.plain_variable(False, name="gradtrace_batch_kept")
-
-                def keep(rec=rec):
-                    for v, t in zip(rec.batch, leaves):
-                        v.assign(t)
-                    rec.batch_kept.assign(True)
-                    return tf.constant(True)
-
-                # the first firing step of the execution (its record was written then)
-                tf.cond(rec.any.read_value() & tf.logical_not(rec.batch_kept.read_value()), keep,
-                        lambda: tf.constant(False))
+            self._keep_batch(variant, data if custom else data[0])
             return out
 
         return step_keeping_the_batch
+
+    def _keep_batch(self, variant, data):
+        """This replica's batch into its records, on the first firing step of the execution (in-graph)."""
+        rid = _replica_id()
+        leaves = _batch_leaves(data)
+        if variant.batch_structure is None:
+            variant.batch_structure = data
+        for segment in variant.segments:
+            rec = segment.records.get(rid)
+            if rec is None:
+                continue
+            if rec.batch is None:
+                rec.batch = [_slot(t, "gradtrace_batch", tf.TensorShape(None)) for t in leaves]
+                rec.batch_kept = compat.plain_variable(False, name="gradtrace_batch_kept")
+
+            def keep(rec=rec):
+                for v, t in zip(rec.batch, leaves):
+                    v.assign(t)
+                rec.batch_kept.assign(True)
+                return tf.constant(True)
+
+            tf.cond(rec.any.read_value() & tf.logical_not(rec.batch_kept.read_value()), keep,
+                    lambda: tf.constant(False))
+        return tf.constant(True)
 
     def batch_function(self, plan):
         """The watched step compiled as Keras compiles its step, on a batch the host holds."""
@@ -646,11 +650,19 @@ class Engine:
             # weight or an optimizer slot (then skipped, as LossScaleOptimizer skips such a step; a
             # LossScaleOptimizer is left to skip it itself, and lower its scale)
             scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+            replicas = distribute.current()
             skip = tf.constant(False) if scaled else tf.logical_not(_all_finite(grads))
+            if replicas is not None:  # skipped on every replica when one replica's gradients are non-finite
+                skip = replicas.sum(tf.cast(skip, tf.float32)) > 0.0
             if changed is not None:
                 skip = skip | changed
-            committed = tf.cond(skip | ctx.held, lambda: _restored(ctx.rollback, ctx.saved),
-                                lambda: _applied(original, grads, tvars))
+            skip = skip | ctx.held
+            if replicas is not None:
+                committed = replicas.gate(skip, lambda g: _applied(original, g, tvars), (grads,),
+                                          lambda saved: _restored(ctx.rollback, saved), ctx.saved)
+            else:
+                committed = tf.cond(skip, lambda: _restored(ctx.rollback, ctx.saved),
+                                    lambda: _applied(original, grads, tvars))
             ctx.held = tf.logical_or(ctx.held, tf.logical_not(committed))
             return committed
         variant = ctx.variant

@@ -33,7 +33,11 @@ def pytest_collection_modifyitems(session, config, items):
         from tests.test_process import start_scenarios
 
         start_scenarios()
-    if "test_distribute" in modules:
+    if "test_replay_matrix" in modules:
+        from tests.test_replay_matrix import start_scenarios as start_matrix
+
+        start_matrix()
+    if "test_distribute" in modules or "test_replay_matrix" in modules:
         from tests.test_distribute import start_scenarios as start_distribute
 
         start_distribute()

@@ -196,6 +196,12 @@ def mirrored(out, out_path):
         "iterations": [int(gans["faulty"].d_optimizer.iterations.numpy()),
                        int(gans["faulty"].g_optimizer.iterations.numpy())],
     }
+
+    # 6. halt, snapshot and replay through gradtrace.fit and Watch (tests/replay_matrix.py)
+    from tests import replay_matrix
+
+    directory = os.path.join(os.path.dirname(os.path.abspath(out_path)), "matrix")
+    res["matrix"] = {f"{entry}-False": replay_matrix.run(entry, False, directory, strategy) for entry in ("fit", "Watch")}
     out.update(res)
 
 
