@@ -65,6 +65,16 @@ class Watch(keras.callbacks.Callback):
         self.close()  # what an interrupted earlier fit may have left
         model = self.model
         check_model(model)
+        spe = int(getattr(model, "steps_per_execution", 1) or 1)
+        if spe > 1 and "snapshot" in self.options.actions.values():
+            # Keras has already laid out this fit's executions: unlike gradtrace.fit, a callback cannot
+            # fall back to one step per execution, and the steps after a snapshotted one would run
+            # before its redo
+            raise ValueError(
+                f"gradtrace.Watch with the action 'snapshot' needs steps_per_execution=1 (the model has {spe}): "
+                "a snapshotted step is redone on the host after its execution. Compile with "
+                "steps_per_execution=1, use on_anomaly='halt' with snapshot_dir (one snapshot, then stop), or "
+                "call gradtrace.fit(model, ...), which falls back to one step per execution by itself.")
         self.run, engine = start_run(model, self.options, self.tensorboard_dir, self._verbosity())
         self.runs.append(self.run)
         installed = Installed(model, engine, self.run)

@@ -368,3 +368,15 @@ def test_replay_weight_gradients_are_keyed_by_layer_path(tmp_path):
     assert sorted(r.weight_gradients) == sorted(
         f"outer/{layer}/{w}" for layer in ("tower_a/proj", "tower_b/proj", "out") for w in ("kernel", "bias"))
     assert len(r.weight_gradients) == len(model.trainable_variables)
+
+
+def test_watch_refuses_snapshot_with_several_steps_per_execution(tmp_path):
+    """A callback cannot fall back to one step per execution as gradtrace.fit does: it says what to do."""
+    model = dropout_model_with_fault(at=10**6)
+    model.compile(optimizer="adam", loss="binary_crossentropy", steps_per_execution=2)
+    x, y = M.two_embedding_data(n=64)
+    with pytest.raises(ValueError, match="steps_per_execution=1 .the model has 2.*gradtrace.fit"):
+        model.fit(x, y, batch_size=32, verbose=0, callbacks=[gradtrace.Watch(on_anomaly="snapshot",
+                                                                              snapshot_dir=tmp_path)])
+    assert not any(gradtrace.is_patched(layer) for layer in compat.flatten_layers(model))
+    model.fit(x, y, batch_size=32, verbose=0)  # the model trains as before

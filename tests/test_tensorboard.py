@@ -98,3 +98,29 @@ def test_unwritable_tensorboard_dir_is_refused_before_training(tmp_path):
         gradtrace.fit(model, x, y, batch_size=32, verbose=0, tensorboard_dir=tmp_path / "ok", tensorboard_every=0)
     assert int(model.optimizer.iterations) == 0
     assert not any(gradtrace.is_patched(l) for l in compat.flatten_layers(model))
+
+
+def test_your_own_loop_writes_the_same_summaries(tmp_path):
+    """gradtrace.watch(..., tensorboard_dir=): per-layer summaries every tensorboard_every steps, findings as text."""
+    import tensorflow as tf
+
+    from tests import replay_matrix as RM
+
+    x, y = RM._data()  # a 0 under a log in batch 2: one finding
+    model = RM._model(keras, False, tf.distribute.get_strategy())
+    opt = model.optimizer
+    with gradtrace.watch(model, opt, tensorboard_dir=tmp_path, tensorboard_every=2, on_anomaly="warn",
+                         verbose=0) as w:
+        @w.step
+        @tf.function
+        def step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = keras.ops.mean(keras.losses.mean_squared_error(yb, model(xb, training=True)))
+            opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+            return loss
+
+        for i in range(0, 128, 32):
+            step(x[i:i + 32], y[i:i + 32])
+    ev = read_events(tmp_path)
+    assert sorted(ev["logmodel/hidden/output/mean"]) == [0, 2]
+    assert "logmodel/hidden/gradient/norm" in ev and "gradtrace/anomalies" in ev
