@@ -137,7 +137,9 @@ def plot(source, what=DEFAULT_PANELS, stat="mean"):
         heat[-1].set_xlabel(f"step ({hist.width} step(s) per column{'; ' + stat if hist.width > 1 else ''})",
                             fontsize=8)
     fig.suptitle(f"gradtrace: {name}" if name else "gradtrace", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.text(0.01, 0.005, "white cell: not measured at that step (or 0 on a log scale); red x: an anomaly at that "
+             "layer and step; dashed line: an epoch starts", fontsize=7, color="dimgray", gid="legend")
     return fig
 
 
@@ -168,8 +170,9 @@ def _bucket(steps, step):
 
 def plot_snapshot(path):
     """One failing step from a snapshot directory: per-layer bars of the output-gradient norm, the
-    weight-gradient norm and the dead/saturated fraction, the blamed layer in red, non-finite
-    tensors marked with a red "nan/inf"."""
+    weight-gradient norm and the dead/saturated fraction, the blamed layer in red, each non-finite
+    tensor marked with a red "nan/inf" in its own panel (a layer without weights gets no mark in the
+    weight-gradient panel), and a legend saying so."""
     plt = _pyplot()
     from gradtrace.graph import base_path
     from gradtrace.snapshot import read_manifest
@@ -182,7 +185,7 @@ def plot_snapshot(path):
     with np.load(os.path.join(root, "stats.npz"), allow_pickle=False) as z:
         matrix = z["matrix"]
     blamed = {a.get("layer") for a in manifest.get("anomalies", [])}
-    order, values, bad = [], {}, set()
+    order, values, bad = [], {}, set()  # bad: (layer, panel) whose tensor holds a NaN/Inf
     for r in rows:
         if r["kind"] not in ("output", "gradient", "weight_gradient"):
             continue
@@ -190,9 +193,9 @@ def plot_snapshot(path):
         if path_ not in order:
             order.append(path_)
         row = matrix[r["index"]]
-        if row[COL["nan"]] + row[COL["inf"]] > 0:
-            bad.add(path_)
         key = {"gradient": "out-grad", "weight_gradient": "weight-grad"}.get(r["kind"])
+        if row[COL["nan"]] + row[COL["inf"]] > 0:
+            bad.add((path_, key or "dead/sat"))
         if key:
             values.setdefault((path_, key), []).append(float(row[COL["norm"]]))
         elif r.get("relu") or r.get("activation") in ("sigmoid", "tanh"):
@@ -206,10 +209,15 @@ def plot_snapshot(path):
         colors = ["tab:red" if p in blamed else "tab:blue" for p in order]
         ax.barh(y, v, color=colors, gid=f"bars:{key}")
         if key != "dead/sat" and any(x > 0 for x in v):
+            from matplotlib.ticker import LogLocator, NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(numticks=4))  # a few decades labelled: no overlap
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_title(key, fontsize=9)
         for i, p in enumerate(order):
-            if p in bad:
+            if (p, key) in bad:
                 ax.text(0.98, i, "nan/inf", color="red", fontsize=7, va="center", ha="right",
                         transform=ax.get_yaxis_transform(), gid="nonfinite")
     axes[0, 0].set_yticks(y)
@@ -218,5 +226,8 @@ def plot_snapshot(path):
     first = (manifest.get("anomalies") or [{}])[0]
     fig.suptitle(f"gradtrace snapshot: step {manifest.get('step')}, {first.get('detector', '')} at "
                  f"{first.get('layer', '')}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.text(0.01, 0.01, "red bar: the blamed layer; nan/inf: that tensor holds NaN/Inf (its bar is drawn at 0); "
+             "no bar: the layer has no such tensor (no weights, no ReLU/sigmoid/tanh)", fontsize=7,
+             color="dimgray", gid="legend")
     return fig

@@ -93,6 +93,12 @@ def test_plot_of_a_snapshot_draws_the_failing_step(faulty_run):
     red = [labels[i] for i, p in enumerate(bars) if p.get_facecolor()[0] > 0.8 and p.get_facecolor()[2] < 0.3]
     assert red == ["inner/faulty"]
     assert any(t.get_gid() == "nonfinite" for t in ax.texts)
+    # the weight-gradient panel marks only layers with weights (inner/faulty has none)
+    weights = fig.axes[1]
+    marked = {labels[int(round(t.get_position()[1]))] for t in weights.texts if t.get_gid() == "nonfinite"}
+    assert "inner/faulty" not in marked
+    assert any(t.get_gid() == "legend" and "nan/inf" in t.get_text() for t in fig.texts)
+    assert any(t.get_gid() == "legend" and "white cell" in t.get_text() for t in gradtrace.plot(faulty_run).texts)
 
 
 class _Page(html.parser.HTMLParser):
