@@ -24,10 +24,13 @@ import numpy as np  # noqa: E402
 
 
 def _layers(model):
+    """``[(name, trainable weights)]`` of the layers that hold weights of their own (no sublayers)."""
+    from gradtrace import _keras_compat as compat
+
     out = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        ws = [w for w in layer.trainable_weights]
-        if ws and not layer._flatten_layers(include_self=False, recursive=False):
+    for layer in compat.flatten_layers(model)[1:]:
+        ws = list(layer.trainable_weights)
+        if ws and len(compat.flatten_layers(layer)) == 1:
             out.append((layer.name, ws))
     return out
 

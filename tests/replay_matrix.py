@@ -29,7 +29,7 @@ ENTRIES = ("fit", "Watch", "watch")
 N, BATCH = 128, 32  # four steps an epoch; the fault sits in batch 2
 
 
-def _model(keras, jit, strategy):
+def build_model(keras, jit, strategy):
     class Log(keras.layers.Layer):
         def call(self, x):
             return keras.ops.log(x)
@@ -43,7 +43,7 @@ def _model(keras, jit, strategy):
     return model
 
 
-def _data():
+def data():
     rng = np.random.default_rng(0)
     x = rng.uniform(0.5, 2.0, (N, 6)).astype("float32")
     x[2 * BATCH + 5, 1] = 0.0
@@ -93,9 +93,9 @@ def run(entry, jit, directory, strategy=None):
     import gradtrace
 
     strategy = strategy or tf.distribute.get_strategy()
-    x, y = _data()
+    x, y = data()
     out = {}
-    model = _model(__import__("keras"), jit, strategy)
+    model = build_model(__import__("keras"), jit, strategy)
     found, _, step = _train(entry, model, x, y, 2, strategy, on_anomaly="snapshot",
                             snapshot_dir=os.path.join(directory, f"{entry}-{jit}-snap"))
     out["snapshot"] = {
@@ -110,7 +110,7 @@ def run(entry, jit, directory, strategy=None):
         out["replay"] = {"found": [(a.detector, a.layer) for a in r.anomalies],
                          "origin": None if r.origin is None else [r.origin["layer"], r.origin["op_type"]],
                          "difference": r.max_difference()}
-    model = _model(__import__("keras"), jit, strategy)
+    model = build_model(__import__("keras"), jit, strategy)
     found, halted, _ = _train(entry, model, x, y, 1, strategy, snapshot_dir=os.path.join(directory, f"{entry}-{jit}"))
     out["halt"] = {"found": [(a.detector, a.layer, a.step) for a in found], "halted": bool(halted),
                    "iterations": int(model.optimizer.iterations.numpy()),

@@ -64,7 +64,7 @@ def test_every_builtin_detector_has_a_contract_case_here():
     covered = {"nan", "exploding", "vanishing", "dead_relu", "head_mismatch", "no_gradient", "scale_growth",
                "saturation", "loss_plateau", "embedding_out_of_range", "unused_embedding", "embedding_twins",
                "embedding_collapse", "divergence", "labels_out_of_range", "embedding_rows", "gradient_cut",
-               "identical_units", "no_progress", "penalties"}
+               "identical_units", "no_progress", "penalties", "update_size"}
     assert set(BUILTINS) == covered
 
 

@@ -354,5 +354,7 @@ def test_a_snapshot_write_failing_half_way_leaves_nothing(action, tmp_path, monk
         assert int(model.optimizer.iterations) == 3 and len(h.anomalies) == 1
         assert all(np.isfinite(w).all() for w in model.get_weights())
     else:
-        assert int(model.optimizer.iterations) == 8  # training went on to the end
-        assert len(written) == len(h.anomalies) == 5  # steps 3..7 (the NaN update was committed, as asked)
+        # training went on to the end, each bad update skipped: the fault's layer counts its calls in a
+        # variable the skipped step puts back, so batches 3..7 all meet it, at step 3, and none is applied
+        assert int(model.optimizer.iterations) == 3 and [a.step for a in h.anomalies] == [3] * 5
+        assert len(written) == 5 and all(np.isfinite(w).all() for w in model.get_weights())

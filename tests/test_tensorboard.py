@@ -106,8 +106,8 @@ def test_your_own_loop_writes_the_same_summaries(tmp_path):
 
     from tests import replay_matrix as RM
 
-    x, y = RM._data()  # a 0 under a log in batch 2: one finding
-    model = RM._model(keras, False, tf.distribute.get_strategy())
+    x, y = RM.data()  # a 0 under a log in batch 2: one finding
+    model = RM.build_model(keras, False, tf.distribute.get_strategy())
     opt = model.optimizer
     with gradtrace.watch(model, opt, tensorboard_dir=tmp_path, tensorboard_every=2, on_anomaly="warn",
                          verbose=0) as w:
