@@ -3,7 +3,8 @@
     python benchmarks/faults/score.py              # every case; a table and the three figures
     python benchmarks/faults/score.py --json out.json
     python benchmarks/faults/score.py --corpus blind   # the blind ports (cases_blind.py)
-    python benchmarks/faults/score.py --corpus heldout # the never-tuned ports (cases_heldout.py), or "all"
+    python benchmarks/faults/score.py --corpus heldout # ten more blind ports (cases_heldout.py)
+    python benchmarks/faults/score.py --corpus final   # the never-tuned ports (cases_final.py), or "all"
 
 For each case, first without gradtrace: the symptom must show on the buggy version and not on the fix
 (a case whose port lost its fault is reported as invalid, not scored). Then ``gradtrace.fit`` with the
@@ -61,17 +62,19 @@ def main(argv=None):
 
     from benchmarks.faults.cases import CASES
     from benchmarks.faults.cases_blind import BLIND_CASES
+    from benchmarks.faults.cases_final import FINAL_CASES
     from benchmarks.faults.cases_heldout import HELDOUT_CASES
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--cases", nargs="*", help="only these cases")
-    p.add_argument("--corpus", choices=("main", "blind", "heldout", "all"), default="main",
+    p.add_argument("--corpus", choices=("main", "blind", "heldout", "final", "all"), default="main",
                    help="main: cases.py; blind: cases_blind.py (ported without reading gradtrace); heldout: "
-                        "cases_heldout.py (ported the same way, scored only at the end, never tuned against); all")
+                        "cases_heldout.py (ported the same way); final: cases_final.py (ported the same way, scored "
+                        "once at the end, never tuned against); all")
     args = p.parse_args(argv)
-    CASES = {"main": CASES, "blind": BLIND_CASES, "heldout": HELDOUT_CASES,
-             "all": CASES + BLIND_CASES + HELDOUT_CASES}[args.corpus]
+    CASES = {"main": CASES, "blind": BLIND_CASES, "heldout": HELDOUT_CASES, "final": FINAL_CASES,
+             "all": CASES + BLIND_CASES + HELDOUT_CASES + FINAL_CASES}[args.corpus]
     warnings.filterwarnings("ignore", message=".*softmax over axis")  # Keras' own warning on case 1
     results = [score_case(c) for c in CASES if not args.cases or c.name in args.cases]
     rows = []
