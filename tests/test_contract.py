@@ -603,11 +603,11 @@ def test_update_size_measures_each_layers_update_against_its_weights():
     ctx = types.SimpleNamespace(engine=types.SimpleNamespace(model=types.SimpleNamespace(optimizer=optimizer), tap=tap),
                                 current_step=lambda: step["now"])
 
-    def move(by, layers=(dense, out)):  # every kernel moves by ``by`` of its size per step, over 5 steps
+    def move(by, layers=(dense, out)):  # every kernel moves by ``by`` of its size per step, over 10 steps
         for layer in layers:
             k = layer.kernel.numpy()
-            layer.kernel.assign(k + 5 * by * np.linalg.norm(k) / np.sqrt(k.size) * np.sign(k))
-        step["now"] += 5
+            layer.kernel.assign(k + 10 * by * np.linalg.norm(k) / np.sqrt(k.size) * np.sign(k))
+        step["now"] += 10
         return list(det.periodic(ctx))
 
     # too small: from an optimizer's first update, every layer moves by 1e-6 per step: fires at the 2nd check

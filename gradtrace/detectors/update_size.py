@@ -16,7 +16,7 @@ class UpdateSize(Detector):
     corpus (``benchmarks/update_band.py``, 33 programs): the fastest layer's median ratio lies between
     2e-3 and 3.6e-2, and no layer keeps a ratio above 0.14 for five steps in a row.
 
-    Every ``every`` steps (default 5) it reads a fixed sample of each trainable weight matrix (kernels
+    Every ``every`` steps (default 10) it reads a fixed sample of each trainable weight matrix (kernels
     and tables, up to 4096 values each: nothing in the compiled step) and measures how far it moved per
     step since the last read. Fires:
 
@@ -39,7 +39,7 @@ class UpdateSize(Detector):
     needs = ()
     reports_at = ("periodic",)
 
-    def __init__(self, low=1e-5, high=1.0, every=5, patience=2, action=None):
+    def __init__(self, low=1e-5, high=1.0, every=10, patience=2, action=None):
         super().__init__(action)
         self.low = self._check_range("low", low, 0.0, 1.0, low_open=True, high_open=True)
         self.high = self._check_range("high", high, 0.0, float("inf"), low_open=True)
@@ -53,7 +53,7 @@ class UpdateSize(Detector):
         super().reset()
         self._groups = None  # [(layer path, [(variable, positions)])]
         self._read = None  # the compiled read of every sample
-        self._last = None  # (step, [samples per group], learning rate)
+        self._last = None  # the step of the last read (its samples are kept on the device)
         self._fresh = None  # the optimizer had made no update when the fit began
         self._lr0 = None
         self._large = {}  # layer path -> checks in a row above high
@@ -62,8 +62,12 @@ class UpdateSize(Detector):
 
     # -- reading the weights -------------------------------------------------------------------------------
     def _build(self, ctx):
-        """Group the trainable weight matrices by the innermost layer that holds them."""
+        """Group the trainable weight matrices by the innermost layer that holds them, and compile one read:
+        each group's sample, its distance to the sample kept from the last read and that sample's norm,
+        computed on the device (one small tensor comes back)."""
         import tensorflow as tf
+
+        from gradtrace import _keras_compat as compat
 
         tap = ctx.engine.tap
         owner = {}
@@ -83,21 +87,22 @@ class UpdateSize(Detector):
             positions = np.sort(rng.choice(n, SAMPLE, replace=False)) if n > SAMPLE else np.arange(n)
             groups.setdefault(path, []).append((w, tf.constant(positions, tf.int64)))
         self._groups = sorted(groups.items())
-        flat = [(w, p) for _, ws in self._groups for w, p in ws]
+        with tf.init_scope():
+            kept = [compat.detector_variable(tf.zeros([sum(int(p.shape[0]) for _, p in ws)]),
+                                             f"gradtrace_update_size_{i}") for i, (_, ws) in enumerate(self._groups)]
 
         @tf.function(autograph=False)
         def read():
-            return [tf.gather(tf.reshape(tf.cast(tf.convert_to_tensor(w), tf.float32), [-1]), p) for w, p in flat]
+            rows = []
+            for (_, ws), last in zip(self._groups, kept):
+                now = tf.concat([tf.gather(tf.reshape(tf.cast(tf.convert_to_tensor(w), tf.float32), [-1]), p)
+                                 for w, p in ws], 0)
+                finite = tf.reduce_all(tf.math.is_finite(now)) & tf.reduce_all(tf.math.is_finite(last))
+                rows.append(tf.stack([tf.norm(now - last), tf.norm(last), tf.cast(finite, tf.float32)]))
+                last.assign(now)
+            return tf.stack(rows)
 
         self._read = read
-
-    def _samples(self):
-        values = [v.numpy().astype(np.float64) for v in self._read()]
-        out, k = [], 0
-        for _, ws in self._groups:
-            out.append(np.concatenate(values[k:k + len(ws)]))
-            k += len(ws)
-        return out
 
     @staticmethod
     def _lr(ctx):
@@ -117,7 +122,8 @@ class UpdateSize(Detector):
             step = ctx.current_step()
             self._fresh = step == 0
             self._lr0 = self._lr(ctx)[0]
-            self._last = (step, self._samples())
+            self._read()  # keeps the samples: the next read measures from here
+            self._last = step
 
     def epoch_begin(self, ctx):
         self._baseline(ctx)  # the weights before the first update of the fit
@@ -128,18 +134,14 @@ class UpdateSize(Detector):
             self._baseline(ctx)
             return []
         step = ctx.current_step()
-        before_step, before = self._last
-        if step <= before_step:
+        if step <= self._last:
             return []
-        now = self._samples()
-        self._last = (step, now)
-        steps = step - before_step
+        steps, self._last = step - self._last, step
         ratios = {}
-        for (path, _), a, b in zip(self._groups, now, before):
-            size = float(np.linalg.norm(b))
-            if not (np.isfinite(a).all() and np.isfinite(b).all()) or size == 0.0:
+        for (path, _), (moved, size, finite) in zip(self._groups, self._read().numpy()):
+            if not finite or size == 0.0:
                 continue  # a non-finite weight is nan's; a weight that was all zero has no size to compare
-            ratios[path] = float(np.linalg.norm(a - b)) / size / steps
+            ratios[path] = float(moved) / float(size) / steps
         lr, opt = self._lr(ctx)
         yield from self._too_large(ratios, lr, opt, step)
         yield from self._too_small(ratios, lr, opt, step)
