@@ -23,6 +23,11 @@ def flatten_layers(layer) -> list:
     return list(layer._flatten_layers(include_self=True, recursive=True))
 
 
+def keras_logits(t):
+    """The logits Keras keeps on a softmax/sigmoid output (its crossentropy reads them), or ``None``."""
+    return getattr(t, "_keras_logits", None)
+
+
 def summary_pb2():
     """TensorFlow's ``Summary`` protocol buffers (the plugin metadata TensorBoard reads)."""
     from tensorflow.core.framework import summary_pb2 as module

@@ -45,9 +45,6 @@ class Call:
     tapes: tuple = ()  # the gradient tapes open when the layer ran (they watch its outputs)
 
 
-SATURATING = ("sigmoid", "tanh", "hard_sigmoid")
-
-
 def activation_name(layer) -> str:
     """The name of the activation applied last by ``layer`` (``""`` when none is known)."""
     if isinstance(layer, keras.layers.ReLU):

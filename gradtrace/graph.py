@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import collections
 
+from gradtrace import _keras_compat as compat
+
 # Walking a graph this large is not worth it (a trace of a huge model): execution order stands in.
 MAX_VISITS = 500_000
 
@@ -156,7 +158,7 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
     logits = {}
     for ref in owners:
         t = ref.deref()
-        under = getattr(t, "_keras_logits", None)
+        under = compat.keras_logits(t)
         if under is None and t.op.type in ("Softmax", "Sigmoid") and len(t.op.inputs) == 1:
             under = t.op.inputs[0]
         if under is not None and hasattr(under, "ref") and under.ref() not in owners:

@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from gradtrace.stats import SATURATION_LIMITS
+
 # The quantities kept, by the kind of row they come from and the statistic column they read.
 QUANTITIES = {
     "gradient_norm": ("gradient", "norm"),  # the layer's output gradient
@@ -177,7 +179,7 @@ def step_values(table, matrix, columns):
             path = base_path(r.path)
             if r.relu:
                 out[(path, "dead_fraction")] = _get(row, col, "dead_frac", columns)
-            if r.activation in ("sigmoid", "tanh", "hard_sigmoid"):
+            if r.activation in SATURATION_LIMITS:
                 out[(path, "saturated_fraction")] = _get(row, col, "saturated", columns)
             out[(path, "output_mean")] = _get(row, col, "mean", columns)
             out[(path, "output_std")] = _get(row, col, "std", columns)

@@ -216,10 +216,6 @@ def uninstall_tape_hooks():
             keras.losses.Loss.__call__ = _TAPE.pop("loss")
 
 
-def tape_hooks_installed() -> bool:
-    return _TAPE["count"] > 0
-
-
 class OptimizerHook:
     """Routes ``optimizer.apply`` through ``on_apply(ctx, optimizer, original, grads, variables)`` while a
     step is active; an update applied with no active step is passed through, after ``outside(optimizer)``."""

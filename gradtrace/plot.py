@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from gradtrace.history import LayerHistory, SavedRun, data_prefix
+from gradtrace.stats import SATURATION_LIMITS
 
 # panel name -> (quantities drawn, title, log scale)
 PANELS = {
@@ -198,7 +199,7 @@ def plot_snapshot(path):
             bad.add((path_, key or "dead/sat"))
         if key:
             values.setdefault((path_, key), []).append(float(row[COL["norm"]]))
-        elif r.get("relu") or r.get("activation") in ("sigmoid", "tanh"):
+        elif r.get("relu") or r.get("activation") in SATURATION_LIMITS:
             values[(path_, "dead/sat")] = [float(row[COL["dead_frac"] if r.get("relu") else COL["saturated"]])]
     panels = ("out-grad", "weight-grad", "dead/sat")
     fig, axes = plt.subplots(1, len(panels), figsize=(12, 0.25 * len(order) + 1.5), sharey=True, squeeze=False)

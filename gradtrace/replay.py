@@ -197,7 +197,7 @@ def _replay(snap, model, optimizer, data, own=None):
 def _by_layer_path(engine, variables, grads):
     """``{"<layer path>/<variable name>": gradient}``: keyed like ``Replay.outputs`` (full layer paths), so two
     inner models that each have a layer ``proj`` keep apart (Keras' variable paths would collide)."""
-    owners = engine._weight_owners()
+    owners = engine.weight_owners()
     out = {}
     for v, g in zip(variables, grads):
         if g is None:

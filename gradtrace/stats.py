@@ -56,8 +56,6 @@ COLUMNS = (
 COL = {name: i for i, name in enumerate(COLUMNS)}
 
 KINDS = ("input", "target", "output", "gradient", "weight", "weight_gradient", "loss", "ids", "labels")
-FORWARD_KINDS = ("output",)
-BACKWARD_KINDS = ("gradient", "weight_gradient")
 
 
 @dataclass(frozen=True)
@@ -723,18 +721,6 @@ def value_sources(items):
             root = out[root]
         out[k] = root
     return out
-
-
-def _dead_frac(t):
-    unit_max = tf.reduce_max(tf.abs(_f32(t)), axis=list(range(t.shape.rank - 1)))
-    dead = tf.reduce_sum(tf.cast(tf.equal(unit_max, 0.0), tf.float32))
-    return dead / tf.maximum(tf.cast(tf.size(unit_max), tf.float32), 1.0)
-
-
-def _unit_alive(t):
-    """``[units]``: 1 where the unit (last axis) is non-zero somewhere in this replica's batch."""
-    unit_max = tf.reduce_max(tf.abs(_f32(t)), axis=list(range(t.shape.rank - 1)))
-    return tf.cast(unit_max > 0, tf.float32)
 
 
 def combine(gathered, alive_total, unit_rows, mirrored):

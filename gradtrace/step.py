@@ -369,11 +369,6 @@ class Engine:
         return {p.traced: v.table for p, v in self.variants.items()
                 if p.mode == "train" and not p.summary_bins and v.table is not None}
 
-    @property
-    def active(self):
-        """``traced -> detectors`` run by the train variants traced so far."""
-        return {p.traced: v.detectors for p, v in self.variants.items() if p.mode == "train" and not p.summary_bins}
-
     def step_function(self, plan, reports_fired=False):
         """``train_step(data)`` for ``plan``: the model's own step, watched (``reports_fired``: its logs
         carry :data:`FIRED`, for the caller to take out)."""
@@ -814,7 +809,7 @@ class Engine:
             kind, from_logits = loss_kind(self.model) if loss_call is None else loss_object_kind(loss_call.loss)
             c.add("loss", "loss", loss, layer_class="loss", order=n_calls, loss_kind=kind,
                   from_logits=from_logits)
-        owners = self._weight_owners()
+        owners = self.weight_owners()
 
         def owner(v):
             # a variable shared by several layers (a retrieval layer handed an Embedding's table) is filed
@@ -881,7 +876,7 @@ class Engine:
         table.optimizer = optimizer
         return table, matrix, c, ids
 
-    def _weight_owners(self):
+    def weight_owners(self):
         """``id(variable) -> [(layer path, layer class, layer)]``: the layers that own it, deepest first (a
         layer's weights include its sublayers'; a variable handed to another layer is owned by both)."""
         owners = {}

@@ -6,8 +6,8 @@ import numpy as np
 import tensorflow as tf
 
 from gradtrace.detectors.base import Detector
+from gradtrace.stats import SATURATION_LIMITS
 
-SATURATING = ("sigmoid", "tanh", "hard_sigmoid")
 
 
 class Saturation(Detector):
@@ -37,7 +37,7 @@ class Saturation(Detector):
         self.quick = self._check_int("quick", quick, 1)
 
     def check(self, view):
-        rows = view.table.mask(kinds=("output",), predicate=lambda r: r.activation in SATURATING and not r.head)
+        rows = view.table.mask(kinds=("output",), predicate=lambda r: r.activation in SATURATION_LIMITS and not r.head)
         if not rows.any():  # no hidden sigmoid/tanh layer: nothing to add to the step
             n = len(view.table)
             return tf.zeros([n], tf.bool), tf.zeros([n])
