@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import warnings
 import weakref
+from dataclasses import dataclass
+from typing import Optional
 
 import keras
 import numpy as np
@@ -82,54 +84,56 @@ def _engine_for(model, dets, actions, optimizers=()):
     return engine
 
 
+def _integer(name, value, low, meaning=""):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= {low}{meaning}.")
+    return int(value)
+
+
+def _snapshot_dir(value):
+    if value is None:
+        return None
+    value = os.fspath(value)
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise ValueError(f"snapshot_dir={value!r} exists and is not a directory. "
+                         "Pass a directory path (it is created if missing).")
+    return value
+
+
+@dataclass(frozen=True)
 class Options:
-    """The options of gradtrace.fit, checked (shared by :class:`gradtrace.Watch` and :func:`gradtrace.watch`)."""
+    """The options of gradtrace.fit, checked once (shared by :class:`gradtrace.Watch` and
+    :class:`gradtrace.watch`): build them with :meth:`Options.build`, by keyword."""
 
-    def __init__(self, detectors, actions, snapshot_dir, trace_every, max_snapshots, tensorboard_every,
-                 overhead=None, trace_at_least_every=100):
-        self.overhead = overhead
-        self.trace_at_least_every = trace_at_least_every
-        self.detectors = detectors
-        self.actions = actions
-        self.snapshot_dir = snapshot_dir
-        self.trace_every = trace_every
-        self.max_snapshots = max_snapshots
-        self.tensorboard_every = tensorboard_every
+    detectors: tuple
+    actions: dict  # detector name -> the action it takes
+    snapshot_dir: Optional[str] = None
+    trace_every: int = 1
+    max_snapshots: int = 5
+    tensorboard_every: int = 100
+    overhead: Optional[float] = None
+    trace_at_least_every: int = 100
 
-
-def resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots, tensorboard_every,
-                    overhead=None, trace_at_least_every=100):
-    """Check gradtrace's own options and resolve the detectors and their actions."""
-    if on_anomaly is not None:
-        check_action(on_anomaly)
-    budget_module.check_overhead(overhead, trace_at_least_every)
-    if overhead is not None and trace_every != 1:
-        raise ValueError(f"overhead={overhead!r} and trace_every={trace_every!r} both say how often to trace: pass "
-                         "one. overhead lets gradtrace choose (trace_at_least_every bounds the gap), trace_every "
-                         "fixes it.")
-    if isinstance(trace_every, bool) or not isinstance(trace_every, (int, np.integer)) or trace_every < 1:
-        raise ValueError(
-            f"trace_every={trace_every!r} is not allowed: it must be an integer >= 1 "
-            "(1 checks every step, 16 checks one step in 16)."
-        )
-    dets = detectors_module.resolve(detectors)
-    actions = {d.name: d.action_under(on_anomaly) for d in dets}
-    if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, (int, np.integer)) or max_snapshots < 0:
-        raise ValueError(f"max_snapshots={max_snapshots!r} is not allowed: it must be an integer >= 0.")
-    if snapshot_dir is None and "snapshot" in actions.values():
-        snapshot_dir = snapshot_module.DEFAULT_DIR
-    if snapshot_dir is not None:
-        snapshot_dir = os.fspath(snapshot_dir)
-        if os.path.exists(snapshot_dir) and not os.path.isdir(snapshot_dir):
-            raise ValueError(
-                f"snapshot_dir={snapshot_dir!r} exists and is not a directory. "
-                "Pass a directory path (it is created if missing)."
-            )
-    if isinstance(tensorboard_every, bool) or not isinstance(tensorboard_every, (int, np.integer)) \
-            or tensorboard_every < 1:
-        raise ValueError(f"tensorboard_every={tensorboard_every!r} is not allowed: it must be an integer >= 1.")
-    return Options(dets, actions, snapshot_dir, int(trace_every), int(max_snapshots), int(tensorboard_every),
-                   None if overhead is None else float(overhead), int(trace_at_least_every))
+    @classmethod
+    def build(cls, *, detectors=None, on_anomaly=None, snapshot_dir=None, trace_every=1, max_snapshots=5,
+              tensorboard_every=100, overhead=None, trace_at_least_every=100) -> "Options":
+        """Check gradtrace's own options (one check per option) and resolve the detectors and their actions."""
+        if on_anomaly is not None:
+            check_action(on_anomaly)
+        budget_module.check_overhead(overhead, trace_at_least_every)
+        if overhead is not None and trace_every != 1:
+            raise ValueError(f"overhead={overhead!r} and trace_every={trace_every!r} both say how often to trace: "
+                             "pass one. overhead lets gradtrace choose (trace_at_least_every bounds the gap), "
+                             "trace_every fixes it.")
+        trace_every = _integer("trace_every", trace_every, 1, " (1 checks every step, 16 checks one step in 16)")
+        dets = detectors_module.resolve(detectors)
+        actions = {d.name: d.action_under(on_anomaly) for d in dets}
+        max_snapshots = _integer("max_snapshots", max_snapshots, 0)
+        if snapshot_dir is None and "snapshot" in actions.values():
+            snapshot_dir = snapshot_module.DEFAULT_DIR
+        return cls(tuple(dets), actions, _snapshot_dir(snapshot_dir), trace_every, max_snapshots,
+                   _integer("tensorboard_every", tensorboard_every, 1), None if overhead is None else float(overhead),
+                   int(trace_at_least_every))
 
 
 def start_run(model, options, tensorboard_dir, verbose, optimizer=None):
@@ -279,8 +283,9 @@ def fit(
     _check_arguments(x, y, detectors)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} is not allowed: it must be a positive integer or None.")
-    options = resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots, tensorboard_every,
-                              overhead, trace_at_least_every)
+    options = Options.build(detectors=detectors, on_anomaly=on_anomaly, snapshot_dir=snapshot_dir,
+                            trace_every=trace_every, max_snapshots=max_snapshots, tensorboard_every=tensorboard_every,
+                            overhead=overhead, trace_at_least_every=trace_at_least_every)
     actions = options.actions
     if tensorboard_dir is not None and distribute.is_chief(model.distribute_strategy):
         tb_module.check_dir(tensorboard_dir)  # refused before anything is installed

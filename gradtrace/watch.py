@@ -8,13 +8,14 @@ the same in-graph gating of each update, the same anomalies and report.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import keras
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
-from gradtrace.fit import Installed, attach_run, check_model, resolve_options, start_run
+from gradtrace.fit import Installed, Options, attach_run, check_model, start_run
 from gradtrace.step import Plan
 
 
@@ -41,8 +42,10 @@ class Watch(keras.callbacks.Callback):
     def __init__(self, detectors=None, on_anomaly=None, snapshot_dir=None, trace_every=1, max_snapshots=5,
                  tensorboard_dir=None, tensorboard_every=100, verbose="auto", overhead=None, trace_at_least_every=100):
         super().__init__()
-        self.options = resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots,
-                                       tensorboard_every, overhead, trace_at_least_every)
+        self.options = Options.build(detectors=detectors, on_anomaly=on_anomaly, snapshot_dir=snapshot_dir,
+                                     trace_every=trace_every, max_snapshots=max_snapshots,
+                                     tensorboard_every=tensorboard_every, overhead=overhead,
+                                     trace_at_least_every=trace_at_least_every)
         self.tensorboard_dir = tensorboard_dir
         self.verbose = verbose
         self.run = None  # the run of the latest fit
@@ -77,9 +80,8 @@ class Watch(keras.callbacks.Callback):
                 "call gradtrace.fit(model, ...), which falls back to one step per execution by itself.")
         self.run, engine = start_run(model, self.options, self.tensorboard_dir, self._verbosity())
         self.runs.append(self.run)
-        installed = Installed(model, engine, self.run)
-        installed.__enter__()
-        self._installed = installed
+        self._installed = contextlib.ExitStack()
+        self._installed.enter_context(Installed(model, engine, self.run))
         function = model.train_function
 
         def guarded(iterator):
@@ -111,7 +113,7 @@ class Watch(keras.callbacks.Callback):
     def _remove(self):
         if self._installed is not None:
             installed, self._installed = self._installed, None
-            installed.__exit__(None, None, None)
+            installed.close()
 
     def close(self):
         """Remove gradtrace from the model now (idempotent)."""
@@ -180,8 +182,10 @@ class watch:
             raise TypeError(f"optimizer must be a keras.optimizers.Optimizer, got {type(optimizer).__name__}.")
         self.model = model
         self.optimizer = optimizer
-        self.options = resolve_options(detectors, on_anomaly, snapshot_dir, trace_every, max_snapshots,
-                                       tensorboard_every, overhead, trace_at_least_every)
+        self.options = Options.build(detectors=detectors, on_anomaly=on_anomaly, snapshot_dir=snapshot_dir,
+                                     trace_every=trace_every, max_snapshots=max_snapshots,
+                                     tensorboard_every=tensorboard_every, overhead=overhead,
+                                     trace_at_least_every=trace_at_least_every)
         self.tensorboard_dir = tensorboard_dir
         self.verbose = verbose
         self.run = None
@@ -200,20 +204,18 @@ class watch:
         self.run, self._engine = start_run(self.model, self.options, self.tensorboard_dir, self.verbose,
                                            optimizer=self.optimizer)
         self.run.snapshot_optimizer = self.optimizer or getattr(self.model, "optimizer", None)
-        self._hooks = self._engine.installed()
-        self._hooks.__enter__()
+        self._hooks = contextlib.ExitStack()
+        if self.run.tensorboard is not None:
+            self._hooks.callback(self.run.tensorboard.close)
+        self._hooks.enter_context(self._engine.installed())
         return self
 
     def __exit__(self, *exc):
         if self._hooks is not None:
             hooks, self._hooks = self._hooks, None
-            try:
+            with hooks:  # the hooks come off (and TensorBoard closes) whatever happens
                 if exc[1] is None:
                     self.run.drain_history()
-            finally:
-                hooks.__exit__(None, None, None)
-                if self.run.tensorboard is not None:
-                    self.run.tensorboard.close()
         if exc[1] is not None:
             attach_run(exc[1], None, self.run)
         return False
