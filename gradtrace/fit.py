@@ -16,7 +16,7 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional, Sequence, Union
 
 import keras
 import numpy as np
@@ -218,35 +218,39 @@ def _check_arguments(x, y, detectors):
         )
 
 
+DetectorSpec = Union[str, detectors_module.Detector, type]  # a built-in's name, an instance, or a subclass
+PathLike = Union[str, os.PathLike]
+
+
 def fit(
-    model,
-    x=None,
-    y=None,
-    batch_size=None,
-    epochs=1,
-    verbose="auto",
-    callbacks=None,
-    validation_split=0.0,
-    validation_data=None,
-    shuffle=True,
-    class_weight=None,
-    sample_weight=None,
-    initial_epoch=0,
-    steps_per_epoch=None,
-    validation_steps=None,
-    validation_batch_size=None,
-    validation_freq=1,
+    model: keras.Model,
+    x: Any = None,
+    y: Any = None,
+    batch_size: Optional[int] = None,
+    epochs: int = 1,
+    verbose: Union[str, int] = "auto",
+    callbacks: Optional[Sequence[keras.callbacks.Callback]] = None,
+    validation_split: float = 0.0,
+    validation_data: Any = None,
+    shuffle: Union[bool, str] = True,
+    class_weight: Optional[dict] = None,
+    sample_weight: Any = None,
+    initial_epoch: int = 0,
+    steps_per_epoch: Optional[int] = None,
+    validation_steps: Optional[int] = None,
+    validation_batch_size: Optional[int] = None,
+    validation_freq: int = 1,
     *,
-    detectors=None,
-    on_anomaly=None,
-    snapshot_dir=None,
-    trace_every=1,
-    max_snapshots=5,
-    tensorboard_dir=None,
-    tensorboard_every=100,
-    overhead=None,
-    trace_at_least_every=100,
-):
+    detectors: Optional[Sequence[DetectorSpec]] = None,
+    on_anomaly: Optional[str] = None,
+    snapshot_dir: Optional[PathLike] = None,
+    trace_every: int = 1,
+    max_snapshots: int = 5,
+    tensorboard_dir: Optional[PathLike] = None,
+    tensorboard_every: int = 100,
+    overhead: Optional[float] = None,
+    trace_at_least_every: int = 100,
+) -> keras.callbacks.History:
     """Train ``model`` exactly as ``model.fit`` would, watching every nested layer.
 
     Arguments up to ``validation_freq`` are ``model.fit``'s. gradtrace adds:

@@ -20,6 +20,7 @@ import os
 import re
 import traceback
 from pathlib import Path
+from typing import Callable, Optional, Union
 
 import keras
 import numpy as np
@@ -121,7 +122,9 @@ class Replay:
         return "\n".join(lines)
 
 
-def replay(path, model=None, custom_objects=None, safe_mode=True, step=None, optimizer=None) -> Replay:
+def replay(path: Union[str, os.PathLike], model: Optional[keras.Model] = None, custom_objects: Optional[dict] = None,
+           safe_mode: bool = True, step: Optional[Callable] = None,
+           optimizer: Optional[keras.optimizers.Optimizer] = None) -> Replay:
     """Replay the step of the snapshot at ``path``; see the module docstring. A snapshot of your own loop
     (``gradtrace.watch``) replays your step: pass it (``step=train_step``, as decorated by ``w.step`` or
     not) and the optimizer it applies (``optimizer=``, default ``model.optimizer``)."""

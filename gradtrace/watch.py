@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Callable, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
-from gradtrace.fit import Installed, Options, attach_run, check_model, start_run
+from gradtrace.fit import DetectorSpec, Installed, Options, PathLike, attach_run, check_model, start_run
 from gradtrace.step import Plan
 
 
@@ -39,8 +40,11 @@ class Watch(keras.callbacks.Callback):
     nothing under ``model.fit(..., verbose=0)``.
     """
 
-    def __init__(self, detectors=None, on_anomaly=None, snapshot_dir=None, trace_every=1, max_snapshots=5,
-                 tensorboard_dir=None, tensorboard_every=100, verbose="auto", overhead=None, trace_at_least_every=100):
+    def __init__(self, detectors: Optional[Sequence[DetectorSpec]] = None, on_anomaly: Optional[str] = None,
+                 snapshot_dir: Optional[PathLike] = None, trace_every: int = 1, max_snapshots: int = 5,
+                 tensorboard_dir: Optional[PathLike] = None, tensorboard_every: int = 100,
+                 verbose: Union[str, int] = "auto", overhead: Optional[float] = None,
+                 trace_at_least_every: int = 100) -> None:
         super().__init__()
         self.options = Options.build(detectors=detectors, on_anomaly=on_anomaly, snapshot_dir=snapshot_dir,
                                      trace_every=trace_every, max_snapshots=max_snapshots,
@@ -173,9 +177,11 @@ class watch:
     :func:`gradtrace.fit`.
     """
 
-    def __init__(self, model, optimizer=None, detectors=None, on_anomaly=None, trace_every=1, verbose=1,
-                 overhead=None, trace_at_least_every=100, snapshot_dir=None, max_snapshots=5,
-                 tensorboard_dir=None, tensorboard_every=100):
+    def __init__(self, model: keras.layers.Layer, optimizer: Optional[keras.optimizers.Optimizer] = None,
+                 detectors: Optional[Sequence[DetectorSpec]] = None, on_anomaly: Optional[str] = None,
+                 trace_every: int = 1, verbose: int = 1, overhead: Optional[float] = None,
+                 trace_at_least_every: int = 100, snapshot_dir: Optional[PathLike] = None, max_snapshots: int = 5,
+                 tensorboard_dir: Optional[PathLike] = None, tensorboard_every: int = 100) -> None:
         if not isinstance(model, keras.layers.Layer):
             raise TypeError(f"gradtrace.watch expects a Keras model or layer, got {type(model).__name__}.")
         if optimizer is not None and not isinstance(optimizer, keras.optimizers.Optimizer):
@@ -220,7 +226,7 @@ class watch:
             attach_run(exc[1], None, self.run)
         return False
 
-    def step(self, fn):
+    def step(self, fn: Callable) -> Callable:
         """Wrap your step function (a ``tf.function`` or a plain Python function)."""
         if self.run is None:
             raise RuntimeError("use w.step inside `with gradtrace.watch(model, optimizer) as w:`")

@@ -149,3 +149,16 @@ def test_the_package_has_no_import_cycle():
         if m not in state:
             visit(m, [m])
     assert "gradtrace.fit" not in graph["gradtrace.replay"] and "gradtrace.fit" not in graph["gradtrace.actions"]
+
+
+def test_the_public_entry_points_have_type_hints():
+    import inspect
+    import typing
+
+    import gradtrace
+
+    for fn in (gradtrace.fit, gradtrace.Watch.__init__, gradtrace.watch.__init__, gradtrace.watch.step,
+               gradtrace.replay):
+        hints = typing.get_type_hints(fn)  # resolves: no name left undefined
+        params = [p for p in inspect.signature(fn).parameters if p != "self"]
+        assert set(params) <= set(hints) and "return" in hints, (fn.__qualname__, set(params) - set(hints))
