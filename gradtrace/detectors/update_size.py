@@ -50,9 +50,13 @@ class UpdateSize(Detector):
         self.reset()
 
     def reset(self):
+        """Forget this fit's findings and baseline; the compiled read of a model's weights is kept for the
+        next fit of the same model (a loop of one-epoch fits neither traces it again nor piles up variables)."""
         super().reset()
-        self._groups = None  # [(layer path, [(variable, positions)])]
-        self._read = None  # the compiled read of every sample
+        if not hasattr(self, "_read"):
+            self._groups = None  # [(layer path, [(variable, positions)])]
+            self._read = None  # the compiled read of every sample
+            self._tap = None  # the layer tap (one per model) they were made for
         self._last = None  # the step of the last read (its samples are kept on the device)
         self._fresh = None  # the optimizer had made no update when the fit began
         self._lr0 = None
@@ -116,7 +120,8 @@ class UpdateSize(Detector):
             return None, type(optimizer).__name__
 
     def _baseline(self, ctx):
-        if self._groups is None:
+        if self._groups is None or self._tap is not ctx.engine.tap:
+            self._tap = ctx.engine.tap
             self._build(ctx)
         if self._last is None and self._groups:
             step = ctx.current_step()
