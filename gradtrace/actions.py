@@ -21,7 +21,7 @@ from gradtrace import _keras_compat as compat
 from gradtrace import embeddings
 from gradtrace import snapshot as snapshot_module
 from gradtrace.anomaly import BLOCKING, Anomaly, AnomalyError, AnomalyLog, DetectorError, stopped_how, strongest
-from gradtrace.history import BUFFER, LayerHistory, step_values
+from gradtrace.history import BUFFER, LayerHistory, StepValues
 from gradtrace.stats import row_dict
 from gradtrace.step import FIRED, INSPECT, KEY, TRACED, UNTRACED, Plan
 
@@ -104,6 +104,7 @@ class Run:
         self.history = LayerHistory()  # per-layer statistics of every traced step, bounded (gradtrace.history)
         self.epoch_logs = {}  # the last finished epoch's logs (RunCallback), for the host-side checks
         self._drained = {}  # (plan, segment index) -> traced steps already taken from its device buffer
+        self._step_values = {}  # (table, columns) -> history.StepValues: how its buffer becomes history values
         self._since_drain = 0  # steps run since the last drain
         for plan, variant in engine.variants.items():  # a compiled step kept from an earlier fit: its buffer
             for segment in variant.segments:          # holds that fit's steps, not this one's
@@ -446,7 +447,7 @@ class Run:
         """Move the traced steps the device buffers hold into :attr:`history` (every ``BUFFER`` traced
         steps and at each epoch's end: one read of a few small variables, not one per step)."""
         self._since_drain = 0
-        by_step = {}
+        blocks = []  # (steps, keys, values[steps, keys]) of each update's buffer
         for plan, variant in list(self.engine.variants.items()):
             if plan.mode != "train" or not plan.traced:
                 continue
@@ -460,13 +461,27 @@ class Run:
                 self._drained[key] = count
                 if new <= 0:
                     continue
-                hist, steps = rec.hist.numpy(), rec.hist_steps.numpy()
-                for k in range(count - new, count):
-                    slot = k % BUFFER
-                    values = step_values(segment.table, hist[slot], segment.columns)
-                    by_step.setdefault(int(steps[slot]), {}).update(values)
-        for step in sorted(by_step):
-            self.history.add(step, self.epoch, by_step[step])
+                slots = [k % BUFFER for k in range(count - new, count)]
+                hist, steps = rec.hist.numpy()[slots], rec.hist_steps.numpy()[slots]
+                cache = (id(segment.table), None if segment.columns is None else frozenset(segment.columns))
+                if cache not in self._step_values:
+                    self._step_values[cache] = StepValues(segment.table, segment.columns)
+                values = self._step_values[cache]
+                blocks.append((steps, values.keys, values(hist)))
+        if len(blocks) == 1:
+            steps, keys, values = blocks[0]
+            order = np.argsort(steps, kind="stable")
+            self.history.add_steps(steps[order], self.epoch, keys, values[order])
+        elif blocks:  # several updates or variants: one row per step, their values side by side
+            keys = list(dict.fromkeys(k for _, ks, _ in blocks for k in ks))
+            col = {k: j for j, k in enumerate(keys)}
+            steps = np.unique(np.concatenate([b[0] for b in blocks]))
+            merged = np.full((len(steps), len(keys)), np.nan)
+            for b_steps, b_keys, b_values in blocks:
+                rows = np.searchsorted(steps, b_steps)
+                cols = [col[k] for k in b_keys]
+                merged[np.ix_(rows, cols)] = b_values
+            self.history.add_steps(steps, self.epoch, keys, merged)
 
     def _host_checks(self, stage, epoch, detectors=None):
         """Run every detector's ``epoch_end``, ``fit_end`` or ``periodic`` hook and act on what they found."""

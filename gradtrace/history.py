@@ -67,15 +67,22 @@ class LayerHistory:
 
     def add(self, step, epoch, values):
         """One traced step: ``values`` maps ``(layer path, quantity)`` to a float (NaN: not measured)."""
-        cols = [self._key(k) for k in values]
-        v = np.array(list(values.values()), np.float64)
+        self.add_steps([step], epoch, list(values), np.array([list(values.values())], np.float64))
+
+    def add_steps(self, steps, epoch, keys, values):
+        """Traced steps in order: ``values[i, j]`` is step ``steps[i]``'s value of ``keys[j]``."""
+        cols = np.asarray([self._key(k) for k in keys], np.int64)
+        for step, v in zip(steps, np.asarray(values, np.float64)):
+            self._add(int(step), epoch, cols, v)
+
+    def _add(self, step, epoch, cols, v):
         if not len(self.count) or self.count[-1] >= self.width:
             self._new_bucket(step, epoch)
         b = len(self.count) - 1
         self.steps[b, 1], self.epochs[b, 1] = step, epoch
         self.count[b] += 1
         ok = np.isfinite(v)
-        c = np.asarray(cols)[ok]
+        c = cols[ok]
         self.min[b, c] = np.minimum(self.min[b, c], v[ok])
         self.max[b, c] = np.maximum(self.max[b, c], v[ok])
         self.sum[b, c] += v[ok]
@@ -158,34 +165,70 @@ class LayerHistory:
         return h
 
 
+class StepValues:
+    """How one table's buffered columns become ``(layer path, quantity)`` values: worked out once per
+    table, then applied to many traced steps at once with NumPy (a drain of the device buffer)."""
+
+    def __init__(self, table, columns):
+        from gradtrace.graph import base_path
+
+        col = {c: i for i, c in enumerate(COLUMNS)}
+        self.keys: list = []
+        index = {}
+        single, norms, ratios = [], {}, {}
+
+        def key(k):
+            if k not in index:
+                index[k] = len(self.keys)
+                self.keys.append(k)
+            return index[k]
+
+        def measured(name):
+            return columns is None or name in columns
+
+        for r in table.rows:
+            if r.kind == "gradient":
+                single.append((key((base_path(r.path), "gradient_norm")), r.index, col["norm"], measured("norm")))
+            elif r.kind == "weight_gradient":
+                # every weight of the layer together: the norm of their norms; the update ratio: the largest
+                norms.setdefault(r.path, []).append(r.index)
+                ratios.setdefault(key((r.path, "update_ratio")), []).append(r.index)
+            elif r.kind == "output":
+                path = base_path(r.path)
+                if r.relu:
+                    single.append((key((path, "dead_fraction")), r.index, col["dead_frac"], measured("dead_frac")))
+                if r.activation in SATURATION_LIMITS:
+                    single.append((key((path, "saturated_fraction")), r.index, col["saturated"],
+                                   measured("saturated")))
+                single.append((key((path, "output_mean")), r.index, col["mean"], measured("mean")))
+                single.append((key((path, "output_std")), r.index, col["std"], measured("std")))
+        self._single = single
+        self._ratios = [(j, rows) for j, rows in ratios.items()] if measured("update_ratio") else []
+        self._unmeasured_ratios = [] if measured("update_ratio") else list(ratios)
+        self._norms = [(key((path, "weight_gradient_norm")), rows) for path, rows in norms.items()] \
+            if measured("norm") else []
+        self._col = col
+
+    def __call__(self, block):
+        """``[steps, rows, len(COLUMNS)]`` buffered statistics -> ``[steps, len(keys)]`` values (NaN: not
+        measured)."""
+        block = np.asarray(block, np.float64)
+        out = np.full((block.shape[0], len(self.keys)), np.nan)
+        for j, row, c, measured in self._single:
+            if measured:
+                out[:, j] = block[:, row, c]
+        for j, rows in self._norms:
+            out[:, j] = np.sqrt(np.sum(np.square(block[:, rows, self._col["norm"]]), axis=1))
+        for j, rows in self._ratios:
+            out[:, j] = np.fmax.reduce(block[:, rows, self._col["update_ratio"]], axis=1)
+        return out
+
+
 def step_values(table, matrix, columns):
     """One traced step's ``{(layer path, quantity): value}`` from its statistics table and a
     ``[rows, len(COLUMNS)]`` array of the buffered columns (``columns``: those really computed)."""
-    from gradtrace.graph import base_path
-
-    col = {c: i for i, c in enumerate(COLUMNS)}
-    out, weight_sq = {}, {}
-    for r in table.rows:
-        row = matrix[r.index]
-        if r.kind == "gradient":
-            out[(base_path(r.path), "gradient_norm")] = _get(row, col, "norm", columns)
-        elif r.kind == "weight_gradient":
-            norm = _get(row, col, "norm", columns)
-            weight_sq[r.path] = weight_sq.get(r.path, 0.0) + norm * norm
-            ratio = _get(row, col, "update_ratio", columns)
-            previous = out.get((r.path, "update_ratio"), np.nan)
-            out[(r.path, "update_ratio")] = ratio if np.isnan(previous) else max(previous, ratio)
-        elif r.kind == "output":
-            path = base_path(r.path)
-            if r.relu:
-                out[(path, "dead_fraction")] = _get(row, col, "dead_frac", columns)
-            if r.activation in SATURATION_LIMITS:
-                out[(path, "saturated_fraction")] = _get(row, col, "saturated", columns)
-            out[(path, "output_mean")] = _get(row, col, "mean", columns)
-            out[(path, "output_std")] = _get(row, col, "std", columns)
-    for path, sq in weight_sq.items():
-        out[(path, "weight_gradient_norm")] = float(np.sqrt(sq))
-    return out
+    values = StepValues(table, columns)
+    return dict(zip(values.keys, values(np.asarray(matrix)[None])[0]))
 
 
 def _get(row, col, name, columns):
