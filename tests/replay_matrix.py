@@ -22,6 +22,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -52,8 +53,6 @@ def data():
 
 def _train(entry, model, x, y, epochs, strategy, **kw):
     """Train through one entry point; returns ``(anomalies, halted, step function or None)``."""
-    import keras
-
     import gradtrace
 
     if entry == "fit":
@@ -95,7 +94,7 @@ def run(entry, jit, directory, strategy=None):
     strategy = strategy or tf.distribute.get_strategy()
     x, y = data()
     out = {}
-    model = build_model(__import__("keras"), jit, strategy)
+    model = build_model(keras, jit, strategy)
     found, _, step = _train(entry, model, x, y, 2, strategy, on_anomaly="snapshot",
                             snapshot_dir=os.path.join(directory, f"{entry}-{jit}-snap"))
     out["snapshot"] = {
@@ -110,7 +109,7 @@ def run(entry, jit, directory, strategy=None):
         out["replay"] = {"found": [(a.detector, a.layer) for a in r.anomalies],
                          "origin": None if r.origin is None else [r.origin["layer"], r.origin["op_type"]],
                          "difference": r.max_difference()}
-    model = build_model(__import__("keras"), jit, strategy)
+    model = build_model(keras, jit, strategy)
     found, halted, _ = _train(entry, model, x, y, 1, strategy, snapshot_dir=os.path.join(directory, f"{entry}-{jit}"))
     out["halt"] = {"found": [(a.detector, a.layer, a.step) for a in found], "halted": bool(halted),
                    "iterations": int(model.optimizer.iterations.numpy()),
