@@ -259,6 +259,11 @@ def current_learning_rate(optimizer):
         return None
 
 
+def optimizer_kind(optimizer) -> str:
+    """The class name of the optimizer that does the update (a LossScaleOptimizer's inner one)."""
+    return type(getattr(optimizer, "inner_optimizer", optimizer)).__name__
+
+
 def is_history(cb) -> bool:
     return isinstance(cb, keras.callbacks.History)
 

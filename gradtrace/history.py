@@ -204,7 +204,6 @@ class StepValues:
                 single.append((key((path, "output_std")), r.index, col["std"], measured("std")))
         self._single = single
         self._ratios = [(j, rows) for j, rows in ratios.items()] if measured("update_ratio") else []
-        self._unmeasured_ratios = [] if measured("update_ratio") else list(ratios)
         self._norms = [(key((path, "weight_gradient_norm")), rows) for path, rows in norms.items()] \
             if measured("norm") else []
         self._col = col
@@ -222,17 +221,6 @@ class StepValues:
         for j, rows in self._ratios:
             out[:, j] = np.fmax.reduce(block[:, rows, self._col["update_ratio"]], axis=1)
         return out
-
-
-def step_values(table, matrix, columns):
-    """One traced step's ``{(layer path, quantity): value}`` from its statistics table and a
-    ``[rows, len(COLUMNS)]`` array of the buffered columns (``columns``: those really computed)."""
-    values = StepValues(table, columns)
-    return dict(zip(values.keys, values(np.asarray(matrix)[None])[0]))
-
-
-def _get(row, col, name, columns):
-    return float(row[col[name]]) if columns is None or name in columns else float("nan")
 
 
 def data_prefix(path):

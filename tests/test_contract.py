@@ -600,7 +600,7 @@ def test_update_size_measures_each_layers_update_against_its_weights():
     optimizer.build(dense.trainable_weights + out.trainable_weights)
     step = {"now": 0}
     tap = types.SimpleNamespace(layers={0: dense, 1: out}, paths={0: "m/d", 1: "m/out"})
-    ctx = types.SimpleNamespace(engine=types.SimpleNamespace(model=types.SimpleNamespace(optimizer=optimizer), tap=tap),
+    ctx = types.SimpleNamespace(engine=types.SimpleNamespace(optimizers=[optimizer], tap=tap),
                                 current_step=lambda: step["now"])
 
     def move(by, layers=(dense, out)):  # every kernel moves by ``by`` of its size per step, over 10 steps

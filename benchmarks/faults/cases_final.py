@@ -20,6 +20,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from benchmarks.faults.cases import Case
+from benchmarks.faults.cases_heldout import _digit_prototypes
 
 _N = 384  # examples per data set, as in cases.py
 
@@ -43,15 +44,6 @@ def _throwaway_copy(model):
     optimizer = type(model.optimizer).from_config(model.optimizer.get_config())
     clone.compile(optimizer=optimizer, loss=model.loss)
     return clone
-
-
-def _digit_prototypes(rng, k=10, d=784, active=150):
-    """``k`` MNIST-like sparse stroke patterns over ``d`` pixels, values in [0.5, 1]."""
-    protos = np.zeros((k, d), "float32")
-    for c in range(k):
-        idx = rng.choice(d, active, replace=False)
-        protos[c, idx] = rng.uniform(0.5, 1.0, active)
-    return protos
 
 
 def _digits(rng, n=_N):

@@ -180,7 +180,7 @@ class NoProgress(Detector):
         n = sum(int(np.prod(v.shape)) for v in variables)
         if w2 <= 0 or n <= 0:
             return None
-        name = type(getattr(optimizer, "inner_optimizer", optimizer)).__name__
+        name = compat.optimizer_kind(optimizer)
         if name in ADAPTIVE:
             typical = lr / math.sqrt(w2 / n)
         else:

@@ -112,12 +112,12 @@ class UpdateSize(Detector):
     def _lr(ctx):
         from gradtrace import _keras_compat as compat
 
-        optimizer = getattr(ctx.engine.model, "optimizer", None)
+        # the optimizer whose updates count the steps (the model's, or the one your loop applies)
+        optimizer = ctx.engine.optimizers[0] if ctx.engine.optimizers else None
         try:
-            return float(compat.current_learning_rate(optimizer)), type(
-                getattr(optimizer, "inner_optimizer", optimizer)).__name__
+            return float(compat.current_learning_rate(optimizer)), compat.optimizer_kind(optimizer)
         except (TypeError, ValueError):
-            return None, type(optimizer).__name__
+            return None, compat.optimizer_kind(optimizer)
 
     def _baseline(self, ctx):
         if self._groups is None or self._tap is not ctx.engine.tap:
