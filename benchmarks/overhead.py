@@ -224,7 +224,7 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
     if contender == "tensorboard_hist":
         cbs.append(keras.callbacks.TensorBoard(log_dir=logdir, histogram_freq=1, write_graph=False))
     if contender.startswith("gradtrace"):
-        from gradtrace.step import Engine
+        from gradtrace import session
 
         every = {"gradtrace_every16": 16, "gradtrace_guard": 10 ** 9}.get(contender, 1)
         budget = 0.05 if contender == "gradtrace_budget5" else None
@@ -232,12 +232,13 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
         prev19 = [d for d in gradtrace.detectors.DEFAULT if d != "update_size"]
         detectors = {"gradtrace_first6": FIRST6, "gradtrace_prev10": PREV10, "gradtrace_prev15": prev15,
                      "gradtrace_prev19": prev19, "gradtrace_nan": ["nan"]}.get(contender)
-        Engine.keep_history = contender != "gradtrace_nohistory"
-        try:
-            h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, overhead=budget,
-                              on_anomaly="warn" if contender == "gradtrace_warn" else None, **kw)
-        finally:
-            Engine.keep_history = True
+        on_anomaly = "warn" if contender == "gradtrace_warn" else None
+        if contender == "gradtrace_nohistory":
+            # the engine gradtrace.fit will take from its cache, without the history's device buffer
+            options = session.Options.build(detectors=detectors, on_anomaly=on_anomaly)
+            session.engine_for(model, options.detectors, options.actions).keep_history = False
+        h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, overhead=budget,
+                          on_anomaly=on_anomaly, **kw)
         if budget is not None:
             TRACING.append(h.gradtrace.tracing())
         if h.anomalies:

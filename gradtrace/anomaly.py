@@ -1,9 +1,14 @@
-"""The Anomaly record, the actions a detector can take, and a bounded log."""
+"""The Anomaly record, how detectors' findings become anomalies, the actions a detector can take, and a
+bounded log."""
 
 from __future__ import annotations
 
 import collections
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from gradtrace.stats import row_dict
 
 ACTIONS = ("warn", "snapshot", "halt", "raise")
 # Actions that hold back the step's update in-graph (the step is not committed).
@@ -78,6 +83,38 @@ class Anomaly:
             when = f"periodic check after step {self.step} (epoch {self.epoch})"
         text = f"[{self.detector}] {when}{where}: {self.message}"
         return f"{text}\n    hint: {self.hint}" if self.hint else text
+
+
+# the tensor an anomaly names, by the kind of row it is about (the others: the kind itself)
+_TENSOR_NAMES = {"ids": "input", "labels": "target"}
+
+
+def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoch, replica_faults=None,
+                    columns=None):
+    """Host side, on a step where something fired: each detector explains its rows.
+
+    ``fired`` and ``values`` are ``[detectors, rows]``; ``replica_faults`` (``[replicas, rows]``, under a
+    strategy) names the replicas whose shard held the blamed row's NaN/Inf or bad ids; ``columns`` are the
+    statistics ``matrix`` really holds (all when ``None``).
+    """
+    found = []
+    for d_i, d in enumerate(detectors):
+        if not fired[d_i].any():
+            continue
+        try:
+            explained = list(d.explain(table.rows, fired[d_i], values[d_i], matrix, table))
+        except Exception as e:
+            raise DetectorError(d.name, "explain", e) from e
+        for row, value, message, *hint in explained:
+            found.append(Anomaly(
+                detector=d.name, layer=row.path, tensor=_TENSOR_NAMES.get(row.kind, row.kind), step=step,
+                epoch=epoch, value=value, message=message, action=actions[d.name],
+                stats=row_dict(matrix[row.index], columns),
+                replicas=() if replica_faults is None else tuple(
+                    int(r) for r in np.flatnonzero(replica_faults[:, row.index])),
+                hint=hint[0] if hint else "",
+            ))
+    return found
 
 
 def stopped_how(stage, epoch=None) -> str:

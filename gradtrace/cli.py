@@ -77,7 +77,7 @@ def _show(path, as_json):
 
 
 def _replay(path, as_json):
-    from gradtrace.replay import replay
+    from gradtrace.replaying import replay
 
     r = replay(path)
     if as_json:

@@ -12,10 +12,35 @@ layer inside the inner model, and leaves the weights finite.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+def _import_tensorflow_quietly():
+    """The demo should read cleanly: TensorFlow's C++ runtime prints a few lines when it is first
+    imported, before its logging is set up (``TF_CPP_MIN_LOG_LEVEL`` does not reach them). While
+    TensorFlow is imported, and only then, standard error goes to /dev/null. (``import gradtrace``
+    imports nothing heavy, so the demo is the first to import TensorFlow.)"""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        fd = sys.stderr.fileno() if "tensorflow" not in sys.modules else None
+    except (AttributeError, OSError, ValueError):  # no real standard error (a notebook, a test's capture)
+        fd = None
+    if fd is None:
+        importlib.import_module("tensorflow")
+        return
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            importlib.import_module("tensorflow")
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+_import_tensorflow_quietly()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -153,16 +153,7 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
         return None
     budget = [MAX_VISITS]
 
-    # A crossentropy on a sigmoid/softmax output reads the logits under it instead (Keras does, for
-    # numerical stability): from the loss, those logits stand for the captured output.
-    logits = {}
-    for ref in owners:
-        t = ref.deref()
-        under = compat.keras_logits(t)
-        if under is None and t.op.type in ("Softmax", "Sigmoid") and len(t.op.inputs) == 1:
-            under = t.op.inputs[0]
-        if under is not None and hasattr(under, "ref") and under.ref() not in owners:
-            logits[under.ref()] = ref
+    logits = _logits(owners)
 
     def feeders(start_ops, aliases=None, routes=None):
         """Captured tensors met walking back from ``start_ops`` (not through another captured one). With
@@ -203,15 +194,7 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
     for ref, ps in parents.items():
         for p in ps:
             children[p].add(ref)
-    # depth: breadth first from the tensors the loss reads
-    depth_of = {ref: 0 for ref in heads}
-    queue = collections.deque(heads)
-    while queue:
-        ref = queue.popleft()
-        for p in parents.get(ref, ()):
-            if p not in depth_of:
-                depth_of[p] = depth_of[ref] + 1
-                queue.append(p)
+    depth_of = _depths(heads, parents)
     memo: dict = {}  # captured tensor -> every captured tensor it feeds, transitively
     depth, downstream, consumers, fed = {}, {}, {}, {}
     for ref, paths in owners.items():
@@ -231,7 +214,43 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
     far = max(depth.values(), default=0) + 1
     for path in downstream:
         depth.setdefault(path, far)  # captured but not on the way to this loss (another head's)
-    # Edges every route of which passes an op with no gradient, and the tensors no gradient reaches.
+    cuts, unreached = _cuts(routes, loss_routes, owners, loss)
+    return LayerGraph(depth, {p: frozenset(s) for p, s in downstream.items()}, order,
+                      {p: frozenset(s) for p, s in consumers.items()}, {p: frozenset(s) for p, s in fed.items()},
+                      cuts, unreached)
+
+
+def _logits(owners):
+    """A crossentropy on a sigmoid/softmax output reads the logits under it instead (Keras does, for
+    numerical stability): from the loss, those logits stand for the captured output. ``logits ref ->
+    the captured output's ref``."""
+    logits = {}
+    for ref in owners:
+        t = ref.deref()
+        under = compat.keras_logits(t)
+        if under is None and t.op.type in ("Softmax", "Sigmoid") and len(t.op.inputs) == 1:
+            under = t.op.inputs[0]
+        if under is not None and hasattr(under, "ref") and under.ref() not in owners:
+            logits[under.ref()] = ref
+    return logits
+
+
+def _depths(heads, parents):
+    """Depth of each captured tensor: breadth first from the tensors the loss reads (``heads``)."""
+    depth_of = {ref: 0 for ref in heads}
+    queue = collections.deque(heads)
+    while queue:
+        ref = queue.popleft()
+        for p in parents.get(ref, ()):
+            if p not in depth_of:
+                depth_of[p] = depth_of[ref] + 1
+                queue.append(p)
+    return depth_of
+
+
+def _cuts(routes, loss_routes, owners, loss):
+    """Edges every route of which passes an op with no gradient (``(feeder path, path above) -> the op``),
+    and the layer paths no gradient reaches."""
     cuts, clean_parents = {}, collections.defaultdict(set)
     for child, by_parent in list(routes.items()) + [(None, loss_routes)]:
         for parent, ons in by_parent.items():
@@ -256,9 +275,7 @@ def build(calls, loss, layer_path) -> LayerGraph | None:
     reached_paths = {q for ref in reached for p in owners[ref] for q in (p, base_path(p))}
     unreached = frozenset(q for ref in owners if ref not in reached for p in owners[ref]
                           for q in (p, base_path(p)) if q not in reached_paths)
-    return LayerGraph(depth, {p: frozenset(s) for p, s in downstream.items()}, order,
-                      {p: frozenset(s) for p, s in consumers.items()}, {p: frozenset(s) for p, s in fed.items()},
-                      cuts, unreached)
+    return cuts, unreached
 
 
 def _iterative_above(ref, children, memo):

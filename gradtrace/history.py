@@ -223,6 +223,98 @@ class StepValues:
         return out
 
 
+class DeviceBuffer:
+    """The device side of the history: a ring of the last ``BUFFER`` traced steps' columns (``[BUFFER, rows,
+    len(COLUMNS)]``), their steps, and how many were ever written; a compiled step writes it in-graph."""
+
+    def __init__(self, rows):
+        import tensorflow as tf
+
+        from gradtrace import _keras_compat as compat
+
+        self.values = compat.plain_variable(lambda: tf.zeros([BUFFER, rows, len(COLUMNS)], tf.float32),
+                                            name="gradtrace_hist")
+        self.steps = compat.plain_variable(lambda: tf.zeros([BUFFER], tf.int64), name="gradtrace_hsteps")
+        self.count = compat.plain_variable(lambda: tf.zeros([], tf.int64), name="gradtrace_hcount")
+
+    def write(self, columns, step):
+        """In-graph: one traced step's ``[rows, len(COLUMNS)]`` into the next slot of the ring."""
+        import tensorflow as tf
+
+        slot = tf.math.floormod(self.count, BUFFER)
+        self.values.scatter_nd_update([[slot]], [columns])
+        self.steps.scatter_nd_update([[slot]], [tf.cast(step, tf.int64)])
+        self.count.assign_add(1)
+
+    def written(self) -> int:
+        return int(self.count.numpy())
+
+    def read(self, since):
+        """Host side: ``(count, steps, values)`` of the steps written after the first ``since`` (at most
+        ``BUFFER``: older ones were overwritten), in the order they were written."""
+        count = self.written()
+        new = min(count - since, BUFFER)
+        if new <= 0:
+            return count, None, None
+        slots = [k % BUFFER for k in range(count - new, count)]
+        return count, self.steps.numpy()[slots], self.values.numpy()[slots]
+
+
+class Drain:
+    """Moves the traced steps the device buffers hold into a :class:`LayerHistory` (every ``BUFFER``
+    traced steps and at each epoch's end: one read of a few small variables, not one per step)."""
+
+    def __init__(self, history, variants):
+        self.history = history
+        self._drained = {}  # (plan, segment index) -> traced steps already taken from its buffer
+        self._step_values = {}  # (table, columns) -> StepValues: how its buffer becomes history values
+        self.since = 0  # traced steps run since the last drain
+        for key, segment in self._segments(variants):  # a compiled step kept from an earlier fit: its
+            self._drained[key] = segment.record().hist.written()  # buffer holds that fit's steps
+
+    @staticmethod
+    def _segments(variants):
+        for plan, variant in list(variants.items()):
+            if plan.mode != "train" or not plan.traced:
+                continue
+            for segment in variant.segments:
+                if segment.record() is not None and segment.table is not None:
+                    yield (plan, segment.index), segment
+
+    def counted(self, steps):
+        """``steps`` more traced steps ran; True when the buffers should be drained now."""
+        self.since += steps
+        return self.since >= BUFFER
+
+    def __call__(self, variants, epoch):
+        self.since = 0
+        blocks = []  # (steps, keys, values[steps, keys]) of each update's buffer
+        for key, segment in self._segments(variants):
+            count, steps, hist = segment.record().hist.read(self._drained.get(key, 0))
+            self._drained[key] = count
+            if steps is None:
+                continue
+            cache = (id(segment.table), None if segment.columns is None else frozenset(segment.columns))
+            if cache not in self._step_values:
+                self._step_values[cache] = StepValues(segment.table, segment.columns)
+            values = self._step_values[cache]
+            blocks.append((steps, values.keys, values(hist)))
+        if len(blocks) == 1:
+            steps, keys, values = blocks[0]
+            order = np.argsort(steps, kind="stable")
+            self.history.add_steps(steps[order], epoch, keys, values[order])
+        elif blocks:  # several updates or variants: one row per step, their values side by side
+            keys = list(dict.fromkeys(k for _, ks, _ in blocks for k in ks))
+            col = {k: j for j, k in enumerate(keys)}
+            steps = np.unique(np.concatenate([b[0] for b in blocks]))
+            merged = np.full((len(steps), len(keys)), np.nan)
+            for b_steps, b_keys, b_values in blocks:
+                rows = np.searchsorted(steps, b_steps)
+                cols = [col[k] for k in b_keys]
+                merged[np.ix_(rows, cols)] = b_values
+            self.history.add_steps(steps, epoch, keys, merged)
+
+
 def data_prefix(path):
     """``report.html``, ``report.data.json``, ``report.data`` ... -> ``report.data`` (where
     :func:`gradtrace.save_report` keeps the run as data)."""

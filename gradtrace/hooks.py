@@ -2,9 +2,9 @@
 
 gradtrace runs the step that ``model.fit`` would have run (Keras' own
 ``train_step``, inside Keras' own train function) and hooks in at three
-points, only while a :class:`StepContext` is active on the tracing thread:
+points, only while a :class:`Trace` is active on the tracing thread:
 
-1. **layer calls** (:mod:`gradtrace.capture`): every nested layer's outputs
+1. **layer calls** (:mod:`gradtrace.capturing`): every nested layer's outputs
    are recorded and watched by the tapes that are open;
 2. **``tf.GradientTape.gradient``**: a call whose tape was opened during the
    step also asks for the gradients of the outputs recorded under that tape,
@@ -52,7 +52,7 @@ def set_on_instance(obj, name, value):
 
 
 def current():
-    """The :class:`StepContext` being traced on this thread, or ``None``."""
+    """The :class:`Trace` of the step being traced on this thread, or ``None``."""
     return getattr(_STATE, "ctx", None)
 
 
@@ -77,31 +77,33 @@ class LossCall:
         self.tapes = tapes
 
 
-class StepContext:
-    """What one traced step (one replica's trace) has seen so far."""
+class Trace:
+    """What the hooks see of one traced step (one replica's trace): the layer calls its recorder keeps,
+    the tapes entered, the ``tape.gradient`` calls and the Keras losses called, in order."""
 
-    def __init__(self, plan, recorder):
-        self.plan = plan
+    def __init__(self, recorder):
         self.recorder = recorder
         self.open_tapes: list = []  # tapes entered during the step and not yet exited
         self.tapes: list = []  # every tape entered during the step
         self.gradients: list[GradientCall] = []
-        self.results = []  # one StepResult per gated optimizer update, in order
-        self.held = tf.constant(False)  # an update of this step was held: every later one is held too
         self.loss_calls: list[LossCall] = []  # the Keras loss objects called in the step, in order
-        self.applies = 0
+        self.owner = None  # what the optimizer hook hands on_apply (the step's context), while active
         self._used_gradients = set()
         self._used_calls = set()
 
     @contextlib.contextmanager
-    def active(self):
+    def active(self, owner):
+        """The hooks see this trace while the step's body runs; an optimizer update inside it reaches
+        ``on_apply(owner, ...)``."""
         previous = current()
+        self.owner = owner
         _STATE.ctx = self
         try:
             with self.recorder.active():
                 yield self
         finally:
             _STATE.ctx = previous
+            self.owner = None
 
     def gradient_for(self, grads):
         """The tape.gradient call that produced ``grads`` (the latest one not used yet when the
@@ -217,8 +219,8 @@ def uninstall_tape_hooks():
 
 
 class OptimizerHook:
-    """Routes ``optimizer.apply`` through ``on_apply(ctx, optimizer, original, grads, variables)`` while a
-    step is active; an update applied with no active step is passed through, after ``outside(optimizer)``."""
+    """Routes ``optimizer.apply`` through ``on_apply(owner, optimizer, original, grads, variables)`` while a
+    step is active (``owner``: what the active :class:`Trace` was given); an update applied with no active step is passed through, after ``outside(optimizer)``."""
 
     def __init__(self, optimizer, on_apply, outside=None):
         self.optimizer = optimizer
@@ -237,7 +239,7 @@ class OptimizerHook:
                 if outside is not None:
                     outside(opt)
                 return original(grads, trainable_variables)
-            return on_apply(ctx, opt, original, grads, trainable_variables)
+            return on_apply(ctx.owner, opt, original, grads, trainable_variables)
 
         apply.__gradtrace_wrapper__ = True
         self._restore = set_on_instance(opt, "apply", apply)

@@ -25,7 +25,7 @@ def save_report(history, path):
     import tensorflow as tf
 
     import gradtrace
-    from gradtrace.report import anomaly_table, layer_table
+    from gradtrace.reporting import anomaly_table, layer_table
 
     run = getattr(history, "gradtrace", history)
     if not hasattr(run, "history") or not isinstance(run.history, LayerHistory):
@@ -79,7 +79,7 @@ def write_html(prefix, path):
     meta = saved.meta
     picture = ""
     try:
-        from gradtrace.plot import plot
+        from gradtrace.pictures import plot
 
         fig = plot(saved)
         buf = io.BytesIO()

@@ -9,7 +9,7 @@ import tensorflow as tf
 from tabulate import tabulate
 
 from gradtrace import _keras_compat as compat
-from gradtrace.capture import LayerTap, Recorder
+from gradtrace.capturing import LayerTap, Recorder
 
 
 class Captured:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_VERSION = 1
-# absent in snapshots written before them: your own loop's step function (gradtrace.watch), the replicas
+# absent in snapshots written before them: your own loop's step function (gradtrace.loop), the replicas
 # the step ran on (a distribution strategy's)
 OPTIONAL_KEYS = frozenset({"own_step", "replicas"})
 MANIFEST_KEYS = frozenset(
@@ -107,7 +107,7 @@ def _decode(spec, arrays):
 def write(directory, *, model, data, step, epoch, anomalies, detectors, table, matrix, optimizer=None,
           own_step=None) -> str:
     """Write one snapshot atomically and return its path. ``optimizer``: the one the step applies (default
-    ``model.optimizer``); ``own_step``: the name of your own loop's step function (``gradtrace.watch``),
+    ``model.optimizer``); ``own_step``: the name of your own loop's step function (``gradtrace.loop``),
     whose arguments ``data`` holds: replay then needs that function."""
     import keras
     import tensorflow as tf
@@ -128,7 +128,7 @@ def write(directory, *, model, data, step, epoch, anomalies, detectors, table, m
         spec = _encode(data, arrays)
         np.savez(tmp / "batch.npz", **arrays)
         model.save_weights(str(tmp / "model.weights.h5"))
-        from gradtrace.capture import variable_paths
+        from gradtrace.capturing import variable_paths
 
         named = variable_paths(model)
         variables = [v for _, v in named]

@@ -80,13 +80,13 @@ class Row:
 class Table:
     """The rows of one compiled step variant, with boolean masks for detectors."""
 
-    def __init__(self, rows, graph=None):
+    def __init__(self, rows, graph=None, optimizer=None):
         self.rows = list(rows)
         self._masks: dict = {}
         # which layer feeds which (gradtrace.graph.LayerGraph), read from the traced step's graph;
         # None (a step run eagerly, a table written by hand): execution order stands in
         self.graph = graph
-        self.optimizer = None  # the optimizer whose update the rows are about (host side: its learning rate)
+        self.optimizer = optimizer  # the optimizer whose update the rows are about (host side: its learning rate)
         # row index -> the row whose tensor holds the same values, whose statistics it reuses (a Flatten's
         # output and its input, a nested model's output and its last layer's); see stats.value_sources
         self.derived: dict = {}
@@ -204,16 +204,7 @@ BASE = ("s", "ss", "min", "max", "zeros", "sqdev", "size", "dead_frac", "saturat
 _B = {name: i for i, name in enumerate(BASE)}
 
 
-def base_stats(t, relu=False, activation="", which=None):
-    """The base quantities of one dense float tensor, as a ``[len(BASE)]`` float32 vector.
-
-    ``which`` limits the work to some of them (the others are 0); each costs
-    about one pass over the tensor.
-    """
-    return _vector(_base_dict(_f32(t), relu, activation, ALL_BASE if which is None else which))
-
-
-def _base_dict(t, relu, activation, which, s=None, n=None):
+def _base_dict(t, activation, which, s=None, n=None):
     """The base quantities in ``which`` of float32 ``t`` (``s`` and ``n``: its sum and size, when known),
     as a dict: only the ops for what is asked (and what applies: saturation to sigmoid/tanh)."""
     static = t.shape.num_elements()
@@ -238,10 +229,6 @@ def _base_dict(t, relu, activation, which, s=None, n=None):
     if "sqdev" in which:
         # two passes: the one-pass E[t^2] - mean^2 loses all precision when |mean| >> std
         out["sqdev"] = 2.0 * tf.nn.l2_loss(t - s / tf.maximum(n, 1.0))
-    if "dead_frac" in which and relu and t.shape.rank is not None and t.shape.rank >= 2:
-        unit_max = tf.reduce_max(tf.abs(t), axis=list(range(t.shape.rank - 1)))
-        dead = tf.reduce_sum(tf.cast(tf.equal(unit_max, 0.0), tf.float32))
-        out["dead_frac"] = dead / tf.maximum(tf.cast(tf.size(unit_max), tf.float32), 1.0)
     if "saturated" in which and activation in SATURATION_LIMITS:
         low, high = SATURATION_LIMITS[activation]
         margin = 0.01 * (high - low)
@@ -256,15 +243,19 @@ def _vector(d):
 
 
 def float_stats(t, relu=False, activation=""):
-    """Statistics of one dense float tensor, as a dict of float32 scalars (see module docstring)."""
-    v = base_stats(t, relu, activation)
-    m = derive(v[None, :])[0]
+    """Statistics of one dense float tensor, as a dict of float32 scalars (see module docstring), measured
+    exactly as a watched step measures a layer's output: one :class:`Collector` row, every statistic.
+    ``_s`` and ``_ss`` are its sum and sum of squares."""
+    c = Collector()
+    c.add("output", "tensor", t, relu=relu, activation=activation)
+    _, matrix, _ = c.build()
+    m = matrix[0]
     out = {c: m[COL[c]] for c in COLUMNS if c not in ("nan", "inf", "update_ratio", "bad", "bad_value", "bad_index")}
     if not relu or t.shape.rank is None or t.shape.rank < 2:
         out.pop("dead_frac")
     if activation not in SATURATION_LIMITS:
         out.pop("saturated")
-    out["_s"], out["_ss"] = v[_B["s"]], v[_B["ss"]]
+    out["_s"], out["_ss"] = m[COL["mean"]] * m[COL["size"]], tf.square(m[COL["norm"]])
     return out
 
 
@@ -414,6 +405,7 @@ class Collector:
         self._ratios = []  # (weight_gradient row, weight row)
         self._always = {}  # row index -> base quantities computed for that row whatever the step needs
         self.derived = {}  # row index -> the row whose tensor holds the same values (its statistics are that row's)
+        self.alive = None  # after build: [units] of the ReLU-family rows, 1 where the unit fired (see _finish)
 
     def add(self, kind, path, tensor=None, values=None, counted=_SAME, relu=False, activation="", deferred=False,
             always=(), ids=None, **meta) -> int:
@@ -444,7 +436,7 @@ class Collector:
     def ratio(self, grad_row, weight_row):
         self._ratios.append((grad_row, weight_row))
 
-    def build(self, lr=None, needs=ALL_BASE, replicas=None):
+    def build(self, lr=None, needs=ALL_BASE, replicas=None, graph=None, optimizer=None):
         """Return ``(table, matrix, full)``.
 
         ``matrix`` holds the columns whose base quantities are in ``needs`` (the
@@ -452,9 +444,9 @@ class Collector:
         ``replicas`` (a :class:`gradtrace.distribute.Replicas`), every replica's
         quantities are gathered and combined into global statistics, and
         :attr:`faults` (``[replicas, rows]``: that replica's shard of the row
-        held NaN/Inf or bad ids) is set.
+        held NaN/Inf or bad ids) is set. ``graph`` and ``optimizer`` go to the table (see :class:`Table`).
         """
-        table = Table(self.rows)
+        table = Table(self.rows, graph, optimizer)
         self._lr, self._replicas = lr, replicas
         self.faults = None
         if not self.rows:
@@ -469,15 +461,7 @@ class Collector:
         statistics (for the record of a step that fired and was committed, so it cannot be measured again;
         called inside the record's write branch, so it costs nothing on a step where nothing fired).
         Under a strategy the flags stay (the counts would have to cross replicas)."""
-        if self._replicas is not None or not self.rows:
-            return matrix
-        rows = [i for i, t in enumerate(self._counted) if t is not None]
-        if not rows:
-            return matrix
-        pairs = [nonfinite_counts(self._counted[i]) for i in rows]
-        counts = tf.stack([tf.stack([tf.cast(a, tf.float32), tf.cast(b, tf.float32)]) for a, b in pairs])
-        index = [[i, COL[c]] for i in rows for c in ("nan", "inf")]
-        return tf.tensor_scatter_nd_update(matrix, tf.constant(index, tf.int32), tf.reshape(counts, [-1]))
+        return matrix if self._replicas is not None else with_exact_counts(matrix, self._counted)
 
     def _local(self, which):
         """This replica's ``(base [rows, len(BASE)], nan [rows], inf [rows], alive [units])``."""
@@ -567,7 +551,7 @@ class Collector:
             if "ss" in which:
                 cols["ss"].append(tf.nn.l2_loss(t))
             more = row_which & {"min", "max", "zeros", "sqdev", "saturated"}
-            v = _base_dict(t, False, act, more, s=s, n=n) if more else {}
+            v = _base_dict(t, act, more, s=s, n=n) if more else {}
             for name in ("min", "max", "zeros", "sqdev", "saturated"):
                 cols[name].append(v.get(name, zero))
             if relu and t.shape.rank is not None and t.shape.rank >= 2 and (
@@ -586,19 +570,9 @@ class Collector:
             columns["ss"] = 2.0 * tf.stack(cols["ss"])
         alive = None
         if units:
-            all_units = tf.concat(units, 0)
-            alive = tf.cast(all_units > 0, tf.float32)
+            alive = tf.cast(tf.concat(units, 0) > 0, tf.float32)
             if "dead_frac" in which:
-                sizes = [u for _, u in unit_rows]
-                if all(isinstance(u, int) for u in sizes):
-                    ids = tf.constant(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
-                    per_unit = tf.constant(np.repeat(np.asarray(sizes, np.float32), sizes))
-                else:
-                    sizes_t = tf.stack([tf.cast(u, tf.int32) for u in sizes])
-                    ids = tf.repeat(tf.range(len(sizes), dtype=tf.int32), sizes_t)
-                    per_unit = tf.cast(tf.gather(sizes_t, ids), tf.float32)
-                dead = tf.math.unsorted_segment_sum((1.0 - alive) / per_unit, ids, len(sizes))
-                columns["dead_frac"] = tf.scatter_nd(tf.constant([[k] for k, _ in unit_rows], tf.int32), dead, [count])
+                columns["dead_frac"] = dead_fractions(alive, unit_rows, count)
         zeros = tf.zeros([count], tf.float32)
         block = tf.stack([columns.get(name, zeros) for name in BASE], axis=1)
         return block, alive
@@ -612,7 +586,9 @@ class Collector:
         self.alive = alive if alive.shape.rank == 1 and alive.shape[0] != 0 else None
         if self._replicas is not None:
             gathered, alive_total = self._replicas.gather(tf.concat([base, nan[:, None], inf[:, None]], 1), alive)
-            base, nan, inf, faults = combine(gathered, alive_total, self._unit_rows(), self._mirrored())
+            base, nan, inf, faults = combine(gathered, alive_total, self.unit_rows(),
+                                               # weights are the same on every replica: taken from replica 0
+                                               np.array([r.kind == "weight" for r in self.rows], dtype=bool))
             self.alive = None if self.alive is None else tf.cast(alive_total > 0, tf.float32)
         ratio = None
         if self._ratios and self._lr is not None:
@@ -632,28 +608,15 @@ class Collector:
         for i, v in enumerate(self._vectors):
             if not isinstance(v, tuple) or v[3] or self.rows[i].kind not in kinds:
                 continue
-            t = tf.reshape(_f32(v[0]), [-1])
-            lo, hi = matrix[i, COL["min"]], matrix[i, COL["max"]]
-            ok = tf.math.is_finite(lo) & tf.math.is_finite(hi)
-            lo = tf.where(ok, lo, 0.0)
-            hi = tf.where(ok & (hi > lo), hi, lo + 1.0)
-            finite = tf.math.is_finite(t)
-            h = tf.histogram_fixed_width(tf.where(finite, t, lo), tf.stack([lo, hi]), nbins=bins)
-            # the non-finite values were put in the first bin: take them out again
-            h = h - tf.one_hot(0, bins, dtype=h.dtype) * tf.reduce_sum(tf.cast(~finite, h.dtype))
             rows.append(i)
-            counts.append(tf.cast(h, tf.float32))
+            counts.append(histogram(v[0], matrix[i, COL["min"]], matrix[i, COL["max"]], bins))
         out = tf.stack(counts) if counts else tf.zeros([0, bins], tf.float32)
         if self._replicas is not None:
             out = self._replicas.sum(out)
         return rows, out
 
     def unit_rows(self):
-        """``[(row index, units)]``: the segments of :attr:`alive` (empty before ``build``)."""
-        return self._unit_rows() if getattr(self, "alive", None) is not None else []
-
-    def _unit_rows(self):
-        """Row index and unit count of each segment of ``alive`` (the order of ``_tensor_block``)."""
+        """``[(row index, units)]``: the segments of :attr:`alive`, in the order of ``_tensor_block``."""
         out = []
         for i, v in enumerate(self._vectors):
             if isinstance(v, tuple) and v[1] and v[0] is not None and not v[3]:
@@ -662,10 +625,47 @@ class Collector:
                     out.append((i, t.shape[-1] if t.shape[-1] is not None else tf.shape(t)[-1]))
         return out
 
-    def _mirrored(self):
-        """Rows whose tensor is the same on every replica (weights): taken from replica 0."""
-        return np.array([r.kind == "weight" for r in self.rows], dtype=bool)
 
+
+def with_exact_counts(matrix, counted):
+    """``matrix`` with the ``nan`` and ``inf`` columns of each row that has a tensor in ``counted`` (per row:
+    the tensor whose NaN/Inf are counted, or None) replaced by that tensor's exact counts."""
+    rows = [i for i, t in enumerate(counted) if t is not None]
+    if not rows:
+        return matrix
+    pairs = [nonfinite_counts(counted[i]) for i in rows]
+    counts = tf.stack([tf.stack([tf.cast(a, tf.float32), tf.cast(b, tf.float32)]) for a, b in pairs])
+    index = [[i, COL[c]] for i in rows for c in ("nan", "inf")]
+    return tf.tensor_scatter_nd_update(matrix, tf.constant(index, tf.int32), tf.reshape(counts, [-1]))
+
+def dead_fractions(alive, unit_rows, rows):
+    """``[rows]``: for each ``(row, units)`` of ``unit_rows``, the share of its units (its segment of
+    ``alive``, laid end to end in that order) that never fired: ``alive`` is 0 (a ReLU unit whose largest
+    output over the batch, and every position, is 0; under a strategy, on every replica). The one way
+    ``dead_frac`` is computed; 0 for the other rows."""
+    sizes = [u for _, u in unit_rows]
+    if all(isinstance(u, int) for u in sizes):
+        ids = tf.constant(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
+        per_unit = tf.constant(np.repeat(np.asarray(sizes, np.float32), sizes))
+    else:
+        sizes_t = tf.stack([tf.cast(u, tf.int32) for u in sizes])
+        ids = tf.repeat(tf.range(len(sizes), dtype=tf.int32), sizes_t)
+        per_unit = tf.cast(tf.gather(sizes_t, ids), tf.float32)
+    dead = tf.math.unsorted_segment_sum(tf.cast(tf.equal(alive, 0.0), tf.float32) / per_unit, ids, len(sizes))
+    return tf.scatter_nd(tf.constant([[k] for k, _ in unit_rows], tf.int32), dead, tf.reshape(rows, [1]))
+
+def histogram(t, lo, hi, bins):
+    """``bins`` counts of the finite values of ``t`` over ``[lo, hi]`` (a range that is not finite, or
+    empty, becomes ``[lo, lo + 1]``)."""
+    t = tf.reshape(_f32(t), [-1])
+    ok = tf.math.is_finite(lo) & tf.math.is_finite(hi)
+    lo = tf.where(ok, lo, 0.0)
+    hi = tf.where(ok & (hi > lo), hi, lo + 1.0)
+    finite = tf.math.is_finite(t)
+    h = tf.histogram_fixed_width(tf.where(finite, t, lo), tf.stack([lo, hi]), nbins=bins)
+    # the non-finite values were put in the first bin: take them out again
+    h = h - tf.one_hot(0, bins, dtype=h.dtype) * tf.reduce_sum(tf.cast(~finite, h.dtype))
+    return tf.cast(h, tf.float32)
 
 # ops whose output holds exactly the values of their first input, in another shape or order:
 # Flatten, Reshape, Permute and RepeatVector-free reshapes, a nested model's output, Identity
@@ -761,14 +761,7 @@ def combine(gathered, alive_total, unit_rows, mirrored):
     pick = tf.stack([first_bad, tf.range(tf.shape(first_bad)[0])], 1)
     out["bad_value"] = tf.gather_nd(g["bad_value"], pick)
     out["bad_index"] = tf.gather_nd(g["bad_index"], pick)
-    dead = tf.zeros_like(s)
-    if unit_rows:
-        sizes = tf.stack([tf.cast(u, tf.int32) for _, u in unit_rows])
-        parts = tf.split(alive_total, sizes, num=len(unit_rows))
-        fracs = [tf.reduce_mean(tf.cast(tf.equal(p, 0.0), tf.float32)) for p in parts]
-        rows = tf.constant([[i] for i, _ in unit_rows], tf.int32)
-        dead = tf.tensor_scatter_nd_update(dead, rows, tf.stack(fracs))
-    out["dead_frac"] = dead
+    out["dead_frac"] = dead_fractions(alive_total, unit_rows, tf.shape(s)[0]) if unit_rows else tf.zeros_like(s)
     base = tf.stack([out[k] for k in BASE], 1)
     nan, inf_count = tf.reduce_sum(nan_r, 0), tf.reduce_sum(inf_r, 0)
     if mirrored.any():

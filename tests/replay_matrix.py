@@ -2,7 +2,7 @@
 
 ``run(entry, jit, directory, strategy=None)`` trains the same small model (features -> a log -> Dense ->
 Dense, a 0 in one example of batch 2 of every epoch: log(0) = -inf) through ``gradtrace.fit``,
-``gradtrace.Watch`` or ``gradtrace.watch`` (your own loop), compiled with ``jit_compile`` False or True,
+``gradtrace.Watch`` or ``gradtrace.loop`` (your own loop), compiled with ``jit_compile`` False or True,
 and returns what it saw:
 
 - ``snapshot``: ``on_anomaly="snapshot"`` for two epochs: the fault's two findings, each with its snapshot
@@ -64,7 +64,7 @@ def _train(entry, model, x, y, epochs, strategy, **kw):
         return w.anomalies, w.run.halted, None
     optimizer = model.optimizer
     dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH))
-    with gradtrace.watch(model, optimizer, verbose=0, **kw) as w:
+    with gradtrace.loop(model, optimizer, verbose=0, **kw) as w:
         def replica_step(xb, yb):
             with tf.GradientTape() as tape:
                 per_example = keras.losses.mean_squared_error(yb, model(xb, training=True))

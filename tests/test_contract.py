@@ -426,10 +426,8 @@ def test_embedding_collapse_reads_the_effective_rank_of_the_table():
     assert gradtrace.EmbeddingCollapse.effective_rank(rank1) == pytest.approx(1.0, abs=0.01)
     assert gradtrace.EmbeddingCollapse.effective_rank(rng.normal(size=(500, 16))) > 14.0
 
-    class Ctx:  # what epoch_end reads of the run: the model's layers by path, the step
-        class engine:
-            class tap:
-                pass
+    class Ctx:  # what epoch_end reads of the run (a HostView): the Embedding layers by path, the step
+        pass
 
     import keras
 
@@ -437,7 +435,7 @@ def test_embedding_collapse_reads_the_effective_rank_of_the_table():
     for k, layer in layers.items():
         layer.build((None,))
         layer.embeddings.assign((rank1 if k == 1 else rng.normal(size=(500, 16))).astype("float32"))
-    Ctx.engine.tap.layers, Ctx.engine.tap.paths = layers, {1: "m/flat", 2: "m/rich"}
+    Ctx.embedding_layers = staticmethod(lambda: [("m/flat", layers[1]), ("m/rich", layers[2])])
     Ctx.model = type("M", (), {"optimizer": keras.optimizers.SGD()})
     Ctx.current_step = staticmethod(lambda: int(Ctx.model.optimizer.iterations.numpy()))  # the run's step counter
     found = list(gradtrace.EmbeddingCollapse().epoch_end(Ctx))

@@ -1,5 +1,5 @@
 """Custom training steps and the other ways in: an overridden train_step (GAN, VAE) is watched, not
-skipped; gradtrace.Watch inside someone else's fit (KerasTuner); gradtrace.watch around your own loop."""
+skipped; gradtrace.Watch inside someone else's fit (KerasTuner); gradtrace.loop around your own loop."""
 
 import tempfile
 
@@ -174,7 +174,7 @@ def test_watch_callback_with_a_custom_detector_under_keras_tuner():
         assert ("big_loss", 0) in found and ("nan", 2) in found, found
 
 
-# -- gradtrace.watch: your own loop -----------------------------------------------------------------
+# -- gradtrace.loop: your own loop -----------------------------------------------------------------
 @pytest.mark.parametrize("compiled", [True, False])
 def test_watch_your_own_loop_halts_before_the_bad_update(compiled):
     import keras
@@ -185,7 +185,7 @@ def test_watch_your_own_loop_halts_before_the_bad_update(compiled):
     optimizer = keras.optimizers.SGD(0.01)
     loss_fn = keras.losses.MeanSquaredError()
     steps = 0
-    with gradtrace.watch(model, optimizer, verbose=0) as w:
+    with gradtrace.loop(model, optimizer, verbose=0) as w:
         def train_step(xb, yb):
             with tf.GradientTape() as tape:
                 loss = loss_fn(yb, model(xb, training=True))

@@ -302,7 +302,7 @@ class HugeActivation(gradtrace.Detector):
 
     def __init__(self, limit=1e3, action=None):
         super().__init__(action)
-        self.limit = self._check_range("limit", limit, 0.0, float("inf"), low_open=True)
+        self.limit = self.check_range("limit", limit, 0.0, float("inf"), low_open=True)
 
     def check(self, view):
         return view.mask(kinds=("output",)) & (view["max"] > self.limit), view["max"]

@@ -292,8 +292,8 @@ class _EveryTen(gradtrace.Detector):
         super().__init__()
         self.at = []
 
-    def periodic(self, run):
-        self.at.append(int(run.engine.optimizers[0].iterations.numpy()))
+    def periodic(self, ctx):
+        self.at.append(int(ctx.optimizers[0].iterations.numpy()))
         return []
 
 
@@ -317,8 +317,8 @@ def test_periodic_checks_run_on_time_and_read_the_step_counter_only_near_a_perio
     model.compile(optimizer="sgd", loss="mse", steps_per_execution=4 if case == "steps_per_execution" else 1)
     x, y = np.random.default_rng(0).normal(size=(8 * 40, 6)).astype("float32"), np.zeros((8 * 40, 1), "float32")
     reads = []
-    real = gradtrace.actions.Run.current_step
-    monkeypatch.setattr(gradtrace.actions.Run, "current_step", lambda self: reads.append(1) or real(self))
+    real = gradtrace.run.Run.current_step
+    monkeypatch.setattr(gradtrace.run.Run, "current_step", lambda self: reads.append(1) or real(self))
     det = _EveryTen()
     gradtrace.fit(model, x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, detectors=["nan", det])
     per_call = 2 if case == "two_updates_per_call" else 1

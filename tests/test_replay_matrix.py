@@ -3,7 +3,7 @@
 
 Not in the matrix: ``jit_compile=True`` under MirroredStrategy (Keras resolves ``jit_compile="auto"`` to
 False under any strategy, and an explicit True fails in ``model.fit`` itself on logical CPUs: an XLA
-cluster is on one device), and ``gradtrace.watch`` around a step that calls ``strategy.run`` (the
+cluster is on one device), and ``gradtrace.loop`` around a step that calls ``strategy.run`` (the
 replicas' updates run in threads of their own, which gradtrace does not watch: it says so).
 """
 

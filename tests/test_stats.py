@@ -547,6 +547,6 @@ def test_a_traced_step_derives_flatten_permute_and_nested_outputs_and_reports_th
             for k, v in np_float_stats(t).items():
                 np.testing.assert_allclose(matrix[r.index, st.COL[k]], v, rtol=RTOL, atol=ATOL,
                                            err_msg=f"{r.kind} {r.path} {k}")
-    from gradtrace.report import layer_table
+    from gradtrace.reporting import layer_table
 
     assert "derived: = outer/inner/proj" in layer_table(table, matrix)

@@ -148,7 +148,7 @@ def test_the_package_has_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
-    assert "gradtrace.fit" not in graph["gradtrace.replay"] and "gradtrace.fit" not in graph["gradtrace.actions"]
+    assert "gradtrace.fitting" not in graph["gradtrace.replaying"] and "gradtrace.fitting" not in graph["gradtrace.actions"]
 
 
 def test_the_public_entry_points_have_type_hints():
@@ -157,8 +157,35 @@ def test_the_public_entry_points_have_type_hints():
 
     import gradtrace
 
-    for fn in (gradtrace.fit, gradtrace.Watch.__init__, gradtrace.watch.__init__, gradtrace.watch.step,
+    for fn in (gradtrace.fit, gradtrace.Watch.__init__, gradtrace.loop.__init__, gradtrace.loop.step,
                gradtrace.replay):
         hints = typing.get_type_hints(fn)  # resolves: no name left undefined
         params = [p for p in inspect.signature(fn).parameters if p != "self"]
         assert set(params) <= set(hints) and "return" in hints, (fn.__qualname__, set(params) - set(hints))
+
+
+def test_no_class_over_250_lines_and_no_function_over_100():
+    """The size limits the package keeps (a class that outgrows them is doing two jobs)."""
+    too_long = []
+    for path in sorted((ROOT / "gradtrace").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            limit = 250 if isinstance(node, ast.ClassDef) else 100 if isinstance(
+                node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+            if limit is not None and node.end_lineno - node.lineno + 1 > limit:
+                too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+                                f"({node.end_lineno - node.lineno + 1} lines, limit {limit})")
+    assert not too_long, "\n".join(too_long)
+
+
+def test_no_module_is_shadowed_by_a_public_name():
+    """``gradtrace.fit`` is a function and ``gradtrace.fitting`` the module: a public name that is also a
+    module's name would hide the module once the package's attribute is read (or be replaced by it once
+    the module is imported)."""
+    import gradtrace
+
+    modules = {p.stem for p in (ROOT / "gradtrace").glob("*.py")} | {
+        p.name for p in (ROOT / "gradtrace").iterdir() if (p / "__init__.py").exists()}
+    assert not modules & set(gradtrace.__all__), sorted(modules & set(gradtrace.__all__))
+    import gradtrace.fitting  # noqa: F401  (importing a module leaves the public function in place)
+
+    assert callable(gradtrace.fit) and not isinstance(gradtrace.fit, type(gradtrace))

@@ -101,7 +101,7 @@ def test_unwritable_tensorboard_dir_is_refused_before_training(tmp_path):
 
 
 def test_your_own_loop_writes_the_same_summaries(tmp_path):
-    """gradtrace.watch(..., tensorboard_dir=): per-layer summaries every tensorboard_every steps, findings as text."""
+    """gradtrace.loop(..., tensorboard_dir=): per-layer summaries every tensorboard_every steps, findings as text."""
     import tensorflow as tf
 
     from tests import replay_matrix as RM
@@ -109,7 +109,7 @@ def test_your_own_loop_writes_the_same_summaries(tmp_path):
     x, y = RM.data()  # a 0 under a log in batch 2: one finding
     model = RM.build_model(keras, False, tf.distribute.get_strategy())
     opt = model.optimizer
-    with gradtrace.watch(model, opt, tensorboard_dir=tmp_path, tensorboard_every=2, on_anomaly="warn",
+    with gradtrace.loop(model, opt, tensorboard_dir=tmp_path, tensorboard_every=2, on_anomaly="warn",
                          verbose=0) as w:
         @w.step
         @tf.function

@@ -79,7 +79,9 @@ class Detector:
 
     # -- validation helpers ---------------------------------------------------------
     @staticmethod
-    def _check_range(name, value, low, high, low_open=False, high_open=False):
+    def check_range(name, value, low, high, low_open=False, high_open=False):
+        """``value`` when it is a number in the range (``low_open``/``high_open``: the bound itself is out);
+        else a ValueError that names the option, the value and the range. For a detector's ``__init__``."""
         ok_low = value > low if low_open else value >= low
         ok_high = value < high if high_open else value <= high
         if not (isinstance(value, (int, float, np.floating, np.integer)) and ok_low and ok_high):
@@ -89,7 +91,7 @@ class Detector:
         return value
 
     @staticmethod
-    def _check_int(name, value, low):
+    def check_int(name, value, low):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name}={value!r} is out of range: it must be an integer >= {low}.")
         return int(value)
@@ -152,7 +154,9 @@ class Detector:
         return f"{self.name} fired on {row.kind} of {row.path} (value {value:.4g})."
 
     def epoch_begin(self, ctx):
-        """Host-side hook at the start of an epoch (reset per-epoch state here)."""
+        """Host-side hook at the start of an epoch (reset per-epoch state here). ``ctx`` in every host-side
+        hook is a :class:`gradtrace.run.HostView`: ``model``, ``optimizers``, ``tap`` (every nested layer's
+        path), ``epoch_logs``, ``history``, ``current_step()`` and ``embedding_layers()``."""
 
     def epoch_end(self, ctx):
         """Host-side checks at the end of an epoch; return a list of ``(layer, tensor, value, message)``

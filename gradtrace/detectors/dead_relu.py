@@ -37,10 +37,10 @@ class DeadReLU(Detector):
 
     def __init__(self, threshold=0.7, window=2048, quick=64, min_examples=32, action=None):
         super().__init__(action)
-        self.threshold = self._check_range("threshold", threshold, 0.0, 1.0, high_open=True)
-        self.window = self._check_int("window", window, 1)
-        self.quick = self._check_int("quick", quick, 1)
-        self.min_examples = self._check_int("min_examples", min_examples, 1)
+        self.threshold = self.check_range("threshold", threshold, 0.0, 1.0, high_open=True)
+        self.window = self.check_int("window", window, 1)
+        self.quick = self.check_int("quick", quick, 1)
+        self.min_examples = self.check_int("min_examples", min_examples, 1)
 
     def reset(self):
         super().reset()

@@ -39,11 +39,11 @@ class Divergence(Detector):
     def __init__(self, factor=10.0, window=10, patience=2, input_scale=INPUT_SCALE,
                  target_scale=TARGET_SCALE, action=None):
         super().__init__(action)
-        self.factor = self._check_range("factor", factor, 1.0, float("inf"), low_open=True)
-        self.window = self._check_int("window", window, 1)
-        self.patience = self._check_int("patience", patience, 1)
-        self.input_scale = self._check_range("input_scale", input_scale, 0.0, float("inf"), low_open=True)
-        self.target_scale = self._check_range("target_scale", target_scale, 0.0, float("inf"), low_open=True)
+        self.factor = self.check_range("factor", factor, 1.0, float("inf"), low_open=True)
+        self.window = self.check_int("window", window, 1)
+        self.patience = self.check_int("patience", patience, 1)
+        self.input_scale = self.check_range("input_scale", input_scale, 0.0, float("inf"), low_open=True)
+        self.target_scale = self.check_range("target_scale", target_scale, 0.0, float("inf"), low_open=True)
 
     def check(self, view):
         rows = view.table.mask(kinds=("loss",), predicate=lambda r: r.loss_kind != "bounded")

@@ -42,9 +42,9 @@ class EmbeddingRows(Detector):
 
     def __init__(self, factor=100.0, min_norm=10.0, patience=5, action=None):
         super().__init__(action)
-        self.factor = self._check_range("factor", factor, 1.0, float("inf"), low_open=True)
-        self.min_norm = self._check_range("min_norm", min_norm, 0.0, float("inf"))
-        self.patience = self._check_int("patience", patience, 1)
+        self.factor = self.check_range("factor", factor, 1.0, float("inf"), low_open=True)
+        self.min_norm = self.check_range("min_norm", min_norm, 0.0, float("inf"))
+        self.patience = self.check_int("patience", patience, 1)
         self._groups = {}
 
     def reset(self):

@@ -12,12 +12,7 @@ def _tables(ctx):
     """``[(path, layer)]`` for every Embedding layer of the run's model, in path order. The tables stay
     where they are: the checks below reduce them in TensorFlow and bring back only small results (a
     table of a million rows is never copied to the host)."""
-    import keras
-
-    tap = ctx.engine.tap
-    out = [(tap.paths.get(lid, layer.name), layer) for lid, layer in tap.layers.items()
-           if isinstance(layer, keras.layers.Embedding)]
-    return sorted(out, key=lambda t: t[0])
+    return sorted(ctx.embedding_layers(), key=lambda t: t[0])
 
 
 class EmbeddingTwins(Detector):
@@ -83,11 +78,11 @@ class EmbeddingCollapse(Detector):
 
     def __init__(self, min_rank_fraction=0.1, falling=3, max_drop=0.5, every=1000, min_dim=8, action=None):
         super().__init__(action)
-        self.min_rank_fraction = self._check_range("min_rank_fraction", min_rank_fraction, 0.0, 1.0, low_open=True)
-        self.falling = self._check_int("falling", falling, 2)
-        self.max_drop = self._check_range("max_drop", max_drop, 0.0, 1.0, low_open=True, high_open=True)
-        self.every = None if every is None else self._check_int("every", every, 1)
-        self.min_dim = self._check_int("min_dim", min_dim, 2)
+        self.min_rank_fraction = self.check_range("min_rank_fraction", min_rank_fraction, 0.0, 1.0, low_open=True)
+        self.falling = self.check_int("falling", falling, 2)
+        self.max_drop = self.check_range("max_drop", max_drop, 0.0, 1.0, low_open=True, high_open=True)
+        self.every = None if every is None else self.check_int("every", every, 1)
+        self.min_dim = self.check_int("min_dim", min_dim, 2)
         self.history = {}  # table path -> [(step, effective rank)]
         self._reported = set()
 

@@ -47,11 +47,11 @@ class Exploding(Detector):
 
     def __init__(self, max_norm=1e6, factor=100.0, warmup=10, floor=1.0, decay=0.9, action=None):
         super().__init__(action)
-        self.max_norm = self._check_range("max_norm", max_norm, 0.0, float("inf"), low_open=True)
-        self.factor = self._check_range("factor", factor, 1.0, float("inf"), low_open=True)
-        self.warmup = self._check_int("warmup", warmup, 1)
-        self.floor = self._check_range("floor", floor, 0.0, float("inf"))
-        self.decay = self._check_range("decay", decay, 0.0, 1.0, high_open=True)
+        self.max_norm = self.check_range("max_norm", max_norm, 0.0, float("inf"), low_open=True)
+        self.factor = self.check_range("factor", factor, 1.0, float("inf"), low_open=True)
+        self.warmup = self.check_int("warmup", warmup, 1)
+        self.floor = self.check_range("floor", floor, 0.0, float("inf"))
+        self.decay = self.check_range("decay", decay, 0.0, 1.0, high_open=True)
 
     def check(self, view):
         mask = view.mask(kinds=("gradient", "weight_gradient")) & (view["size"] > 0)

@@ -39,8 +39,8 @@ class GradientCut(Detector):
 
     def __init__(self, patience=5, min_loss=1e-4, action=None):
         super().__init__(action)
-        self.patience = self._check_int("patience", patience, 1)
-        self.min_loss = self._check_range("min_loss", min_loss, 0.0, float("inf"))
+        self.patience = self.check_int("patience", patience, 1)
+        self.min_loss = self.check_range("min_loss", min_loss, 0.0, float("inf"))
 
     @staticmethod
     def _layout(table):

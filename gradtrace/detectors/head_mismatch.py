@@ -50,7 +50,7 @@ class HeadMismatch(Detector):
 
     def __init__(self, tolerance=1e-6, action=None):
         super().__init__(action)
-        self.tolerance = self._check_range("tolerance", tolerance, 0.0, float("inf"))
+        self.tolerance = self.check_range("tolerance", tolerance, 0.0, float("inf"))
 
     @staticmethod
     def _static_code(row, loss):

@@ -38,13 +38,13 @@ class IdenticalUnits(Detector):
 
         from gradtrace import _keras_compat as compat
 
-        model = ctx.engine.model
+        model = ctx.model
         optimizer = getattr(model, "optimizer", None)
         # the count of updates (a MirroredVariable under a strategy: read its value)
         updates = int(np.asarray(tf.convert_to_tensor(compat.iterations(optimizer)))) if optimizer is not None else None
         if updates == 0:
             return
-        tap = ctx.engine.tap
+        tap = ctx.tap
         for lid, layer in sorted(tap.layers.items(), key=lambda t: tap.paths.get(t[0], t[1].name)):
             path = tap.paths.get(lid, layer.name)
             kernel = getattr(layer, "kernel", None)

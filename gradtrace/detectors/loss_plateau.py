@@ -25,8 +25,8 @@ class LossPlateau(Detector):
 
     def __init__(self, window=200, min_delta=1e-3, action=None):
         super().__init__(action)
-        self.window = self._check_int("window", window, 2)
-        self.min_delta = self._check_range("min_delta", min_delta, 0.0, 1.0)
+        self.window = self.check_int("window", window, 2)
+        self.min_delta = self.check_range("min_delta", min_delta, 0.0, 1.0)
 
     def check(self, view):
         mask = view.mask(kinds=("loss",))

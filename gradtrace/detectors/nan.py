@@ -44,7 +44,7 @@ class NaN(Detector):
 
     def __init__(self, loss_scale_patience=20, action=None):
         super().__init__(action)
-        self.loss_scale_patience = self._check_int("loss_scale_patience", loss_scale_patience, 1)
+        self.loss_scale_patience = self.check_int("loss_scale_patience", loss_scale_patience, 1)
 
     def reset(self):
         super().reset()

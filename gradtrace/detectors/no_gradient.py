@@ -30,9 +30,9 @@ class NoGradient(Detector):
 
     def __init__(self, tolerance=1e-12, min_loss=1e-4, patience=1, action=None):
         super().__init__(action)
-        self.tolerance = self._check_range("tolerance", tolerance, 0.0, float("inf"))
-        self.min_loss = self._check_range("min_loss", min_loss, 0.0, float("inf"))
-        self.patience = self._check_int("patience", patience, 1)
+        self.tolerance = self.check_range("tolerance", tolerance, 0.0, float("inf"))
+        self.min_loss = self.check_range("min_loss", min_loss, 0.0, float("inf"))
+        self.patience = self.check_int("patience", patience, 1)
 
     def check(self, view):
         n = len(view.table)

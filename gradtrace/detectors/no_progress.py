@@ -44,10 +44,10 @@ class NoProgress(Detector):
 
     def __init__(self, window=8192, min_steps=1000, start_steps=10, min_drop=0.02, action=None):
         super().__init__(action)
-        self.window = self._check_int("window", window, 1)
-        self.min_steps = self._check_int("min_steps", min_steps, 1)
-        self.start_steps = self._check_int("start_steps", start_steps, 1)
-        self.min_drop = self._check_range("min_drop", min_drop, 0.0, 1.0, low_open=True, high_open=True)
+        self.window = self.check_int("window", window, 1)
+        self.min_steps = self.check_int("min_steps", min_steps, 1)
+        self.start_steps = self.check_int("start_steps", start_steps, 1)
+        self.min_drop = self.check_range("min_drop", min_drop, 0.0, 1.0, low_open=True, high_open=True)
 
     @staticmethod
     def _chance(table):

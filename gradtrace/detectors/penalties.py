@@ -30,8 +30,8 @@ class Penalties(Detector):
 
     def __init__(self, share=0.5, shrink=0.7, action=None):
         super().__init__(action)
-        self.share = self._check_range("share", share, 0.0, 1.0, low_open=True, high_open=True)
-        self.shrink = self._check_range("shrink", shrink, 0.0, 1.0, low_open=True, high_open=True)
+        self.share = self.check_range("share", share, 0.0, 1.0, low_open=True, high_open=True)
+        self.shrink = self.check_range("shrink", shrink, 0.0, 1.0, low_open=True, high_open=True)
         self._start = None
         self._done = False
 
@@ -42,7 +42,7 @@ class Penalties(Detector):
     @staticmethod
     def _terms(ctx):
         """``[(path, attribute, regulariser, variable)]`` of the run's trainable layers."""
-        tap = ctx.engine.tap
+        tap = ctx.tap
         out = []
         for lid, layer in tap.layers.items():
             if not layer.trainable:
@@ -72,7 +72,7 @@ class Penalties(Detector):
     def epoch_end(self, ctx):
         import tensorflow as tf
 
-        loss = ctx.epoch_logs.get("loss") if isinstance(getattr(ctx, "epoch_logs", None), dict) else None
+        loss = ctx.epoch_logs.get("loss")
         if self._done or loss is None or not self._start:
             return
         terms = self._terms(ctx)

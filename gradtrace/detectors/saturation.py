@@ -31,10 +31,10 @@ class Saturation(Detector):
 
     def __init__(self, threshold=0.9, patience=20, quick_threshold=0.95, quick=3, action=None):
         super().__init__(action)
-        self.threshold = self._check_range("threshold", threshold, 0.0, 1.0, high_open=True)
-        self.patience = self._check_int("patience", patience, 1)
-        self.quick_threshold = self._check_range("quick_threshold", quick_threshold, 0.0, 1.0)
-        self.quick = self._check_int("quick", quick, 1)
+        self.threshold = self.check_range("threshold", threshold, 0.0, 1.0, high_open=True)
+        self.patience = self.check_int("patience", patience, 1)
+        self.quick_threshold = self.check_range("quick_threshold", quick_threshold, 0.0, 1.0)
+        self.quick = self.check_int("quick", quick, 1)
 
     def check(self, view):
         rows = view.table.mask(kinds=("output",), predicate=lambda r: r.activation in SATURATION_LIMITS and not r.head)

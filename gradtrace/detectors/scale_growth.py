@@ -40,9 +40,9 @@ class ScaleGrowth(Detector):
 
     def __init__(self, max_growth=100.0, min_layers=3, min_scale=10.0, action=None):
         super().__init__(action)
-        self.max_growth = self._check_range("max_growth", max_growth, 1.0, float("inf"), low_open=True)
-        self.min_layers = self._check_int("min_layers", min_layers, 2)
-        self.min_scale = self._check_range("min_scale", min_scale, 0.0, float("inf"))
+        self.max_growth = self.check_range("max_growth", max_growth, 1.0, float("inf"), low_open=True)
+        self.min_layers = self.check_int("min_layers", min_layers, 2)
+        self.min_scale = self.check_range("min_scale", min_scale, 0.0, float("inf"))
 
     @staticmethod
     def _weighted_outputs(table):

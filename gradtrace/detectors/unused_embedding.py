@@ -78,12 +78,12 @@ class UnusedEmbedding(Detector):
     def __init__(self, max_unused=0.75, margin=0.5, zipf_s=1.5, max_reach=0.5, raw_repeats=10.0, every=None,
                  action=None):
         super().__init__(action)
-        self.raw_repeats = self._check_range("raw_repeats", raw_repeats, 1.0, float("inf"))
-        self.max_unused = self._check_range("max_unused", max_unused, 0.0, 1.0, high_open=True)
-        self.margin = self._check_range("margin", margin, 0.0, 1.0, low_open=True)
-        self.zipf_s = self._check_range("zipf_s", zipf_s, 0.0, 10.0, low_open=True)
-        self.max_reach = self._check_range("max_reach", max_reach, 0.0, 1.0, low_open=True, high_open=True)
-        self.every = None if every is None else self._check_int("every", every, 1)
+        self.raw_repeats = self.check_range("raw_repeats", raw_repeats, 1.0, float("inf"))
+        self.max_unused = self.check_range("max_unused", max_unused, 0.0, 1.0, high_open=True)
+        self.margin = self.check_range("margin", margin, 0.0, 1.0, low_open=True)
+        self.zipf_s = self.check_range("zipf_s", zipf_s, 0.0, 10.0, low_open=True)
+        self.max_reach = self.check_range("max_reach", max_reach, 0.0, 1.0, low_open=True, high_open=True)
+        self.every = None if every is None else self.check_int("every", every, 1)
         self._groups = {}
         self._reported = set()
 

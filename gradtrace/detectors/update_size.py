@@ -41,12 +41,12 @@ class UpdateSize(Detector):
 
     def __init__(self, low=1e-5, high=1.0, every=10, patience=2, action=None):
         super().__init__(action)
-        self.low = self._check_range("low", low, 0.0, 1.0, low_open=True, high_open=True)
-        self.high = self._check_range("high", high, 0.0, float("inf"), low_open=True)
+        self.low = self.check_range("low", low, 0.0, 1.0, low_open=True, high_open=True)
+        self.high = self.check_range("high", high, 0.0, float("inf"), low_open=True)
         if not self.low < self.high:
             raise ValueError(f"low={low!r} must be below high={high!r}.")
-        self.every = self._check_int("every", every, 1)
-        self.patience = self._check_int("patience", patience, 1)
+        self.every = self.check_int("every", every, 1)
+        self.patience = self.check_int("patience", patience, 1)
         self.reset()
 
     def reset(self):
@@ -73,7 +73,7 @@ class UpdateSize(Detector):
 
         from gradtrace import _keras_compat as compat
 
-        tap = ctx.engine.tap
+        tap = ctx.tap
         owner = {}
         for lid, layer in tap.layers.items():
             if not layer.trainable:
@@ -113,15 +113,15 @@ class UpdateSize(Detector):
         from gradtrace import _keras_compat as compat
 
         # the optimizer whose updates count the steps (the model's, or the one your loop applies)
-        optimizer = ctx.engine.optimizers[0] if ctx.engine.optimizers else None
+        optimizer = ctx.optimizers[0] if ctx.optimizers else None
         try:
             return float(compat.current_learning_rate(optimizer)), compat.optimizer_kind(optimizer)
         except (TypeError, ValueError):
             return None, compat.optimizer_kind(optimizer)
 
     def _baseline(self, ctx):
-        if self._groups is None or self._tap is not ctx.engine.tap:
-            self._tap = ctx.engine.tap
+        if self._groups is None or self._tap is not ctx.tap:
+            self._tap = ctx.tap
             self._build(ctx)
         if self._last is None and self._groups:
             step = ctx.current_step()

@@ -43,9 +43,9 @@ class Vanishing(Detector):
 
     def __init__(self, ratio=1e-4, max_rms=1e-5, patience=5, action=None):
         super().__init__(action)
-        self.ratio = self._check_range("ratio", ratio, 0.0, 1.0, low_open=True)
-        self.max_rms = self._check_range("max_rms", max_rms, 0.0, float("inf"), low_open=True)
-        self.patience = self._check_int("patience", patience, 1)
+        self.ratio = self.check_range("ratio", ratio, 0.0, 1.0, low_open=True)
+        self.max_rms = self.check_range("max_rms", max_rms, 0.0, float("inf"), low_open=True)
+        self.patience = self.check_int("patience", patience, 1)
 
     def _layers(self, table):
         rows = [r for r in table.rows if r.kind == "weight_gradient"]

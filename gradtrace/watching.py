@@ -1,5 +1,5 @@
 """Two more ways in: ``gradtrace.Watch`` (a callback, for someone else's ``fit``) and
-``gradtrace.watch`` (for your own ``GradientTape`` loop).
+``gradtrace.loop`` (for your own ``GradientTape`` loop).
 
 Both run the same engine as :func:`gradtrace.fit`: the same hooks on layer
 calls, ``tape.gradient`` and the optimizer's ``apply``, the same detectors,
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
-from gradtrace.fit import DetectorSpec, Installed, Options, PathLike, attach_run, check_model, start_run
-from gradtrace.step import Plan
+from gradtrace.fitting import check_model
+from gradtrace.session import DetectorSpec, Options, PathLike, Session, attach_run
 
 
 class Watch(keras.callbacks.Callback):
@@ -82,10 +83,11 @@ class Watch(keras.callbacks.Callback):
                 "a snapshotted step is redone on the host after its execution. Compile with "
                 "steps_per_execution=1, use on_anomaly='halt' with snapshot_dir (one snapshot, then stop), or "
                 "call gradtrace.fit(model, ...), which falls back to one step per execution by itself.")
-        self.run, engine = start_run(model, self.options, self.tensorboard_dir, self._verbosity())
-        self.runs.append(self.run)
         self._installed = contextlib.ExitStack()
-        self._installed.enter_context(Installed(model, engine, self.run))
+        session = self._installed.enter_context(Session(model, self.options, self._verbosity(), self.tensorboard_dir))
+        self.run = session.run
+        self.runs.append(self.run)
+        session.replace_train_function()
         function = model.train_function
 
         def guarded(iterator):
@@ -135,18 +137,16 @@ class Watch(keras.callbacks.Callback):
         try:
             self.run.fit_end_checks()
         finally:
-            self._remove()
-            if self.run.tensorboard is not None:
-                self.run.tensorboard.close()
+            self._remove()  # (TensorBoard closes with the session)
             self._attach_to_history(getattr(self.model, "history", None))
 
 
-class watch:
+class loop:
     """gradtrace around your own training loop.
 
     ::
 
-        with gradtrace.watch(model, optimizer) as w:
+        with gradtrace.loop(model, optimizer) as w:
             @w.step
             @tf.function
             def train_step(x, y):
@@ -183,7 +183,7 @@ class watch:
                  trace_at_least_every: int = 100, snapshot_dir: Optional[PathLike] = None, max_snapshots: int = 5,
                  tensorboard_dir: Optional[PathLike] = None, tensorboard_every: int = 100) -> None:
         if not isinstance(model, keras.layers.Layer):
-            raise TypeError(f"gradtrace.watch expects a Keras model or layer, got {type(model).__name__}.")
+            raise TypeError(f"gradtrace.loop expects a Keras model or layer, got {type(model).__name__}.")
         if optimizer is not None and not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(f"optimizer must be a keras.optimizers.Optimizer, got {type(optimizer).__name__}.")
         self.model = model
@@ -195,8 +195,7 @@ class watch:
         self.tensorboard_dir = tensorboard_dir
         self.verbose = verbose
         self.run = None
-        self._engine = None
-        self._hooks = None
+        self._session = None
 
     @property
     def halted(self) -> bool:
@@ -207,19 +206,18 @@ class watch:
         return self.run.anomalies if self.run is not None else []
 
     def __enter__(self):
-        self.run, self._engine = start_run(self.model, self.options, self.tensorboard_dir, self.verbose,
-                                           optimizer=self.optimizer)
-        self.run.snapshot_optimizer = self.optimizer or getattr(self.model, "optimizer", None)
-        self._hooks = contextlib.ExitStack()
-        if self.run.tensorboard is not None:
-            self._hooks.callback(self.run.tensorboard.close)
-        self._hooks.enter_context(self._engine.installed())
+        with contextlib.ExitStack() as stack:
+            self._session = stack.enter_context(Session(self.model, self.options, self.verbose, self.tensorboard_dir,
+                                                        optimizer=self.optimizer))
+            stack.pop_all()  # entered: the session stays on until __exit__
+        self.run = self._session.run
+        self.run.snapshots.optimizer = self.optimizer or getattr(self.model, "optimizer", None)
         return self
 
     def __exit__(self, *exc):
-        if self._hooks is not None:
-            hooks, self._hooks = self._hooks, None
-            with hooks:  # the hooks come off (and TensorBoard closes) whatever happens
+        session, self._session = self._session, None
+        if session is not None:
+            with session:  # the hooks come off (and TensorBoard closes) whatever happens
                 if exc[1] is None:
                     self.run.drain_history()
         if exc[1] is not None:
@@ -229,11 +227,11 @@ class watch:
     def step(self, fn: Callable) -> Callable:
         """Wrap your step function (a ``tf.function`` or a plain Python function)."""
         if self.run is None:
-            raise RuntimeError("use w.step inside `with gradtrace.watch(model, optimizer) as w:`")
+            raise RuntimeError("use w.step inside `with gradtrace.loop(model, optimizer) as w:`")
         python_function = getattr(fn, "python_function", None)
         compiled = python_function is not None
         python_function = python_function or fn
-        engine, run = self._engine, self.run
+        engine, run = self._session.engine, self.run
         functions = {}
 
         def make(plan):
@@ -254,19 +252,26 @@ class watch:
         run.own_step = (python_function, run_on)
 
         def call(*args, **kwargs):
-            if self._hooks is None:
-                raise RuntimeError("the watched step was called after its `with gradtrace.watch(...)` block ended; "
+            if self._session is None:
+                raise RuntimeError("the watched step was called after its `with gradtrace.loop(...)` block ended; "
                                    "call it inside the block (or watch it again)")
-            plan, traced, summary = run.next_plan()
+            plan, traced, summary = run.schedule.next_plan()
             if plan not in functions:
                 functions[plan] = make(plan)
             start, found = time.perf_counter(), run.log.total
             out, fired = functions[plan](*args, **kwargs)
             run.after_call(plan, traced, summary, fired=fired)
-            run.timed(traced, time.perf_counter() - start, run.log.total != found)
+            run.schedule.timed(traced, time.perf_counter() - start, run.log.total != found)
             run.after_step(traced)
             return out
 
         # what gradtrace.replay(path, step=...) runs, and how it was compiled
         call.gradtrace_step = (python_function, compiled, bool(compat.function_jit_compile(fn)))
         return call
+
+
+def watch(*args, **kwargs) -> loop:
+    """The former name of :class:`loop` (``watch`` beside ``Watch`` read as one name in two cases)."""
+    warnings.warn("gradtrace.watch was renamed gradtrace.loop (same arguments); gradtrace.watch will be removed.",
+                  DeprecationWarning, stacklevel=2)
+    return loop(*args, **kwargs)

@@ -29,9 +29,12 @@ import tensorflow as tf
 from gradtrace import _keras_compat as compat
 from gradtrace import detectors as detectors_module
 from gradtrace import snapshot as snapshot_module
-from gradtrace.capture import LayerTap
+from gradtrace.anomaly import build_anomalies
+from gradtrace.capturing import LayerTap
 from gradtrace.snapshot import SnapshotError
 from gradtrace.stats import COL, row_dict
+from gradtrace.step import INSPECT, KEY, Engine
+from gradtrace.step.rows import weight_owners
 
 class Replay:
     """What a replayed step holds: ``loss``, ``outputs``/``gradients`` by layer path,
@@ -85,7 +88,7 @@ class Replay:
         return float(np.nanmax(np.where(np.isnan(diff), np.inf, diff))) if diff.size else 0.0
 
     def table(self) -> str:
-        from gradtrace.report import layer_table
+        from gradtrace.reporting import layer_table
 
         return layer_table(self.rows, self.matrix, blamed={a.layer for a in self.anomalies})
 
@@ -105,7 +108,7 @@ class Replay:
         }
 
     def __str__(self):
-        from gradtrace.report import anomaly_table
+        from gradtrace.reporting import anomaly_table
 
         lines = [f"gradtrace replay of {self.path} (step {self.step}): loss {self.loss:.6g} "
                  f"(recorded {self.recorded_loss:.6g})"]
@@ -126,7 +129,7 @@ def replay(path: Union[str, os.PathLike], model: Optional[keras.Model] = None, c
            safe_mode: bool = True, step: Optional[Callable] = None,
            optimizer: Optional[keras.optimizers.Optimizer] = None) -> Replay:
     """Replay the step of the snapshot at ``path``; see the module docstring. A snapshot of your own loop
-    (``gradtrace.watch``) replays your step: pass it (``step=train_step``, as decorated by ``w.step`` or
+    (``gradtrace.loop``) replays your step: pass it (``step=train_step``, as decorated by ``w.step`` or
     not) and the optimizer it applies (``optimizer=``, default ``model.optimizer``)."""
     snap = snapshot_module.load(path)
     own = snap.manifest.get("own_step")
@@ -146,9 +149,6 @@ def replay(path: Union[str, os.PathLike], model: Optional[keras.Model] = None, c
 def _replay(snap, model, optimizer, data, own=None):
     """Run the snapshotted step (the model's own, or ``own``: your loop's step function) through the engine
     under the ``inspect`` plan: every statistic, every tensor kept, nothing committed."""
-    from gradtrace.actions import build_anomalies
-    from gradtrace.step import INSPECT, KEY, Engine
-
     names = [n for n in snap.manifest["detectors"] if n in detectors_module.BUILTINS]
     dets = detectors_module.resolve(names or None)
     tap = LayerTap(model)
@@ -181,9 +181,9 @@ def _replay(snap, model, optimizer, data, own=None):
         _restore(snap, model, optimizer, own_step=own is not None)  # put BatchNorm and seed states back
         variant = engine.variants[INSPECT]
         table = variant.table
-        matrix = extra["stats"].numpy()
-        anomalies = build_anomalies(variant.detectors, engine.actions, table, extra["fired"].numpy(),
-                                    extra["values"].numpy(), matrix, snap.step, snap.manifest["epoch"])
+        matrix = extra.stats.numpy()
+        anomalies = build_anomalies(variant.detectors, engine.actions, table, extra.fired.numpy(),
+                                    extra.values.numpy(), matrix, snap.step, snap.manifest["epoch"])
         origin = None
         if np.any(matrix[:, COL["nan"]] + matrix[:, COL["inf"]] > 0):
             origin = _origin(model, data, tap) if own_fn is None else _origin_own(snap, model, optimizer, own_fn,
@@ -200,7 +200,7 @@ def _replay(snap, model, optimizer, data, own=None):
 def _by_layer_path(engine, variables, grads):
     """``{"<layer path>/<variable name>": gradient}``: keyed like ``Replay.outputs`` (full layer paths), so two
     inner models that each have a layer ``proj`` keep apart (Keras' variable paths would collide)."""
-    owners = engine.weight_owners()
+    owners = weight_owners(engine.tap)
     out = {}
     for v, g in zip(variables, grads):
         if g is None:
@@ -265,7 +265,7 @@ def _restore(snap, model, optimizer=None, own_step=False):
         model(tf.nest.map_structure(lambda a: None if a is None else tf.convert_to_tensor(a), x), training=False)
     if not optimizer.built:
         optimizer.build(model.trainable_variables)
-    from gradtrace.capture import variable_paths
+    from gradtrace.capturing import variable_paths
 
     named = variable_paths(model)
     have = [(p, list(v.shape)) for p, v in named]

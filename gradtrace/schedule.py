@@ -1,0 +1,91 @@
+"""When to trace, and when the periodic checks are due: the run's cadence, host side.
+
+:class:`Schedule` picks the plan of each call of the step (traced every
+``trace_every`` calls, or as often as an overhead budget allows, and traced
+with histograms whenever TensorBoard is due) and times the calls for the budget.
+:class:`Periodic` says which detectors' periodic checks are due, reading the
+step counter only when a period may have ended.
+"""
+
+from __future__ import annotations
+
+from gradtrace.step import TRACED, UNTRACED, Plan
+
+
+class Schedule:
+    """The plan of each call of the step (``budget``: a :class:`gradtrace.budget.Budget`; ``tensorboard``: a
+    :class:`gradtrace.tensorboard.Writer`), and how often the run traced."""
+
+    def __init__(self, model, trace_every=1, budget=None, tensorboard=None):
+        self.model = model
+        self.trace_every = trace_every
+        self.budget = budget
+        self.tensorboard = tensorboard
+        self.calls = 0
+        self.traced_calls = 0
+
+    def next_plan(self):
+        """``(plan, traced, summary)`` for the next call of the step."""
+        summary = self.tensorboard is not None and self.calls % self.tensorboard.every == 0
+        if summary:
+            traced = True
+        elif self.budget is not None:
+            traced = self.budget.trace_next()
+        else:
+            traced = self.trace_every == 1 or self.calls % self.trace_every == 0
+        plan = Plan(True, summary_bins=self.tensorboard.bins) if summary else TRACED if traced else UNTRACED
+        return plan, traced, summary
+
+    def timed(self, traced, seconds, untimed=False):
+        """One call of the step took ``seconds`` (``untimed``: it did more than step, e.g. a finding was
+        handled or a summary written, so its time says nothing about the step's cost)."""
+        self.traced_calls += bool(traced)
+        if self.budget is not None:
+            steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
+            self.budget.observe(traced, None if untimed else seconds, steps)
+
+    def tracing(self) -> dict:
+        """How often this run traced: ``calls`` of the step, ``traced_calls``, and under an overhead budget
+        the budget, the interval chosen last and the traced step's measured extra cost."""
+        out = {"calls": self.calls, "traced_calls": self.traced_calls}
+        if self.budget is not None:
+            out.update(self.budget.summary())
+        return out
+
+
+class Periodic:
+    """Which detectors' ``every``-step checks are due after a call of the step. The step counter is read in
+    the first calls, then only once the steps run since its last read may have reached the next period:
+    the counter grows by at most ``steps_per_execution`` times the most it grew per step in a call so far
+    (a held step does not move it)."""
+
+    def __init__(self, detectors, model):
+        self.detectors = [d for d in detectors if d.every]
+        self.model = model
+        self._last = {}  # detector name -> the last period (step // every) it was checked in
+        self._counter = None  # (the step counter as last read, how many reads)
+        self._calls_since_read = 0
+        self._per_call = 1.0  # the most the counter grew per step in a call
+
+    def due(self, current_step):
+        """``(step, detectors due)`` after one more call; ``current_step()`` reads the counter."""
+        if not self.detectors:
+            return None, []
+        self._calls_since_read += 1
+        steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if self._counter is not None:
+            last, reads = self._counter
+            bound = last + self._calls_since_read * steps * self._per_call
+            if reads >= 3 and bound < min((self._last.get(d.name, 0) + 1) * d.every for d in self.detectors):
+                return None, []
+            step = current_step()
+            self._per_call = max(self._per_call, (step - last) / (self._calls_since_read * steps))
+            self._counter = (step, reads + 1)
+        else:
+            step = current_step()
+            self._counter = (step, 1)
+        self._calls_since_read = 0
+        ready = [d for d in self.detectors if step // d.every > self._last.get(d.name, 0)]
+        for d in ready:
+            self._last[d.name] = step // d.every
+        return step, ready
