@@ -62,8 +62,8 @@ _HOME = {
     "Row": "gradtrace.stats",
     "COLUMNS": "gradtrace.stats",
     "Watch": "gradtrace.watching",
-    "loop": "gradtrace.watching",
-    "watch": "gradtrace.watching",
+    "loop": "gradtrace.looping",
+    "watch": "gradtrace.looping",
 }
 
 __all__ = sorted(_HOME) + ["__version__"]

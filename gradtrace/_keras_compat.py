@@ -346,3 +346,12 @@ class first_batch_build_fix:
         if self.active:
             del self.model.__dict__["_maybe_symbolic_build"]
         return False
+
+
+def global_seed_state():
+    """The state variable of Keras' global seed generator (what ``keras.random`` draws from when no seed is
+    given), or None while nothing has made one."""
+    from keras.src.backend.common import global_state
+
+    gen = global_state.get_global_attribute("global_seed_generator")
+    return None if gen is None else gen.state

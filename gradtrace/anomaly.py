@@ -60,6 +60,10 @@ class Anomaly:
     # ``layer`` by Keras' automatic layer names (``retrieval_model/embedding_1`` for a layer the code holds
     # as ``self.candidate_embedding``, which ``layer`` uses); "" when the two are the same
     layer_alias: str = ""
+    # verify_hints: True when the hinted fix, tried from the state before the held step, made the fault go
+    # away and the loss fall; False when it was tried and did not; None when not tried (gradtrace.verify)
+    verified: bool | None = None
+    verification: str = ""  # one line of evidence: what was tried and what it gave
 
     def at(self, path) -> bool:
         """True when the finding is at layer ``path``, by its attribute name or by its automatic one."""
@@ -82,8 +86,14 @@ class Anomaly:
         elif self.stage == "periodic":
             when = f"periodic check after step {self.step} (epoch {self.epoch})"
         text = f"[{self.detector}] {when}{where}: {self.message}"
-        return f"{text}\n    hint: {self.hint}" if self.hint else text
+        if self.hint:
+            text += f"\n    hint: {self.hint}"
+        if self.verification:
+            text += f"\n    {_VERDICT[self.verified]}: {self.verification}"
+        return text
 
+
+_VERDICT = {True: "verified", False: "tried, did not help", None: "not verified"}
 
 # the tensor an anomaly names, by the kind of row it is about (the others: the kind itself)
 _TENSOR_NAMES = {"ids": "input", "labels": "target"}

@@ -26,27 +26,9 @@ from gradtrace import tensorboard as tb_module
 from gradtrace.anomaly import AnomalyError, DetectorError
 from gradtrace.capturing import format_call_log
 from gradtrace.run import HeldLogs, RunCallback
-from gradtrace.session import DetectorSpec, Options, PathLike, Session, attach_run
+from gradtrace import verify
+from gradtrace.session import DetectorSpec, Options, PathLike, Session, attach_run, check_model
 from gradtrace.step import DETECTOR_SCOPE
-
-def check_model(model):
-    if not compat.is_trainer(model):
-        raise TypeError(
-            f"gradtrace.fit expects a keras.Model (or another Keras Trainer) as its first argument, got "
-            f"{type(model).__name__}. Call it as gradtrace.fit(model, x, y, ...)."
-        )
-    if not compat.is_compiled(model):
-        raise ValueError(
-            f"Model {model.name!r} is not compiled. Call model.compile(optimizer=..., loss=...) "
-            "before gradtrace.fit(model, ...), exactly as before model.fit(...)."
-        )
-    if not distribute.built_in_current_scope(model):
-        raise RuntimeError(
-            f"gradtrace.fit is called inside the scope of {type(tf.distribute.get_strategy()).__name__}, but the "
-            f"variables of model {model.name!r} were made outside it. Build and compile the model inside "
-            "`with strategy.scope():` (then call gradtrace.fit inside or outside that scope), as model.fit requires."
-        )
-
 
 def _data_leaves(value):
     """The arrays of a (nested) list/tuple/dict of model inputs; a long list is data itself, not a structure."""
@@ -125,6 +107,7 @@ def fit(
     tensorboard_every: int = 100,
     overhead: Optional[float] = None,
     trace_at_least_every: int = 100,
+    verify_hints: bool = False,
 ) -> keras.callbacks.History:
     """Train ``model`` exactly as ``model.fit`` would, watching every nested layer.
 
@@ -153,6 +136,9 @@ def fit(
     - ``tensorboard_dir``: write per-layer scalars and histograms there every
       ``tensorboard_every`` steps (default 100), and each anomaly as a text
       event (see :mod:`gradtrace.tensorboard`).
+    - ``verify_hints``: at a halt, try each setting the hints name (learning
+      rate, clipping, data scale) from the state before the held step and set
+      ``Anomaly.verified`` (see :mod:`gradtrace.verify`).
 
     Returns the ``keras.callbacks.History`` with one more attribute,
     ``anomalies`` (a list of :class:`~gradtrace.Anomaly`), and ``gradtrace``
@@ -162,7 +148,7 @@ def fit(
     _check_arguments(x, y, detectors, batch_size)
     options = Options.build(detectors=detectors, on_anomaly=on_anomaly, snapshot_dir=snapshot_dir,
                             trace_every=trace_every, max_snapshots=max_snapshots, tensorboard_every=tensorboard_every,
-                            overhead=overhead, trace_at_least_every=trace_at_least_every)
+                            overhead=overhead, trace_at_least_every=trace_at_least_every, verify_hints=verify_hints)
     if tensorboard_dir is not None and distribute.is_chief(model.distribute_strategy):
         tb_module.check_dir(tensorboard_dir)  # refused before anything is installed
     # by keyword: a subclass's fit (KerasHub's PipelineModel.fit) may order its arguments otherwise
@@ -172,15 +158,7 @@ def fit(
                     validation_steps=validation_steps, validation_batch_size=validation_batch_size,
                     validation_freq=validation_freq)
     if model.built and not model.trainable_weights:
-        warnings.warn(
-            f"Model {model.name!r} has no trainable weights, so there is no update to watch: gradtrace trains "
-            "it as model.fit does (forward pass, loss tracker and metrics) and runs no detector. Make its "
-            "layers trainable (layer.trainable = True) to watch it.",
-            stacklevel=2,
-        )
-        history = model.fit(callbacks=callbacks, **fit_args)
-        history.anomalies, history.gradtrace = [], None
-        return history
+        return _nothing_to_watch(model, callbacks, fit_args)
     if compat.runs_keras_train_step(model):
         _build_optimizer(model)  # (a custom step may never use model.optimizer: leave it as Keras would)
     with _one_step_per_execution_for_snapshot(model, options):
@@ -194,8 +172,21 @@ def fit(
             except BaseException as e:
                 _failed(e, model, previous_history, session)
                 raise
+        verify.after_halt(session.run)
     history.anomalies = run.anomalies
     history.gradtrace = run
+    return history
+
+
+def _nothing_to_watch(model, callbacks, fit_args):
+    warnings.warn(
+        f"Model {model.name!r} has no trainable weights, so there is no update to watch: gradtrace trains "
+        "it as model.fit does (forward pass, loss tracker and metrics) and runs no detector. Make its "
+        "layers trainable (layer.trainable = True) to watch it.",
+        stacklevel=3,
+    )
+    history = model.fit(callbacks=callbacks, **fit_args)
+    history.anomalies, history.gradtrace = [], None
     return history
 
 

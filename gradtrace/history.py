@@ -331,9 +331,10 @@ def data_prefix(path):
 class SavedAnomaly:
     """An anomaly as a saved report holds it (its fields, read back from JSON)."""
 
-    def __init__(self, detector, layer, step, epoch, message="", hint="", **_):
+    def __init__(self, detector, layer, step, epoch, message="", hint="", verified=None, verification="", **_):
         self.detector, self.layer, self.step, self.epoch = detector, layer, step, epoch
         self.message, self.hint = message, hint
+        self.verified, self.verification = verified, verification
 
 
 class SavedRun:

@@ -95,10 +95,12 @@ def write_html(prefix, path):
         picture = f"<p>No picture: {html.escape(str(e))}</p>"
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(a.get(k, '')))}</td>" for k in
-                         ("step", "epoch", "detector", "layer", "tensor", "action", "message", "hint")) + "</tr>"
+                         ("step", "epoch", "detector", "layer", "tensor", "action", "message", "hint",
+                          "verification")) + "</tr>"
         for a in meta["anomalies"])
     anomalies = ("<table id=\"anomalies\"><thead><tr>" + "".join(
-        f"<th>{h}</th>" for h in ("step", "epoch", "detector", "layer", "tensor", "action", "message", "hint"))
+        f"<th>{h}</th>" for h in ("step", "epoch", "detector", "layer", "tensor", "action", "message", "hint",
+                                  "verification"))
         + f"</tr></thead><tbody>{rows}</tbody></table>") if meta["anomalies"] else "<p>No anomalies.</p>"
     steps = "".join(f"<h3>Step {t['step']} (epoch {t['epoch']}{', update of ' + t['update'] if t['update'] and t['update'] != 'optimizer' else ''})</h3>"
                     f"<pre class=\"layer-table\">{html.escape(t['text'])}</pre>" for t in meta["step_tables"])

@@ -24,7 +24,9 @@ def _fmt(v):
 def anomaly_table(anomalies) -> str:
     rows = [
         (a.step, a.epoch, a.detector, a.layer, a.tensor, _fmt(a.value), a.action,
-         a.message + (f"\nhint: {a.hint}" if a.hint else ""))
+         a.message + (f"\nhint: {a.hint}" if a.hint else "")
+         + (f"\n{'verified' if a.verified else 'tried' if a.verified is False else 'not verified'}: "
+            f"{a.verification}" if a.verification else ""))
         for a in anomalies
     ]
     return tabulate(rows, headers=["step", "epoch", "detector", "layer", "tensor", "value", "action", "message"])

@@ -25,6 +25,8 @@ from gradtrace.history import Drain, LayerHistory
 from gradtrace.schedule import Periodic, Schedule
 from gradtrace.step import FIRED
 
+VERIFY_STEPS = 20  # verify_hints: steps each hinted fix is tried for (the held one and the next ones)
+
 
 class HostView:
     """What a detector's host-side hooks (``epoch_begin``, ``epoch_end``, ``periodic``, ``fit_end``) see of
@@ -75,6 +77,11 @@ class Run:
         self._periodic = Periodic(engine.detectors, model)
         self._view = HostView(self)
         self._last = None  # the record of the last traced step
+        # verify_hints: how many steps a fix is tried for (0: off), and the batches it is tried on (the held
+        # step's, then the next ones the fit would have trained on)
+        self.verify_steps = 0
+        self.verify_batches: list = []
+        self.verification_seconds = 0.0
 
     @property
     def tensorboard(self):
@@ -131,6 +138,8 @@ class Run:
             logs = self.after_call(plan, traced, summary, logs, fired)
             self.schedule.timed(traced, time.perf_counter() - start, summary or self.log.total != found)
             self.after_step(traced)
+            if self.halted and len(self.verify_batches) == 1:
+                self._take_next_batches(iterator)
             return logs
 
         return function
@@ -166,6 +175,8 @@ class Run:
                                     "distribution strategy (Keras' jit_compile='auto' is False under any strategy)")
         redone = actions.act(self, found.anomalies, found.records[0], found.data, found.dist_data,
                              more_records=found.records[1:])
+        if self.halted and self.verify_steps and found.data is not None and found.data is found.dist_data:
+            self.verify_batches = [found.data]  # one device: the held batch, as the step took it
         if redone is not None:
             return redone
         if self.halted and found.held and isinstance(logs, dict) and set(held_logs) == set(logs):
@@ -174,6 +185,15 @@ class Run:
             self.held_logs = held_logs
             return held_logs
         return logs
+
+    def _take_next_batches(self, iterator):
+        """After a halt, for verify_hints: the batches the fit would have trained on next (training stops
+        anyway), as many as a fix is tried for, or what is left of the epoch."""
+        while len(self.verify_batches) < self.verify_steps:
+            try:
+                self.verify_batches.append(next(iterator))
+            except (StopIteration, tf.errors.OutOfRangeError):
+                break
 
     def run_step(self, plan, dist_data):
         """The watched step under ``plan`` on a batch the host holds (a held step measured in full, traced

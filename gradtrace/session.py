@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
+import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace import budget as budget_module
@@ -23,7 +24,7 @@ from gradtrace import tensorboard as tb_module
 from gradtrace.actions import Snapshots
 from gradtrace.anomaly import AnomalyError, check_action
 from gradtrace.capturing import LayerTap
-from gradtrace.run import Run
+from gradtrace.run import VERIFY_STEPS, Run
 from gradtrace.schedule import Schedule
 from gradtrace.step import Engine
 
@@ -61,10 +62,11 @@ class Options:
     tensorboard_every: int = 100
     overhead: Optional[float] = None
     trace_at_least_every: int = 100
+    verify_hints: bool = False
 
     @classmethod
     def build(cls, *, detectors=None, on_anomaly=None, snapshot_dir=None, trace_every=1, max_snapshots=5,
-              tensorboard_every=100, overhead=None, trace_at_least_every=100) -> "Options":
+              tensorboard_every=100, overhead=None, trace_at_least_every=100, verify_hints=False) -> "Options":
         """Check gradtrace's own options (one check per option) and resolve the detectors and their actions."""
         if on_anomaly is not None:
             check_action(on_anomaly)
@@ -79,9 +81,12 @@ class Options:
         max_snapshots = _integer("max_snapshots", max_snapshots, 0)
         if snapshot_dir is None and "snapshot" in actions.values():
             snapshot_dir = snapshot_module.DEFAULT_DIR
+        if not isinstance(verify_hints, bool):
+            raise ValueError(f"verify_hints={verify_hints!r} is not allowed: pass True (try each hinted setting "
+                             "at a halt and say whether it works) or False.")
         return cls(tuple(dets), actions, _snapshot_dir(snapshot_dir), trace_every, max_snapshots,
                    _integer("tensorboard_every", tensorboard_every, 1), None if overhead is None else float(overhead),
-                   int(trace_at_least_every))
+                   int(trace_at_least_every), verify_hints)
 
 
 # Compiled steps are kept per model, like Keras keeps model.train_function: a second
@@ -107,6 +112,18 @@ def engine_for(model, dets, actions, optimizers=()):
     engine = Engine(model, dets, actions, LayerTap(model), optimizers=optimizers)
     _ENGINES[model] = (key, engine)
     return engine
+
+
+def cached_engine(model):
+    """What :func:`engine_for` keeps for ``model`` (to put back with :func:`keep_engine`)."""
+    return _ENGINES.get(model)
+
+
+def keep_engine(model, cached):
+    if cached is None:
+        _ENGINES.pop(model, None)
+    else:
+        _ENGINES[model] = cached
 
 
 def attach_run(e, history, run):
@@ -143,6 +160,7 @@ class Session:
                                       write=distribute.is_chief(model.distribute_strategy))
         self.run = Run(model, self.engine, verbose, Schedule(model, options.trace_every, budget, writer),
                        Snapshots(options.snapshot_dir, options.max_snapshots))
+        self.run.verify_steps = VERIFY_STEPS if options.verify_hints else 0
         self._stack = None
 
     def __enter__(self):
@@ -181,3 +199,21 @@ class Session:
             attach_run(exc, None, self.run)
         return False
 
+
+def check_model(model):
+    if not compat.is_trainer(model):
+        raise TypeError(
+            f"gradtrace.fit expects a keras.Model (or another Keras Trainer) as its first argument, got "
+            f"{type(model).__name__}. Call it as gradtrace.fit(model, x, y, ...)."
+        )
+    if not compat.is_compiled(model):
+        raise ValueError(
+            f"Model {model.name!r} is not compiled. Call model.compile(optimizer=..., loss=...) "
+            "before gradtrace.fit(model, ...), exactly as before model.fit(...)."
+        )
+    if not distribute.built_in_current_scope(model):
+        raise RuntimeError(
+            f"gradtrace.fit is called inside the scope of {type(tf.distribute.get_strategy()).__name__}, but the "
+            f"variables of model {model.name!r} were made outside it. Build and compile the model inside "
+            "`with strategy.scope():` (then call gradtrace.fit inside or outside that scope), as model.fit requires."
+        )

@@ -23,6 +23,8 @@ variables made with :meth:`Detector.state`.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import tensorflow as tf
 
@@ -120,6 +122,12 @@ class Detector:
     def config(self) -> tuple:
         """The detector's settings (public attributes), to tell two configurations apart."""
         return tuple(sorted((k, repr(v)) for k, v in vars(self).items() if not k.startswith("_")))
+
+    def fresh(self):
+        """A detector with the same settings and no state (for a trial run beside this one's)."""
+        twin = copy.copy(self)
+        twin.reset()
+        return twin
 
     def reset(self):
         """Forget all state (called at the start of every fit)."""
