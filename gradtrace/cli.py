@@ -73,6 +73,11 @@ def _show(path, as_json):
     print(f"  {len(m['variables'])} model variables, {len(m['optimizer_variables'])} optimizer variables")
     for a in m["anomalies"]:
         print(f"  [{a['detector']}] {a['layer']} ({a['tensor']}): {a['message']}")
+        if a.get("hint"):
+            print(f"      hint: {a['hint']}")
+        if a.get("verification"):
+            verdict = {True: "verified", False: "tried, did not help"}.get(a.get("verified"), "not verified")
+            print(f"      {verdict}: {a['verification']}")
     return 0
 
 

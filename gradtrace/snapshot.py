@@ -240,6 +240,21 @@ def _load_json(root, name):
         raise SnapshotError(f"{root}: {name} is not valid JSON ({e}); the file is corrupted or truncated") from None
 
 
+def note_verification(path, anomalies):
+    """Add the verdicts of ``verify_hints`` (found after the snapshot was written) to its manifest's anomalies;
+    the manifest is replaced whole (written beside it, then renamed over it)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    verdicts = {(a.detector, a.layer, a.step): a for a in anomalies if a.verification}
+    for entry in manifest["anomalies"]:
+        a = verdicts.get((entry.get("detector"), entry.get("layer"), entry.get("step")))
+        if a is not None:
+            entry["verified"], entry["verification"] = a.verified, a.verification
+    tmp = root / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, default=_json_default))
+    os.replace(tmp, root / "manifest.json")
+
+
 def read_manifest(path) -> dict:
     root = Path(path)
     if not root.exists():

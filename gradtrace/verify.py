@@ -32,13 +32,14 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from gradtrace import _keras_compat as compat
 from gradtrace import session as session_module
+from gradtrace import snapshot as snapshot_module
 from gradtrace.looping import loop
 
 _LAYER_SCALE = ("inputs", "targets")
@@ -46,22 +47,35 @@ _LAYER_SCALE = ("inputs", "targets")
 
 @dataclass(frozen=True)
 class Fix:
-    """One setting to try: ``kind`` (``learning_rate``, ``clipnorm``, ``inputs``, ``targets``) and its value."""
+    """One setting to try: ``kind`` (``learning_rate``, ``clipnorm``, ``inputs``, ``targets``, ``labels``, or a
+    layer rebuilt: ``input_dim``, ``units``, ``activation``), its value, and the layer it is about."""
 
     kind: str
-    value: Optional[float] = None
-    was: Optional[float] = None
+    value: object = None
+    was: object = None
+    layer: str = ""
+
+    @property
+    def rebuilds(self) -> bool:
+        """The fix changes a layer's configuration: it is tried on a rebuilt copy of the model."""
+        return bool(self.layer)
 
     def __str__(self):
         if self.kind == "learning_rate":
             return f"learning_rate {self.value:.3g} instead of {self.was:.3g}"
         if self.kind == "clipnorm":
             return f"clipnorm={self.value:g}"
+        if self.kind == "labels":
+            return "the labels minus 1"
+        if self.rebuilds:
+            return f"{self.kind}={self.value!r} in {self.layer} instead of {self.was!r}"
         return f"the {self.kind} standardised"
 
 
-def fixes_for(anomaly, optimizer) -> list[Fix]:
-    """The settings ``anomaly``'s hint names (none for a fix that needs a change of code)."""
+def fixes_for(anomaly, optimizer, layers=None, head_path="") -> list[Fix]:
+    """The settings ``anomaly``'s hint names (none for a fix that needs a change of code). ``layers``: layer
+    path -> layer; ``head_path``: the model's output layer."""
+    layers = layers or {}
     hint = (anomaly.hint or "").lower()
     lr = compat.current_learning_rate(optimizer)
     try:
@@ -81,6 +95,19 @@ def fixes_for(anomaly, optimizer) -> list[Fix]:
             pass
     if "clipnorm" in hint or "clip gradients" in hint:
         out.append(Fix("clipnorm", 1.0))
+    if "subtract 1 from the labels" in hint:
+        out.append(Fix("labels", -1))
+    layer = layers.get(anomaly.layer)
+    table = re.search(r"embedding\(input_dim=(\d+)", hint)
+    if table and layer is not None:
+        out.append(Fix("input_dim", int(table.group(1)), int(layer.input_dim), anomaly.layer))
+    units = re.search(r"give the output layer one unit per class \((\d+) or more\)", hint)
+    head = layers.get(head_path) if head_path else None
+    if units and head is not None and hasattr(head, "units"):
+        out.append(Fix("units", int(units.group(1)), int(head.units), head_path))
+    if "use a linear output (activation=none)" in hint and layer is not None and hasattr(layer, "activation"):
+        out.append(Fix("activation", "linear", getattr(layer.activation, "__name__", str(layer.activation)),
+                       anomaly.layer))
     return out
 
 
@@ -115,10 +142,47 @@ def _trial_optimizer(optimizer, model, fix):
     trial = type(optimizer).from_config(config)
     trial.build(model.trainable_variables)
     mine, theirs = trial.variables, optimizer.variables
-    if len(mine) == len(theirs) and all(a.shape == b.shape for a, b in zip(mine, theirs)):
+    if len(mine) == len(theirs):
         for a, b in zip(mine, theirs):
-            a.assign(b)
+            if len(a.shape) == len(b.shape):
+                _fill(a, b.numpy())
     return trial
+
+
+def _rebuilt(model, fix, layers):
+    """A copy of ``model`` (functional or Sequential, nested ones too) whose layer ``fix.layer`` is rebuilt
+    with ``fix`` in its configuration, compiled with the model's loss, holding the model's values: where a
+    variable grew (a table with more rows, a layer with more units) its old values fill the first rows and
+    columns and the rest is as initialised."""
+    target = layers[fix.layer]
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if layer is target:
+            config[fix.kind] = fix.value
+        return type(layer).from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    old, new = model.variables, copy.variables
+    if len(old) != len(new):
+        raise ValueError("the rebuilt model does not have the model's variables")
+    for a, b in zip(old, new):
+        _fill(b, a.numpy())
+    copy.compile(loss=model.loss, loss_weights=getattr(model, "loss_weights", None))
+    return copy
+
+
+def _fill(variable, values):
+    """``variable`` takes ``values`` where their shapes overlap (all of it when they are equal)."""
+    if tuple(variable.shape) == values.shape:
+        variable.assign(values)
+        return
+    if len(variable.shape) != values.ndim:
+        raise ValueError(f"cannot carry {values.shape} over to {tuple(variable.shape)}")
+    now = variable.numpy()
+    region = tuple(slice(0, min(a, b)) for a, b in zip(now.shape, values.shape))
+    now[region] = values[region]
+    variable.assign(now)
 
 
 def _standardiser(batches, which):
@@ -152,11 +216,17 @@ class Outcome:
     evidence: str
 
 
-def _try(model, optimizer, detectors, batches, fix, anomaly, steps):
+def _try(model, optimizer, detectors, batches, fix, anomaly, steps, layers):
     """Train ``steps`` steps from the current state with ``fix``; the state is put back by the caller."""
+    if fix.rebuilds:
+        model = _rebuilt(model, fix, layers)
     trial_opt = _trial_optimizer(optimizer, model, fix)
-    prepare = (_standardiser(batches, 0 if fix.kind == "inputs" else 1) if fix.kind in _LAYER_SCALE
-               else (lambda b: b))
+    if fix.kind in _LAYER_SCALE:
+        prepare = _standardiser(batches, 0 if fix.kind == "inputs" else 1)
+    elif fix.kind == "labels":
+        prepare = (lambda b: (b[0], b[1] + np.asarray(fix.value, np.asarray(b[1]).dtype)) + tuple(b[2:]))
+    else:
+        prepare = (lambda b: b)
 
     def step(x, y, sample_weight):
         with tf.GradientTape() as tape:
@@ -199,18 +269,24 @@ def verify(run, batches, steps) -> float:
         for a in halting:
             a.verification = "not tried: the model trains with its own train_step"
         return 0.0
+    tap = engine.tap
+    layers = {tap.path_of(layer): layer for layer in tap.layers.values()}
+    head = model
+    while getattr(head, "layers", None):  # the layer that makes the output (inside a nested model too)
+        head = head.layers[-1]
+    head = tap.path_of(head) if head is not model else ""
     saved = SavedState(model, engine.optimizers)
     cached = session_module.cached_engine(model)  # the fit's compiled steps, kept for its next fit
     tried = {}
     try:
         for a in halting:
             outcomes = []
-            for fix in fixes_for(a, optimizer):
+            for fix in fixes_for(a, optimizer, layers, head):
                 key = (fix, a.detector)
                 if key not in tried:
                     dets = [d.fresh() for d in engine.detectors]
                     try:
-                        tried[key] = _try(model, optimizer, dets, batches, fix, a, steps)
+                        tried[key] = _try(model, optimizer, dets, batches, fix, a, steps, layers)
                     except Exception as e:  # a trial that cannot run proves nothing either way
                         tried[key] = Outcome(fix, None, f"with {fix}: could not be tried ({type(e).__name__}: {e})")
                     finally:
@@ -238,6 +314,11 @@ def after_halt(run):
         return
     run.verification_seconds = verify(run, run.verify_batches, run.verify_steps)
     run.verify_batches = []
+    for path in {a.snapshot for a in run.anomalies if a.snapshot and a.verification}:
+        try:
+            snapshot_module.note_verification(path, run.anomalies)
+        except Exception as e:  # the snapshot stays as it was written
+            run.engine.warn_once("verify_snapshot", f"could not add the verdicts to {path}: {e}")
     if run.verbose:
         for a in run.anomalies:
             if a.verification:

@@ -507,7 +507,7 @@ def test_identical_units_reads_the_kernel_columns_after_updates():
         model = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=tf.Variable(iterations)))
         tap = types.SimpleNamespace(layers={i: l for i, l in enumerate(layers)},
                                     paths={i: f"m/{l.name}" for i, l in enumerate(layers)})
-        return types.SimpleNamespace(engine=types.SimpleNamespace(model=model, tap=tap))
+        return types.SimpleNamespace(model=model, tap=tap)  # what a HostView gives the hook
 
     same = keras.layers.Dense(4, kernel_initializer=keras.initializers.Constant(0.1), name="same")
     same.build((None, 3))
@@ -568,7 +568,7 @@ def test_penalties_weighs_the_regularisers_against_the_epoch_loss():
     layer = keras.layers.Dense(4, kernel_regularizer=keras.regularizers.L2(1.0), name="d")
     layer.build((None, 8))
     tap = types.SimpleNamespace(layers={0: layer}, paths={0: "m/d"})
-    ctx = types.SimpleNamespace(engine=types.SimpleNamespace(tap=tap), epoch_logs={})
+    ctx = types.SimpleNamespace(tap=tap, epoch_logs={})
     det = gradtrace.Penalties()
     det.reset()
     det.epoch_begin(ctx)
@@ -598,8 +598,7 @@ def test_update_size_measures_each_layers_update_against_its_weights():
     optimizer.build(dense.trainable_weights + out.trainable_weights)
     step = {"now": 0}
     tap = types.SimpleNamespace(layers={0: dense, 1: out}, paths={0: "m/d", 1: "m/out"})
-    ctx = types.SimpleNamespace(engine=types.SimpleNamespace(optimizers=[optimizer], tap=tap),
-                                current_step=lambda: step["now"])
+    ctx = types.SimpleNamespace(optimizers=[optimizer], tap=tap, current_step=lambda: step["now"])
 
     def move(by, layers=(dense, out)):  # every kernel moves by ``by`` of its size per step, over 10 steps
         for layer in layers:

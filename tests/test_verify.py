@@ -28,11 +28,12 @@ def _state(model):
 
 
 @pytest.fixture(scope="module")
-def halted_both_ways():
+def halted_both_ways(tmp_path_factory):
     out = {}
     for verify in (False, True):
         m, x, y = _regression(0.3)
-        h = gradtrace.fit(m, x, y, batch_size=32, epochs=4, verbose=0, shuffle=False, verify_hints=verify)
+        h = gradtrace.fit(m, x, y, batch_size=32, epochs=4, verbose=0, shuffle=False, verify_hints=verify,
+                          snapshot_dir=tmp_path_factory.mktemp(f"snaps_{verify}"))
         out[verify] = (m, h, np.random.get_state()[1].copy())
     return out
 
@@ -52,6 +53,17 @@ def test_the_hinted_settings_are_tried_and_the_verdict_given(halted_both_ways):
     assert [(b.detector, b.layer, b.step) for b in h.anomalies] == plain
     text = gradtrace.reporting.format_report(h.gradtrace)
     assert a.verification.split(":")[0] in text  # the report shows it beside the hint
+
+
+def test_the_snapshot_and_the_cli_carry_the_verdict(halted_both_ways, capsys):
+    import gradtrace.cli
+
+    a = next(a for a in halted_both_ways[True][1].anomalies if a.action == "halt")
+    assert a.snapshot
+    assert gradtrace.cli.main(["show", a.snapshot]) == 0
+    out = capsys.readouterr().out
+    assert f"hint: {a.hint}" in out and a.verification in out
+    gradtrace.replay(a.snapshot)  # the rewritten manifest still reads as a whole snapshot
 
 
 def test_after_verification_the_model_equals_a_plain_halt_bit_for_bit(halted_both_ways):
