@@ -103,3 +103,20 @@ def test_a_code_fault_is_never_claimed_fixed():
 def test_verify_hints_must_be_a_bool():
     with pytest.raises(ValueError, match="verify_hints"):
         gradtrace.Watch(verify_hints="yes")
+
+
+def test_watch_verifies_too_and_a_data_fix_is_tried():
+    """Labels counted from 1 into a 3-unit softmax (a sparse crossentropy): the hint's fix, the labels minus
+    1, is tried under gradtrace.Watch."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 6)).astype("float32")
+    y = (np.argmax(x[:, :3], 1) + 1).astype("int32")
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                          keras.layers.Dense(3, activation="softmax")])
+    m.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    w = gradtrace.Watch(verify_hints=True, verbose=0)
+    m.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[w])
+    a = next(a for a in w.anomalies if a.action == "halt")
+    assert a.detector == "labels_out_of_range" and a.verified is True, a.verification
+    assert a.verification.startswith("with the labels minus 1: 20 steps finite")
