@@ -114,7 +114,7 @@ def test_the_budget_traces_less_when_the_step_is_cheap_and_more_when_it_is_expen
     data = tf.data.Dataset.from_tensors((np.ones((batch, width), "float32"), np.ones((batch, 1), "float32")))
     first = gradtrace.fit(model, data.repeat(24), verbose=0, shuffle=False, overhead=0.05).gradtrace
     second = gradtrace.fit(model, data.repeat(8), verbose=0, shuffle=False, overhead=0.05).gradtrace
-    assert second.budget is first.budget and first.tracing()["interval"] > 2
+    assert second.schedule.budget is first.schedule.budget and first.tracing()["interval"] > 2
     assert second.tracing()["traced_calls"] < 4, second.tracing()  # the warm-up would trace 4 of these 8
 
 

@@ -175,6 +175,15 @@ def test_watch_callback_with_a_custom_detector_under_keras_tuner():
 
 
 # -- gradtrace.loop: your own loop -----------------------------------------------------------------
+def test_the_former_name_watch_still_works_and_says_it_was_renamed():
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    with pytest.warns(DeprecationWarning, match="renamed gradtrace.loop"):
+        w = gradtrace.watch(model, keras.optimizers.SGD(0.1), verbose=0)
+    assert isinstance(w, gradtrace.loop)
+
+
 @pytest.mark.parametrize("compiled", [True, False])
 def test_watch_your_own_loop_halts_before_the_bad_update(compiled):
     import keras

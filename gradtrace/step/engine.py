@@ -12,9 +12,9 @@ from gradtrace import _keras_compat as compat
 from gradtrace import distribute
 from gradtrace import hooks
 from gradtrace import stats as st
+import gradtrace.step.gate as gate
+import gradtrace.step.record as records
 from gradtrace.anomaly import DetectorError
-from gradtrace.step import gate
-from gradtrace.step import record as records
 from gradtrace.step.context import start
 from gradtrace.step.plan import DETECTOR_SCOPE, FIRED, KEY, GatedUpdate, Layout, Variant
 from gradtrace.step.rows import Rows, label_units, update_tensors, weight_owners
