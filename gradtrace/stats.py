@@ -652,7 +652,8 @@ def dead_fractions(alive, unit_rows, rows):
         ids = tf.repeat(tf.range(len(sizes), dtype=tf.int32), sizes_t)
         per_unit = tf.cast(tf.gather(sizes_t, ids), tf.float32)
     dead = tf.math.unsorted_segment_sum(tf.cast(tf.equal(alive, 0.0), tf.float32) / per_unit, ids, len(sizes))
-    return tf.scatter_nd(tf.constant([[k] for k, _ in unit_rows], tf.int32), dead, tf.reshape(rows, [1]))
+    shape = [rows] if isinstance(rows, int) else tf.reshape(rows, [1])
+    return tf.scatter_nd(tf.constant([[k] for k, _ in unit_rows], tf.int32), dead, shape)
 
 def histogram(t, lo, hi, bins):
     """``bins`` counts of the finite values of ``t`` over ``[lo, hi]`` (a range that is not finite, or
