@@ -67,6 +67,8 @@ class Fix:
             return f"clipnorm={self.value:g}"
         if self.kind == "labels":
             return "the labels minus 1"
+        if self.kind == "from_logits":
+            return "from_logits=True on the loss"
         if self.rebuilds:
             return f"{self.kind}={self.value!r} in {self.layer} instead of {self.was!r}"
         return f"the {self.kind} standardised"
@@ -95,6 +97,8 @@ def fixes_for(anomaly, optimizer, layers=None, head_path="") -> list[Fix]:
             pass
     if "clipnorm" in hint or "clip gradients" in hint:
         out.append(Fix("clipnorm", 1.0))
+    if "from_logits=true" in hint:
+        out.append(Fix("from_logits", True, False))
     if "subtract 1 from the labels" in hint:
         out.append(Fix("labels", -1))
     layer = layers.get(anomaly.layer)
@@ -147,6 +151,20 @@ def _trial_optimizer(optimizer, model, fix):
             if len(a.shape) == len(b.shape):
                 _fill(a, b.numpy())
     return trial
+
+
+def _loss_from_logits(model):
+    """The model's compiled loss (one Keras crossentropy, by name or object) with ``from_logits=True``."""
+    loss = model.loss
+    if isinstance(loss, str):
+        name = "".join(part.capitalize() for part in loss.split("_"))
+        loss = getattr(keras.losses, name, None)
+        loss = loss() if isinstance(loss, type) else None
+    config = loss.get_config() if isinstance(loss, keras.losses.Loss) else {}
+    if "from_logits" not in config:
+        name = getattr(model.loss, "__name__", None) or type(model.loss).__name__
+        raise ValueError(f"the loss {name} takes no from_logits option (a custom loss: the fix is in its code)")
+    return type(loss).from_config({**config, "from_logits": True})
 
 
 def _rebuilt(model, fix, layers):
@@ -228,10 +246,15 @@ def _try(model, optimizer, detectors, batches, fix, anomaly, steps, layers):
     else:
         prepare = (lambda b: b)
 
+    loss_fn = _loss_from_logits(model) if fix.kind == "from_logits" else None
+
     def step(x, y, sample_weight):
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
-            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            if loss_fn is None:
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            else:
+                loss = loss_fn(y, y_pred, sample_weight) + sum(model.losses, 0.0)
         grads = tape.gradient(loss, model.trainable_variables)
         trial_opt.apply_gradients(zip(grads, model.trainable_variables))
         return loss
