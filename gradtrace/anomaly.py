@@ -89,11 +89,12 @@ class Anomaly:
         if self.hint:
             text += f"\n    hint: {self.hint}"
         if self.verification:
-            text += f"\n    {_VERDICT[self.verified]}: {self.verification}"
+            text += f"\n    {VERDICT[self.verified]}: {self.verification}"
         return text
 
 
-_VERDICT = {True: "verified", False: "tried, did not help", None: "not verified"}
+# how a verify_hints verdict (Anomaly.verified) reads, wherever it is shown
+VERDICT = {True: "verified", False: "tried, did not help", None: "not verified"}
 
 # the tensor an anomaly names, by the kind of row it is about (the others: the kind itself)
 _TENSOR_NAMES = {"ids": "input", "labels": "target"}

@@ -57,6 +57,7 @@ def _strict(value):
 
 def _show(path, as_json):
     from gradtrace import snapshot
+    from gradtrace.anomaly import VERDICT
 
     snap = snapshot.load(path)
     m = dict(snap.manifest)
@@ -76,8 +77,7 @@ def _show(path, as_json):
         if a.get("hint"):
             print(f"      hint: {a['hint']}")
         if a.get("verification"):
-            verdict = {True: "verified", False: "tried, did not help"}.get(a.get("verified"), "not verified")
-            print(f"      {verdict}: {a['verification']}")
+            print(f"      {VERDICT[a.get('verified')]}: {a['verification']}")
     return 0
 
 

@@ -8,6 +8,7 @@ import sys
 from tabulate import tabulate
 
 from gradtrace import embeddings
+from gradtrace.anomaly import VERDICT
 from gradtrace.stats import COL
 
 
@@ -25,8 +26,7 @@ def anomaly_table(anomalies) -> str:
     rows = [
         (a.step, a.epoch, a.detector, a.layer, a.tensor, _fmt(a.value), a.action,
          a.message + (f"\nhint: {a.hint}" if a.hint else "")
-         + (f"\n{'verified' if a.verified else 'tried' if a.verified is False else 'not verified'}: "
-            f"{a.verification}" if a.verification else ""))
+         + (f"\n{VERDICT[a.verified]}: {a.verification}" if a.verification else ""))
         for a in anomalies
     ]
     return tabulate(rows, headers=["step", "epoch", "detector", "layer", "tensor", "value", "action", "message"])

@@ -572,7 +572,7 @@ class Collector:
         if units:
             alive = tf.cast(tf.concat(units, 0) > 0, tf.float32)
             if "dead_frac" in which:
-                columns["dead_frac"] = dead_fractions(alive, unit_rows, count)
+                columns["dead_frac"] = dead_fractions(1.0 - alive, unit_rows, count)
         zeros = tf.zeros([count], tf.float32)
         block = tf.stack([columns.get(name, zeros) for name in BASE], axis=1)
         return block, alive
@@ -638,11 +638,11 @@ def with_exact_counts(matrix, counted):
     index = [[i, COL[c]] for i in rows for c in ("nan", "inf")]
     return tf.tensor_scatter_nd_update(matrix, tf.constant(index, tf.int32), tf.reshape(counts, [-1]))
 
-def dead_fractions(alive, unit_rows, rows):
+def dead_fractions(dead, unit_rows, rows):
     """``[rows]``: for each ``(row, units)`` of ``unit_rows``, the share of its units (its segment of
-    ``alive``, laid end to end in that order) that never fired: ``alive`` is 0 (a ReLU unit whose largest
-    output over the batch, and every position, is 0; under a strategy, on every replica). The one way
-    ``dead_frac`` is computed; 0 for the other rows."""
+    ``dead``, laid end to end in that order) that never fired: ``dead`` is 1 for a ReLU unit whose largest
+    output over the batch, and every position, is 0 (under a strategy: on every replica), else 0. The one
+    way ``dead_frac`` is computed; 0 for the other rows."""
     sizes = [u for _, u in unit_rows]
     if all(isinstance(u, int) for u in sizes):
         ids = tf.constant(np.repeat(np.arange(len(sizes), dtype=np.int32), sizes))
@@ -651,9 +651,10 @@ def dead_fractions(alive, unit_rows, rows):
         sizes_t = tf.stack([tf.cast(u, tf.int32) for u in sizes])
         ids = tf.repeat(tf.range(len(sizes), dtype=tf.int32), sizes_t)
         per_unit = tf.cast(tf.gather(sizes_t, ids), tf.float32)
-    dead = tf.math.unsorted_segment_sum(tf.cast(tf.equal(alive, 0.0), tf.float32) / per_unit, ids, len(sizes))
+    shares = tf.math.unsorted_segment_sum(dead / per_unit, ids, len(sizes))
     shape = [rows] if isinstance(rows, int) else tf.reshape(rows, [1])
-    return tf.scatter_nd(tf.constant([[k] for k, _ in unit_rows], tf.int32), dead, shape)
+    return tf.scatter_nd(tf.constant([[k] for k, _ in unit_rows], tf.int32), shares, shape)
+
 
 def histogram(t, lo, hi, bins):
     """``bins`` counts of the finite values of ``t`` over ``[lo, hi]`` (a range that is not finite, or
@@ -762,7 +763,8 @@ def combine(gathered, alive_total, unit_rows, mirrored):
     pick = tf.stack([first_bad, tf.range(tf.shape(first_bad)[0])], 1)
     out["bad_value"] = tf.gather_nd(g["bad_value"], pick)
     out["bad_index"] = tf.gather_nd(g["bad_index"], pick)
-    out["dead_frac"] = dead_fractions(alive_total, unit_rows, tf.shape(s)[0]) if unit_rows else tf.zeros_like(s)
+    out["dead_frac"] = (dead_fractions(tf.cast(tf.equal(alive_total, 0.0), tf.float32), unit_rows, tf.shape(s)[0])
+                        if unit_rows else tf.zeros_like(s))
     base = tf.stack([out[k] for k in BASE], 1)
     nan, inf_count = tf.reduce_sum(nan_r, 0), tf.reduce_sum(inf_r, 0)
     if mirrored.any():

@@ -40,6 +40,7 @@ import tensorflow as tf
 from gradtrace import _keras_compat as compat
 from gradtrace import session as session_module
 from gradtrace import snapshot as snapshot_module
+from gradtrace.anomaly import VERDICT
 from gradtrace.looping import loop
 
 _LAYER_SCALE = ("inputs", "targets")
@@ -345,6 +346,5 @@ def after_halt(run):
     if run.verbose:
         for a in run.anomalies:
             if a.verification:
-                verdict = {True: "verified", False: "tried, did not help", None: "not verified"}[a.verified]
-                print(f"gradtrace: {verdict} ({a.detector} at {a.layer}, step {a.step}): {a.verification}",
+                print(f"gradtrace: {VERDICT[a.verified]} ({a.detector} at {a.layer}, step {a.step}): {a.verification}",
                       flush=True)
