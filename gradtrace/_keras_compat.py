@@ -355,3 +355,20 @@ def global_seed_state():
 
     gen = global_state.get_global_attribute("global_seed_generator")
     return None if gen is None else gen.state
+
+
+def updates_one_variable_at_a_time(optimizer) -> bool:
+    """Whether ``optimizer.apply`` reaches each variable through one ``update_step(grad, variable, lr)`` call
+    (every built-in Keras optimizer on the TensorFlow backend): then each variable's update, its slots
+    included, can be gated on its own (``guard="variable"``). Not a LossScaleOptimizer (it skips non-finite
+    steps itself), not gradient accumulation, not an optimizer that overrides how updates are applied."""
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    cls = type(optimizer)
+    return (isinstance(optimizer, TFOptimizer) and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+            and not getattr(optimizer, "gradient_accumulation_steps", None)
+            and cls.apply is BaseOptimizer.apply
+            and cls._backend_apply_gradients is BaseOptimizer._backend_apply_gradients
+            and cls._backend_update_step is TFOptimizer._backend_update_step
+            and cls._distributed_tf_update_step is TFOptimizer._distributed_tf_update_step)

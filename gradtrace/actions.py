@@ -81,7 +81,7 @@ def act(run, found, record, data=None, dist_data=None, stage="step", more_record
             print(f"\ngradtrace: {a}", file=sys.stdout, flush=True)
     if action == "raise":
         run.halted = True
-        raise AnomalyError(found)
+        raise AnomalyError(found, run.engine.guard)
     if action == "snapshot":
         return _redo(run, dist_data)
     if action == "halt":
@@ -91,7 +91,7 @@ def act(run, found, record, data=None, dist_data=None, stage="step", more_record
             from gradtrace.reporting import format_report
 
             table = format_report(run, steps=[record.step]) if stage == "step" else ""
-            print(f"gradtrace: halted at step {record.step}; {stopped_how(stage, record.epoch)}.\n" + table,
+            print(f"gradtrace: halted at step {record.step}; {stopped_how(stage, record.epoch, run.engine.guard)}.\n" + table,
                   flush=True)
     return None
 

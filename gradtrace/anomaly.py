@@ -128,8 +128,14 @@ def build_anomalies(detectors, actions, table, fired, values, matrix, step, epoc
     return found
 
 
-def stopped_how(stage, epoch=None) -> str:
-    """What stopping on a finding of ``stage`` did to the model, in words."""
+def stopped_how(stage, epoch=None, guard="step") -> str:
+    """What stopping on a finding of ``stage`` did to the model, in words (``guard``: how the step's update
+    waited for the checks, see :mod:`gradtrace.step.gate`)."""
+    if stage == "step" and guard == "variable":
+        return ("each variable whose gradient had NaN/Inf was not updated (guard='variable'); the other "
+                "variables of the step were")
+    if stage == "step" and guard is None:
+        return "the step's update was applied (guard=None)"
     if stage == "step":
         return "the step's update was not applied"
     if stage == "epoch_end":
@@ -144,11 +150,11 @@ class AnomalyError(RuntimeError):
     """Raised by ``on_anomaly="raise"``. On a step finding the step's update was not applied;
     on an epoch-end finding training stops after that epoch."""
 
-    def __init__(self, anomalies):
+    def __init__(self, anomalies, guard="step"):
         self.anomalies = list(anomalies)
         lines = "\n".join(f"  {a}" for a in self.anomalies)
         first = self.anomalies[0] if self.anomalies else None
-        how = stopped_how(first.stage, first.epoch) if first is not None else stopped_how("step")
+        how = stopped_how(first.stage, first.epoch, guard) if first is not None else stopped_how("step", None, guard)
         super().__init__(
             f"gradtrace stopped training on {len(self.anomalies)} anomal"
             f"{'y' if len(self.anomalies) == 1 else 'ies'} "

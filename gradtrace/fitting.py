@@ -108,6 +108,7 @@ def fit(
     overhead: Optional[float] = None,
     trace_at_least_every: int = 100,
     verify_hints: bool = False,
+    guard: Optional[str] = "step",
 ) -> keras.callbacks.History:
     """Train ``model`` exactly as ``model.fit`` would, watching every nested layer.
 
@@ -132,7 +133,18 @@ def fit(
       traced steps' extra time within this share of the step time (0.05: 5%),
       and at least every ``trace_at_least_every`` steps (default 100). Every
       step still checks the loss and every weight gradient for NaN/Inf. The
+      budget counts the whole cost against an ungated step; where the guard
+      alone costs more than the budget, gradtrace says so once, with the
+      figures, and traces as rarely as ``trace_at_least_every`` allows. The
       run's ``tracing()`` says how often it traced (see :mod:`gradtrace.budget`).
+    - ``guard``: how an update waits for the checks. ``"step"`` (default): a
+      step with a finding is held whole (every weight's update waits for every
+      check). ``"variable"``: each variable's update, its optimizer slots
+      included, is held only if its own gradient has NaN/Inf, so no update
+      waits for the others; no NaN/Inf ever enters a weight or slot, but such a
+      step updates the variables whose gradients were finite, and detectors
+      that halt stop training after the step. ``None``: nothing is held;
+      findings are reported at their step (see :mod:`gradtrace.step.gate`).
     - ``tensorboard_dir``: write per-layer scalars and histograms there every
       ``tensorboard_every`` steps (default 100), and each anomaly as a text
       event (see :mod:`gradtrace.tensorboard`).
@@ -148,7 +160,8 @@ def fit(
     _check_arguments(x, y, detectors, batch_size)
     options = Options.build(detectors=detectors, on_anomaly=on_anomaly, snapshot_dir=snapshot_dir,
                             trace_every=trace_every, max_snapshots=max_snapshots, tensorboard_every=tensorboard_every,
-                            overhead=overhead, trace_at_least_every=trace_at_least_every, verify_hints=verify_hints)
+                            overhead=overhead, trace_at_least_every=trace_at_least_every, verify_hints=verify_hints,
+                            guard=guard)
     if tensorboard_dir is not None and distribute.is_chief(model.distribute_strategy):
         tb_module.check_dir(tensorboard_dir)  # refused before anything is installed
     # by keyword: a subclass's fit (KerasHub's PipelineModel.fit) may order its arguments otherwise

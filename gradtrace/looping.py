@@ -60,7 +60,8 @@ class loop:
                  detectors: Optional[Sequence[DetectorSpec]] = None, on_anomaly: Optional[str] = None,
                  trace_every: int = 1, verbose: int = 1, overhead: Optional[float] = None,
                  trace_at_least_every: int = 100, snapshot_dir: Optional[PathLike] = None, max_snapshots: int = 5,
-                 tensorboard_dir: Optional[PathLike] = None, tensorboard_every: int = 100) -> None:
+                 tensorboard_dir: Optional[PathLike] = None, tensorboard_every: int = 100,
+                 guard: Optional[str] = "step") -> None:
         if not isinstance(model, keras.layers.Layer):
             raise TypeError(f"gradtrace.loop expects a Keras model or layer, got {type(model).__name__}.")
         if optimizer is not None and not isinstance(optimizer, keras.optimizers.Optimizer):
@@ -70,7 +71,7 @@ class loop:
         self.options = Options.build(detectors=detectors, on_anomaly=on_anomaly, snapshot_dir=snapshot_dir,
                                      trace_every=trace_every, max_snapshots=max_snapshots,
                                      tensorboard_every=tensorboard_every, overhead=overhead,
-                                     trace_at_least_every=trace_at_least_every)
+                                     trace_at_least_every=trace_at_least_every, guard=guard)
         self.tensorboard_dir = tensorboard_dir
         self.verbose = verbose
         self.run = None

@@ -27,6 +27,7 @@ from gradtrace.capturing import LayerTap
 from gradtrace.run import VERIFY_STEPS, Run
 from gradtrace.schedule import Schedule
 from gradtrace.step import Engine
+import gradtrace.step.gate as gate_module
 
 DetectorSpec = Union[str, detectors_module.Detector, type]  # a built-in's name, an instance, or a subclass
 PathLike = Union[str, os.PathLike]
@@ -63,10 +64,12 @@ class Options:
     overhead: Optional[float] = None
     trace_at_least_every: int = 100
     verify_hints: bool = False
+    guard: Optional[str] = "step"
 
     @classmethod
     def build(cls, *, detectors=None, on_anomaly=None, snapshot_dir=None, trace_every=1, max_snapshots=5,
-              tensorboard_every=100, overhead=None, trace_at_least_every=100, verify_hints=False) -> "Options":
+              tensorboard_every=100, overhead=None, trace_at_least_every=100, verify_hints=False,
+              guard="step") -> "Options":
         """Check gradtrace's own options (one check per option) and resolve the detectors and their actions."""
         if on_anomaly is not None:
             check_action(on_anomaly)
@@ -81,12 +84,20 @@ class Options:
         max_snapshots = _integer("max_snapshots", max_snapshots, 0)
         if snapshot_dir is None and "snapshot" in actions.values():
             snapshot_dir = snapshot_module.DEFAULT_DIR
+        guard = gate_module.check_guard(guard)
+        if guard != "step" and snapshot_dir is not None:
+            raise ValueError(f"guard={guard!r} and snapshots do not go together: a snapshot holds the state before "
+                             "the failing step, which only guard='step' (the default) keeps. Pass guard='step', "
+                             "or leave snapshot_dir and the 'snapshot' action out.")
+        if guard != "step" and verify_hints is True:
+            raise ValueError(f"guard={guard!r} and verify_hints=True do not go together: the fixes are tried from "
+                             "the state before the failing step, which only guard='step' (the default) keeps.")
         if not isinstance(verify_hints, bool):
             raise ValueError(f"verify_hints={verify_hints!r} is not allowed: pass True (try each hinted setting "
                              "at a halt and say whether it works) or False.")
         return cls(tuple(dets), actions, _snapshot_dir(snapshot_dir), trace_every, max_snapshots,
                    _integer("tensorboard_every", tensorboard_every, 1), None if overhead is None else float(overhead),
-                   int(trace_at_least_every), verify_hints)
+                   int(trace_at_least_every), verify_hints, guard)
 
 
 # Compiled steps are kept per model, like Keras keeps model.train_function: a second
@@ -95,8 +106,9 @@ class Options:
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def engine_for(model, dets, actions, optimizers=()):
+def engine_for(model, dets, actions, optimizers=(), guard="step"):
     key = (
+        guard,
         tuple(id(o) for o in optimizers),
         tuple((type(d), d.config()) for d in dets),
         tuple(sorted(actions.items())),
@@ -109,7 +121,7 @@ def engine_for(model, dets, actions, optimizers=()):
     cached = _ENGINES.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    engine = Engine(model, dets, actions, LayerTap(model), optimizers=optimizers)
+    engine = Engine(model, dets, actions, LayerTap(model), optimizers=optimizers, guard=guard)
     _ENGINES[model] = (key, engine)
     return engine
 
@@ -148,7 +160,7 @@ class Session:
         self.model = model
         self.options = options
         self.engine = engine_for(model, options.detectors, options.actions,
-                                 () if optimizer is None else (optimizer,))
+                                 () if optimizer is None else (optimizer,), guard=options.guard)
         budget = None
         if options.overhead is not None:
             # kept with the compiled steps it times: a later fit of the same model goes on from its timings

@@ -22,7 +22,7 @@ class Watch(keras.callbacks.Callback):
 
     Takes the options of :func:`gradtrace.fit` (``detectors``, ``on_anomaly``,
     ``snapshot_dir``, ``trace_every``, ``max_snapshots``, ``tensorboard_dir``,
-    ``tensorboard_every``, ``overhead``, ``trace_at_least_every``, ``verify_hints``) and gives the same detection,
+    ``tensorboard_every``, ``overhead``, ``trace_at_least_every``, ``verify_hints``, ``guard``) and gives the same detection,
     halting, anomalies and
     report: ``watch.anomalies``, ``watch.run`` (for :func:`gradtrace.report`), and
     ``history.anomalies`` / ``history.gradtrace`` on the History of the fit.
@@ -42,12 +42,14 @@ class Watch(keras.callbacks.Callback):
                  snapshot_dir: Optional[PathLike] = None, trace_every: int = 1, max_snapshots: int = 5,
                  tensorboard_dir: Optional[PathLike] = None, tensorboard_every: int = 100,
                  verbose: Union[str, int] = "auto", overhead: Optional[float] = None,
-                 trace_at_least_every: int = 100, verify_hints: bool = False) -> None:
+                 trace_at_least_every: int = 100, verify_hints: bool = False,
+                 guard: Optional[str] = "step") -> None:
         super().__init__()
         self.options = Options.build(detectors=detectors, on_anomaly=on_anomaly, snapshot_dir=snapshot_dir,
                                      trace_every=trace_every, max_snapshots=max_snapshots,
                                      tensorboard_every=tensorboard_every, overhead=overhead,
-                                     trace_at_least_every=trace_at_least_every, verify_hints=verify_hints)
+                                     trace_at_least_every=trace_at_least_every, verify_hints=verify_hints,
+                                     guard=guard)
         self.tensorboard_dir = tensorboard_dir
         self.verbose = verbose
         self.run = None  # the run of the latest fit

@@ -12,7 +12,8 @@ things while it is traced:
 - the optimizer's ``apply`` becomes :meth:`Engine.on_apply`: the statistics
   the detectors read are packed into one ``[rows, columns]`` tensor
   (:mod:`~gradtrace.step.rows`), each detector's check reads it, and one
-  ``tf.cond`` commits the update or holds it (:mod:`~gradtrace.step.gate`).
+  ``tf.cond`` commits the update or holds it (:mod:`~gradtrace.step.gate`; with ``guard="variable"``,
+  one per variable).
 
 A held step leaves the state as it was before the step: the weights, the
 optimizer (``iterations`` included), the non-trainable variables (BatchNorm
@@ -43,6 +44,7 @@ from gradtrace.step.plan import (
     KEY,
     STOPPING,
     TRACED,
+    UNGATED,
     UNTRACED,
     GatedUpdate,
     Layout,
@@ -52,5 +54,5 @@ from gradtrace.step.plan import (
     Variant,
 )
 
-__all__ = ["DETECTOR_SCOPE", "FIRED", "INSPECT", "KEY", "STOPPING", "TRACED", "UNTRACED", "Engine", "GatedUpdate",
+__all__ = ["DETECTOR_SCOPE", "FIRED", "INSPECT", "KEY", "STOPPING", "TRACED", "UNGATED", "UNTRACED", "Engine", "GatedUpdate",
            "Layout", "Plan", "Segment", "StepContext", "StepOutput", "Variant"]

@@ -1,10 +1,25 @@
 """Commit or hold one optimizer update, in-graph.
 
-A held update leaves the state as it was before the step: the rollback
-variables (the model's non-trainable ones: BatchNorm statistics, seed generator
-states) get their saved values back and the optimizer's ``apply`` never runs,
-so the weights, the optimizer's slots and ``iterations`` are untouched. Under a
-strategy every replica takes the same branch (:meth:`gradtrace.distribute.Replicas.gate`).
+How an update waits for the checks is the ``guard`` (``gradtrace.fit(..., guard=)``):
+
+- ``"step"`` (the default): all or nothing. A held update leaves the state as it
+  was before the step: the rollback variables (the model's non-trainable ones:
+  BatchNorm statistics, seed generator states) get their saved values back and
+  the optimizer's ``apply`` never runs, so the weights, the optimizer's slots and
+  ``iterations`` are untouched. Every variable's update waits for every check.
+  Under a strategy every replica takes the same branch
+  (:meth:`gradtrace.distribute.Replicas.gate`).
+- ``"variable"``: each variable's ``update_step`` (its slots included) runs only
+  if the gradient it receives is free of NaN/Inf (and the step's ids and labels
+  were not replaced), so it waits for its own gradient's check only. No
+  non-finite value ever enters a weight or a slot, but a step that holds one
+  variable updates the others; ``iterations`` advances; detectors that halt
+  stop training after the step. Where the optimizer does not update one
+  variable at a time (see :func:`gradtrace._keras_compat.updates_one_variable_at_a_time`),
+  or under a strategy, the step gate is used, with a warning.
+- ``None``: nothing waits; findings are reported at their step and detectors
+  that halt stop training after it (a step whose ids or labels were replaced is
+  still held: it did not train on your data).
 """
 
 from __future__ import annotations
@@ -13,6 +28,7 @@ import keras
 import tensorflow as tf
 
 from gradtrace import distribute
+from gradtrace import hooks
 
 
 def applied(original, grads, variables):
@@ -57,17 +73,66 @@ def redo(ctx, optimizer, original, grads, variables, changed):
     return gated(skip | ctx.held, original, grads, variables, ctx.rollback, ctx.saved)
 
 
-def gate(ctx, update, original, grads, variables, changed):
+GUARDS = ("step", "variable", None)
+
+
+def check_guard(guard):
+    if guard not in GUARDS:
+        raise ValueError(f"guard={guard!r} is not allowed: pass 'step' (the default: a step with a finding is "
+                         "held whole), 'variable' (each variable's update is held only if its own gradient has "
+                         "NaN/Inf: cheaper, but the other variables of such a step are updated) or None (nothing "
+                         "held: findings are reported, halting detectors stop training after the step).")
+    return guard
+
+
+def per_variable(ctx, optimizer, original, grads, variables, hold):
+    """``guard="variable"``: the optimizer's ``update_step`` of each variable runs only if the gradient it is
+    given (after Keras' clipping) is free of NaN/Inf and ``hold`` is False; returns whether every variable
+    was updated. When one was not, the rollback variables (BatchNorm statistics) get their saved values
+    back: the forward pass that made them is the one that went wrong."""
+    inner = optimizer.update_step
+    oks = []
+
+    def update_step(gradient, variable, learning_rate):
+        ok = tf.logical_and(all_finite([gradient]), tf.logical_not(hold))
+        oks.append(ok)
+
+        def update():
+            inner(gradient, variable, learning_rate)
+            return tf.constant(True)
+
+        return tf.cond(ok, update, lambda: tf.constant(False))
+
+    restore = hooks.set_on_instance(optimizer, "update_step", update_step)
+    try:
+        original(grads, variables)
+    finally:
+        restore()
+    committed = tf.reduce_all(tf.stack(oks)) if oks else tf.logical_not(hold)
+    if ctx.rollback:
+        tf.cond(committed, lambda: tf.constant(True), lambda: restored(ctx.rollback, ctx.saved))
+    return committed
+
+
+def gate(ctx, update, original, grads, variables, changed, guard="step", optimizer=None):
     """The update of a detecting step: held when a blocking detector fired on it, ids or labels were
     replaced, an earlier update of this step was held, or a stop earlier in this execution; committed
     otherwise. A step that commits nothing (a held step measured in full, a replay) is always held."""
     if not ctx.plan.commits:
         return restored(ctx.rollback, ctx.saved)
-    if not ctx.blocking and changed is None:
+    guard = guard if ctx.plan.gated else None
+    blocking = ctx.blocking if guard == "step" else []
+    if not blocking and changed is None and guard != "variable":
+        # (a stop earlier in this execution still holds the rest of it: a variable read, nothing waits)
+        if guard is None and ctx.blocking:
+            return gated(tf.logical_or(ctx.held, update.record.blocked), original, grads, variables,
+                         ctx.rollback, ctx.saved)
         return applied(original, grads, variables)
-    block = tf.reduce_any(tf.gather(update.per_detector, ctx.blocking)) if ctx.blocking else tf.constant(False)
+    hold = tf.logical_or(ctx.held, update.record.blocked)
     if changed is not None:
-        block = tf.logical_or(block, changed)
-    block = tf.logical_or(tf.logical_or(block, ctx.held), update.record.blocked)
+        hold = tf.logical_or(hold, changed)
+    if guard == "variable":
+        return per_variable(ctx, optimizer, original, grads, variables, hold)
+    block = tf.logical_or(tf.reduce_any(tf.gather(update.per_detector, blocking)), hold) if blocking else hold
     # (the statistics, and so block, are the same on every replica)
     return gated(block, original, grads, variables, ctx.rollback, ctx.saved)
