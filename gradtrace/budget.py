@@ -1,40 +1,58 @@
-"""The overhead budget: trace as often as a cost the user sets allows.
+"""The overhead budget: trace as often as a cost the user sets allows, and count the whole cost.
 
-``gradtrace.fit(..., overhead=0.05)`` keeps two compiled steps, as
-``trace_every`` does: the *traced* step (every layer captured, every detector)
-and the *guarded* step (the loss, Embedding ids, labels and every weight
-gradient checked for NaN/Inf, so a non-finite update is never applied). It
-times both while training and traces one step in ``interval``, the smallest
-interval at which the traced steps' extra time is at most ``overhead`` of the
-guarded steps' time::
+``gradtrace.fit(..., overhead=0.05)`` keeps compiled steps of three kinds:
 
-    interval = ceil((traced - guarded) / (overhead * guarded)),  1 <= interval <= longest_gap
+- *traced*: every layer captured, every detector;
+- *guarded*: the loss, Embedding ids, labels and every weight gradient checked
+  for NaN/Inf, and the update held as the ``guard`` says (see
+  :mod:`gradtrace.step.gate`);
+- *ungated*: the same checks, but the update waits for none of them: the
+  reference the budget is counted against, timed while the budget warms up.
 
-``traced / guarded`` is the median ratio of adjacent timed calls of the two
-(among the last ``4 * WINDOW`` calls), so that the machine's load, which
-drifts, cancels out of each pair. At an interval of 1 one call in ``WINDOW`` is
-still guarded, so that there are pairs to measure. The first call of each
-step is not timed (it traces and compiles). Until each has ``WARMUP`` timings
-the two alternate. The guarded step is the
-reference because it is what the run costs when nothing is traced: measuring
-``model.fit`` itself would take a third step, run only to be timed.
+The budget counts the whole cost against the ungated step: what the guard adds
+(``G``: the guarded step's time over the ungated one's) and what tracing adds
+(``T``: the traced step's time over the guarded one's). Tracing one call in
+``k`` costs ``G (T + k - 1) / k`` ungated steps per step, so the interval is
+the smallest ``k`` that keeps that within ``1 + overhead``::
+
+    k = ceil(G (T - 1) / (1 + overhead - G)),  1 <= k <= longest_gap
+
+Where the guard alone costs more than the budget (``G - 1 >= overhead``), no
+interval keeps it: :meth:`Budget.verdict` says so once, with the figures and the
+choices (a cheaper guard, no guard, a larger budget), and the budget traces one
+call in ``longest_gap`` (``trace_at_least_every``) with the guard it was given.
+
+Each ratio is the median over adjacent timed calls of the two kinds (among the
+last ``WINDOW`` such pairs), so that the machine's load, which drifts, cancels
+out of each pair. The first call of each kind is not timed (it traces and
+compiles). Until the traced and guarded steps have ``WARMUP`` timings and the
+ungated one twice as many, they take turns in :data:`CYCLE`, so that each pair
+meets in both orders (a call runs a little slower after a heavier one); after
+that the ungated step is not run again (the guard ratio is the warm-up's: about
+25 calls), and at an interval of 1 one call in ``WINDOW`` is
+still guarded, so that there are pairs to measure. During the warm-up's
+ungated calls a finding is reported at its step but not held.
 
 The budget lives with the compiled steps (one per model, detectors and compile
 state, as they are): a second ``fit`` of the same model starts from what the
 first one measured, with no warm-up. Only the choice of step depends on time;
-everything a step does is the same as under ``trace_every``. :class:`Budget` takes its timings as arguments, so
-its arithmetic is tested on given numbers and the fit on counts.
+everything a step does is the same as under ``trace_every``. :class:`Budget` takes its timings as
+arguments, so its arithmetic is tested on given numbers and the fit on counts.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Optional
 
 import numpy as np
 
-WARMUP = 3  # timed calls of each step before the interval is chosen
-WINDOW = 16  # timed calls kept per step; the pairs are read from the last 4 * WINDOW calls
+WARMUP = 4  # timed calls of the traced and the guarded step before the interval is chosen (twice as many ungated)
+WINDOW = 16  # timed calls (and adjacent pairs) kept per kind
+KINDS = ("traced", "guarded", "ungated")
+# the warm-up's order: each pair of kinds meets in both orders (a call runs slower after a heavier one)
+CYCLE = ("traced", "guarded", "ungated", "ungated", "guarded")
 
 
 def check_overhead(overhead, longest_gap):
@@ -49,81 +67,147 @@ def check_overhead(overhead, longest_gap):
 
 
 class Budget:
-    """Chooses, call by call, whether the next call of the step is traced (see the module docstring)."""
+    """Chooses, call by call, which kind of step runs next (see the module docstring). ``guard``: the guard
+    of the guarded step (``None``: it has no gate, so it is its own reference and no ungated step is run)."""
 
-    def __init__(self, overhead, longest_gap=100):
+    def __init__(self, overhead, longest_gap=100, guard="step"):
         check_overhead(overhead, longest_gap)
         self.overhead = float(overhead)
         self.longest_gap = int(longest_gap)
-        self.times = {True: deque(maxlen=WINDOW), False: deque(maxlen=WINDOW)}
-        self.recent = deque(maxlen=4 * WINDOW)  # (traced, seconds per step) of the timed calls, in order
-        self._compiled = {True: False, False: False}  # the first call of each step compiles: not timed
-        self._calls = {True: 0, False: 0}
+        self.guard = guard
+        self.kinds = KINDS if guard is not None else KINDS[:2]
+        self.times = {k: deque(maxlen=WINDOW) for k in KINDS}
+        self.recent = deque(maxlen=4 * WINDOW)  # (kind, seconds per step) of the timed calls, in order
+        self.reference = deque(maxlen=2 * WINDOW)  # guarded / ungated time of adjacent calls (the warm-up's)
+        self._compiled = {k: False for k in KINDS}
+        self.kind_calls = {k: 0 for k in KINDS}
         self.interval = 1
         self.since_traced = 0  # calls since the last traced one
         self.since_guarded = 0  # calls since the last guarded one
         self.calls = 0
         self.traced_calls = 0
+        self._said = False
 
     def warming_up(self) -> bool:
-        return min(len(self.times[True]), len(self.times[False])) < WARMUP
+        return any(len(self.times[k]) < (2 * WARMUP if k == "ungated" else WARMUP) for k in self.kinds)
 
-    def trace_next(self) -> bool:
-        """Whether the next call is traced."""
+    def next_kind(self) -> str:
+        """The kind of the next call: ``"traced"``, ``"guarded"`` or ``"ungated"``."""
         if self.warming_up():
-            # alternate, the step called less often first (the traced step at the very first call)
-            return self._calls[True] <= self._calls[False]
+            cycle = CYCLE if "ungated" in self.kinds else ("traced", "guarded")
+            return cycle[self.calls % len(cycle)]
         if self.since_guarded + 1 >= WINDOW and self.longest_gap > 1:
             # tracing every step: still time the guarded step now and then, or a few slow guarded
             # calls early on (a garbage collection) would keep it tracing every step for good
-            return False
-        return self.since_traced + 1 >= self.interval
+            return "guarded"
+        return "traced" if self.since_traced + 1 >= self.interval else "guarded"
 
-    def observe(self, traced, seconds, steps=1):
-        """A call of the step ran ``steps`` steps in ``seconds`` (``None``: not timed, e.g. a finding
-        was handled during it)."""
+    def trace_next(self) -> bool:
+        return self.next_kind() == "traced"
+
+    def observe(self, kind, seconds, steps=1):
+        """A call of kind ``kind`` (a bool: traced or guarded) ran ``steps`` steps in ``seconds`` (``None``:
+        not timed, e.g. a finding was handled during it)."""
+        kind = {True: "traced", False: "guarded"}.get(kind, kind) if isinstance(kind, bool) else kind
         self.calls += 1
-        self._calls[bool(traced)] += 1
-        self.traced_calls += bool(traced)
-        self.since_traced = 0 if traced else self.since_traced + 1
-        self.since_guarded = self.since_guarded + 1 if traced else 0
-        if not self._compiled[traced]:
-            self._compiled[traced] = True
+        self.kind_calls[kind] += 1
+        self.traced_calls += kind == "traced"
+        self.since_traced = 0 if kind == "traced" else self.since_traced + 1
+        self.since_guarded = 0 if kind == "guarded" else self.since_guarded + 1
+        if not self._compiled[kind]:
+            self._compiled[kind] = True
+            self.recent.append(None)
             return
-        if seconds is not None and seconds > 0:
-            self.times[traced].append(seconds / max(int(steps), 1))
-            self.recent.append((bool(traced), seconds / max(int(steps), 1)))
-        else:
+        if seconds is None or seconds <= 0:
             self.recent.append(None)  # breaks adjacency: an untimed call sits between its neighbours
+            return
+        per_step = seconds / max(int(steps), 1)
+        self.times[kind].append(per_step)
+        last = self.recent[-1] if self.recent else None
+        if last is not None and {kind, last[0]} == {"guarded", "ungated"}:
+            mine = {kind: per_step, last[0]: last[1]}
+            self.reference.append(mine["guarded"] / max(mine["ungated"], 1e-12))
+        self.recent.append((kind, per_step))
         if not self.warming_up():
             self.interval = self.choose()
 
+    def _ratio(self, a, b) -> Optional[float]:
+        """The median of ``a``'s time over ``b``'s across adjacent calls of the two (guarded and ungated: the
+        warm-up's; traced and guarded: among the last ``4 * WINDOW`` calls), with none, of their medians."""
+        if not self.times[a] or not self.times[b]:
+            return None
+        if (a, b) == ("guarded", "ungated"):
+            ratios = list(self.reference)
+        else:
+            items = list(self.recent)
+            ratios = [(x[1] / max(y[1], 1e-12)) if x[0] == a else (y[1] / max(x[1], 1e-12))
+                      for x, y in zip(items, items[1:]) if x is not None and y is not None and {x[0], y[0]} == {a, b}]
+        if ratios:
+            return float(np.median(ratios))
+        return float(np.median(self.times[a])) / max(float(np.median(self.times[b])), 1e-12)
+
     @property
     def cost(self):
-        """The traced step's extra time, as a share of the guarded step's (None until both are timed):
-        the median over adjacent timed calls of different steps of ``traced / guarded - 1``. Neighbours
-        ran under the same load, so a slow spell of the machine (another process starting, a garbage
-        collection) moves both sides of a pair, not the estimate; with no adjacent pair yet, the
-        ratio of the two medians."""
-        if not self.times[True] or not self.times[False]:
-            return None
-        items = list(self.recent)
-        pairs = [(a[1], b[1]) if a[0] else (b[1], a[1]) for a, b in zip(items, items[1:])
-                 if a is not None and b is not None and a[0] != b[0]]
-        if pairs:
-            ratio = float(np.median([t / max(g, 1e-9) for t, g in pairs]))
-        else:
-            ratio = float(np.median(self.times[True])) / max(float(np.median(self.times[False])), 1e-9)
-        return max(ratio - 1.0, 0.0)
+        """The traced step's extra time, as a share of the guarded step's (None until both are timed)."""
+        t = self._ratio("traced", "guarded")
+        return None if t is None else max(t - 1.0, 0.0)
+
+    @property
+    def guard_cost(self):
+        """The guarded step's extra time, as a share of the ungated step's (0 without a gate; None until
+        both are timed)."""
+        if "ungated" not in self.kinds:
+            return 0.0
+        g = self._ratio("guarded", "ungated")
+        return None if g is None else max(g - 1.0, 0.0)
+
+    @property
+    def kept(self) -> Optional[bool]:
+        """Whether the budget can be kept: the guard alone costs less than it (None until measured)."""
+        g = self.guard_cost
+        return None if g is None else g < self.overhead
 
     def choose(self) -> int:
-        cost = self.cost
-        if cost is None:
+        cost, guard = self.cost, self.guard_cost
+        if cost is None or guard is None:
             return 1
-        return int(min(max(math.ceil(cost / self.overhead - 1e-9), 1), self.longest_gap))
+        if guard >= self.overhead:
+            return self.longest_gap
+        g = 1.0 + guard
+        need = g * cost / (1.0 + self.overhead - g)
+        return int(min(max(math.ceil(need - 1e-9), 1), self.longest_gap))
+
+    def expected(self) -> Optional[float]:
+        """The whole cost at the chosen interval, as a ratio to the ungated step."""
+        cost, guard = self.cost, self.guard_cost
+        if cost is None or guard is None:
+            return None
+        k = self.interval
+        return (1.0 + guard) * (1.0 + cost + k - 1) / k
+
+    def verdict(self) -> Optional[str]:
+        """Once the warm-up is over and only once: where the guard alone costs more than the budget, what it
+        costs, what gradtrace does instead and the choices; else None."""
+        if self._said or self.warming_up() or self.kept is not False:
+            return None
+        self._said = True
+        g, whole = 1.0 + self.guard_cost, self.expected()
+        cheaper = {"step": "guard='variable' (each variable's update waits only for its own gradient's check: "
+                           "no NaN/Inf ever enters a weight or slot, but a step that holds one variable updates the "
+                           "others), ",
+                   "variable": ""}.get(self.guard, "")
+        return (f"overhead={self.overhead:g} cannot be kept on this model: the guarded step alone costs "
+                f"{g:.2f}x a step whose update waits for no check (guard={self.guard!r}, median of "
+                f"{len(self.reference)} adjacent pairs). gradtrace goes on guarding every step "
+                f"and traces one step in {self.interval} (trace_at_least_every), about {whole:.2f}x in all. "
+                f"For less: {cheaper}guard=None (nothing held: findings are reported at their step), or a larger "
+                "overhead=.")
 
     def summary(self) -> dict:
-        """The budget, the interval it chose last and the traced step's measured extra cost."""
-        cost = self.cost
+        """The budget, the interval it chose last, the traced step's and the guard's measured extra cost,
+        whether the budget can be kept and the whole cost expected at that interval."""
+        cost, guard, whole = self.cost, self.guard_cost, self.expected()
         return {"overhead": self.overhead, "trace_at_least_every": self.longest_gap, "interval": self.interval,
-                "traced_cost": None if cost is None else round(cost, 4)}
+                "traced_cost": None if cost is None else round(cost, 4),
+                "guard": self.guard, "guard_cost": None if guard is None else round(guard, 4),
+                "kept": self.kept, "expected": None if whole is None else round(whole, 4)}

@@ -9,7 +9,11 @@ step counter only when a period may have ended.
 
 from __future__ import annotations
 
-from gradtrace.step import TRACED, UNTRACED, Plan
+import warnings
+
+from gradtrace.step import TRACED, UNGATED, UNTRACED, Plan
+
+_PLANS = {"traced": TRACED, "guarded": UNTRACED, "ungated": UNGATED}
 
 
 class Schedule:
@@ -23,18 +27,19 @@ class Schedule:
         self.tensorboard = tensorboard
         self.calls = 0
         self.traced_calls = 0
+        self._kind = "traced"  # the budget's kind of the call planned last
 
     def next_plan(self):
         """``(plan, traced, summary)`` for the next call of the step."""
         summary = self.tensorboard is not None and self.calls % self.tensorboard.every == 0
         if summary:
-            traced = True
+            self._kind = "traced"
         elif self.budget is not None:
-            traced = self.budget.trace_next()
+            self._kind = self.budget.next_kind()
         else:
-            traced = self.trace_every == 1 or self.calls % self.trace_every == 0
-        plan = Plan(True, summary_bins=self.tensorboard.bins) if summary else TRACED if traced else UNTRACED
-        return plan, traced, summary
+            self._kind = "traced" if self.trace_every == 1 or self.calls % self.trace_every == 0 else "guarded"
+        plan = Plan(True, summary_bins=self.tensorboard.bins) if summary else _PLANS[self._kind]
+        return plan, self._kind == "traced", summary
 
     def timed(self, traced, seconds, untimed=False):
         """One call of the step took ``seconds`` (``untimed``: it did more than step, e.g. a finding was
@@ -42,11 +47,15 @@ class Schedule:
         self.traced_calls += bool(traced)
         if self.budget is not None:
             steps = int(getattr(self.model, "steps_per_execution", 1) or 1)
-            self.budget.observe(traced, None if untimed else seconds, steps)
+            self.budget.observe(self._kind, None if untimed else seconds, steps)
+            said = self.budget.verdict()
+            if said:
+                warnings.warn(f"gradtrace: {said}", stacklevel=3)
 
     def tracing(self) -> dict:
         """How often this run traced: ``calls`` of the step, ``traced_calls``, and under an overhead budget
-        the budget, the interval chosen last and the traced step's measured extra cost."""
+        the budget, the interval chosen last, the traced step's and the guard's measured extra cost, whether the
+        budget can be kept and the whole cost expected (see :meth:`gradtrace.budget.Budget.summary`)."""
         out = {"calls": self.calls, "traced_calls": self.traced_calls}
         if self.budget is not None:
             out.update(self.budget.summary())

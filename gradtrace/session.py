@@ -22,7 +22,7 @@ from gradtrace import distribute
 from gradtrace import snapshot as snapshot_module
 from gradtrace import tensorboard as tb_module
 from gradtrace.actions import Snapshots
-from gradtrace.anomaly import AnomalyError, check_action
+from gradtrace.anomaly import BLOCKING, AnomalyError, check_action
 from gradtrace.capturing import LayerTap
 from gradtrace.run import VERIFY_STEPS, Run
 from gradtrace.schedule import Schedule
@@ -165,7 +165,9 @@ class Session:
         if options.overhead is not None:
             # kept with the compiled steps it times: a later fit of the same model goes on from its timings
             key = (options.overhead, options.trace_at_least_every)
-            budget = self.engine.budgets.setdefault(key, budget_module.Budget(*key))
+            # with no detector that holds an update, the guarded step has no gate to measure
+            guard = self.engine.guard if any(a in BLOCKING for a in options.actions.values()) else None
+            budget = self.engine.budgets.setdefault(key, budget_module.Budget(*key, guard=guard))
         writer = None
         if tensorboard_dir is not None:  # every worker runs the summary steps (collectives); the chief writes
             writer = tb_module.Writer(tensorboard_dir, every=options.tensorboard_every,
