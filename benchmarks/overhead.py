@@ -3,6 +3,8 @@
     python benchmarks/overhead.py                       # every model, default settings (< 10 min on 2 cores)
     python benchmarks/overhead.py --models two_embedding --steps 30 --rounds 3
     python benchmarks/overhead.py --smoke                # a few steps of one model (what the tests run)
+    python benchmarks/overhead.py --gpu                  # on a GPU: every step, budget, guard only, each
+                                                         # guard, jit_compile False and True, peak GPU memory
 
 Step time: every in-process contender trains the same model architecture
 (same seed, same data, same ``jit_compile``) in rounds, interleaved
@@ -59,7 +61,10 @@ IN_PROCESS = ["keras", "keras_again", "gradtrace", "gradtrace_budget5", "gradtra
 # no_progress joined them, to measure what those four cost per step
 # gradtrace_prev19: every default detector but update_size (a host-side read of a sample of the weights every
 # 5 steps), to measure what it costs per step
-OPTIONAL = ["gradtrace_first6", "gradtrace_prev10", "gradtrace_prev15", "gradtrace_prev19", "gradtrace_nohistory", "gradtrace_nan", "gradtrace_every16",
+# gradtrace_variable / gradtrace_budget5_variable / gradtrace_guard_variable: the same with guard="variable" (each
+# variable's update waits only for its own gradient's NaN/Inf check); gradtrace_noguard: every step with guard=None
+GUARDS = ["gradtrace_variable", "gradtrace_budget5_variable", "gradtrace_guard_variable", "gradtrace_noguard"]
+OPTIONAL = GUARDS + ["gradtrace_first6", "gradtrace_prev10", "gradtrace_prev15", "gradtrace_prev19", "gradtrace_nohistory", "gradtrace_nan", "gradtrace_every16",
             "gradtrace_warn"]
 FIRST6 = ["nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding"]
 PREV10 = ["nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding", "vanishing",
@@ -75,11 +80,13 @@ SWEEP_CONTENDERS = ("keras", "keras_again", "gradtrace", "gradtrace_budget5")  #
 # in a subprocess each) run by default on these models only (--all-contenders: every model)
 TOOL_MODELS = ("two_embedding", "cnn_bn")
 TODAY = ("terminate_on_nan", "tensorboard_hist")
+GPU_CONTENDERS = ("keras", "keras_again", "gradtrace", "gradtrace_variable", "gradtrace_budget5",
+                  "gradtrace_budget5_variable", "gradtrace_guard", "gradtrace_guard_variable")
 
 
 # -- models and data ------------------------------------------------------------------------
 
-def build(name):
+def build(name, jit_compile=False):
     import keras
     from keras import layers
 
@@ -184,7 +191,7 @@ def build(name):
         loss = "sparse_categorical_crossentropy"
     else:
         raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    model.compile(optimizer="adam", loss=loss, jit_compile=False)
+    model.compile(optimizer="adam", loss=loss, jit_compile=jit_compile)
     return model, x, y, batch
 
 
@@ -226,8 +233,9 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
     if contender.startswith("gradtrace"):
         from gradtrace import session
 
-        every = {"gradtrace_every16": 16, "gradtrace_guard": 10 ** 9}.get(contender, 1)
-        budget = 0.05 if contender == "gradtrace_budget5" else None
+        every = 10 ** 9 if contender.startswith("gradtrace_guard") else 16 if contender == "gradtrace_every16" else 1
+        budget = 0.05 if contender.startswith("gradtrace_budget5") else None
+        guard = "variable" if contender.endswith("_variable") else None if contender == "gradtrace_noguard" else "step"
         prev15 = [d for d in gradtrace.detectors.DEFAULT if d not in NEW4]
         prev19 = [d for d in gradtrace.detectors.DEFAULT if d != "update_size"]
         detectors = {"gradtrace_first6": FIRST6, "gradtrace_prev10": PREV10, "gradtrace_prev15": prev15,
@@ -237,10 +245,17 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
             # the engine gradtrace.fit will take from its cache, without the history's device buffer
             options = session.Options.build(detectors=detectors, on_anomaly=on_anomaly)
             session.engine_for(model, options.detectors, options.actions).keep_history = False
-        h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, overhead=budget,
-                          on_anomaly=on_anomaly, **kw)
+        import warnings
+
+        with warnings.catch_warnings(record=True) as said:  # the budget's verdict, kept with its figures
+            warnings.simplefilter("always")
+            h = gradtrace.fit(model, x, y, callbacks=cbs, trace_every=every, detectors=detectors, overhead=budget,
+                              on_anomaly=on_anomaly, guard=guard, **kw)
         if budget is not None:
-            TRACING.append(h.gradtrace.tracing())
+            TRACING.append((contender, h.gradtrace.tracing()))
+        for w in said:
+            if "cannot be kept" in str(w.message):
+                print(f"  {contender}: {w.message}", file=sys.stderr)
         if h.anomalies:
             print(f"  note: {contender} reported {len(h.anomalies)} anomalies, first: {h.anomalies[0]}", file=sys.stderr)
     else:
@@ -259,11 +274,23 @@ def _repeat(x, steps, batch):
     return [tile(a) for a in x] if isinstance(x, list) else tile(x)
 
 
-def interleaved(model_name, contenders, steps, rounds, logdir):
+def _gpu_peak(reset=False):
+    """Peak bytes allocated on the first GPU since the last reset (None without a GPU)."""
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        return None
+    if reset:
+        tf.config.experimental.reset_memory_stats("GPU:0")
+        return None
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"]
+
+
+def interleaved(model_name, contenders, steps, rounds, logdir, jit_compile=False):
     models = {}
     data = None
     for c in contenders:
-        models[c], x, y, batch = build(model_name)
+        models[c], x, y, batch = build(model_name, jit_compile)
         data = (x, y, batch)
     x, y, batch = data
     x, y = _repeat(x, steps, batch), _repeat(y, steps, batch)
@@ -271,12 +298,15 @@ def interleaved(model_name, contenders, steps, rounds, logdir):
     steady = {c: [] for c in contenders}
     steady_cpu = {c: [] for c in contenders}
     per_round = {c: [] for c in contenders}  # (median step, median CPU) of each round
+    peak = {c: 0 for c in contenders}  # on a GPU: the most bytes allocated during a fit
     for r in range(rounds):
         # each round starts with another contender (the first fit of a round measured slower here), after
         # a garbage collection (not timed)
         gc.collect()
         for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:
+            _gpu_peak(reset=True)
             t, cpu = run_fit(c, models[c], x, y, batch, steps, logdir)
+            peak[c] = max(peak[c], _gpu_peak() or 0)
             first[c].append(t[0])
             steady[c].extend(t[2:])  # the second step may still finish tracing a partial path
             steady_cpu[c].extend(cpu[2:])
@@ -291,6 +321,8 @@ def interleaved(model_name, contenders, steps, rounds, logdir):
                   "first_step_refit_s": float(np.median(first[c][1:])) if rounds > 1 else None,
                   "steps_timed": len(steady[c]),
                   "round_step_ratios": step_r, "round_cpu_ratios": cpu_r}
+        if peak[c]:
+            out[c]["gpu_peak_mb"] = peak[c] / 2 ** 20
     return out
 
 
@@ -371,7 +403,22 @@ def main(argv=None):
     p.add_argument("--all-contenders", action="store_true", help="every contender on the depth sweep too")
     p.add_argument("--out", default=os.path.join(HERE, "results", "overhead.json"))
     p.add_argument("--smoke", action="store_true", help="a few steps of one small model, no subprocesses")
+    p.add_argument("--jit", default="false", choices=["false", "true", "both"],
+                   help="jit_compile of every model (both: each model twice)")
+    p.add_argument("--gpu", action="store_true",
+                   help="on a GPU: two_embedding, deep_mlp and cnn_bn; every step, the budget and the guard alone, "
+                        "with each guard; jit_compile False and True; peak GPU memory per contender")
     args = p.parse_args(argv)
+    if args.gpu:
+        import tensorflow as tf
+
+        if not tf.config.list_physical_devices("GPU"):
+            print("--gpu: TensorFlow sees no GPU here (tf.config.list_physical_devices('GPU') is empty). The same "
+                  "table on this machine: --models two_embedding,deep_mlp,cnn_bn --jit both --contenders "
+                  + ",".join(GPU_CONTENDERS), file=sys.stderr)
+            return 2
+        args.models, args.jit, args.no_memory = "two_embedding,deep_mlp,cnn_bn", "both", True
+        args.contenders = ",".join(GPU_CONTENDERS)
     if args.smoke:
         args.models, args.steps, args.rounds, args.no_memory, args.all_contenders = "depth_10", 4, 1, True, True
         args.contenders = "keras,gradtrace,gradtrace_budget5,gradtrace_every16,terminate_on_nan"
@@ -404,18 +451,21 @@ def main(argv=None):
                            "gradtrace": gradtrace.__version__},
                "settings": {"steps": args.steps, "rounds": args.rounds}, "models": {}}
     t0 = time.time()
-    for m in models:
+    jits = {"false": (False,), "true": (True,), "both": (False, True)}[args.jit]
+    for m, jit in [(m, j) for m in models for j in jits]:
         here = [c for c in local if args.all_contenders or (c in SWEEP_CONTENDERS if m in SWEEP else
                                                              c not in TODAY or m in TOOL_MODELS)]
         print(f"[{time.time() - t0:6.0f}s] {m}: {', '.join(here)} interleaved", file=sys.stderr, flush=True)
         # the depth sweep's traces are long (200 layers): one round fewer there
         rounds = min(args.rounds, max(2, args.rounds - 1)) if m in SWEEP else args.rounds
         TRACING.clear()
-        res = interleaved(m, here, args.steps, rounds, logdir)
-        if TRACING:
-            res["gradtrace_budget5"]["traced_share"] = (sum(t["traced_calls"] for t in TRACING)
-                                                        / max(sum(t["calls"] for t in TRACING), 1))
-            res["gradtrace_budget5"]["intervals"] = [t["interval"] for t in TRACING]
+        res = interleaved(m, here, args.steps, rounds, logdir, jit)
+        for c in {c for c, _ in TRACING}:
+            runs = [t for name, t in TRACING if name == c]
+            res[c]["traced_share"] = sum(t["traced_calls"] for t in runs) / max(sum(t["calls"] for t in runs), 1)
+            res[c]["intervals"] = [t["interval"] for t in runs]
+            res[c]["budget"] = runs[-1]
+        label = f"{m} (jit)" if jit else m
         base = res["keras"]
         for c in remote if (m in TOOL_MODELS or args.all_contenders) else ():
             print(f"[{time.time() - t0:6.0f}s] {m}: {c} (subprocess)", file=sys.stderr, flush=True)
@@ -435,7 +485,7 @@ def main(argv=None):
             r["first_ratio"] = r["first_step_s"] / base["first_step_s"]
             if "peak_mb" in r and base.get("peak_mb"):
                 r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
-        results["models"][m] = res
+        results["models"][label] = res
     shutil.rmtree(logdir, ignore_errors=True)
 
     from tabulate import tabulate
@@ -448,10 +498,13 @@ def main(argv=None):
         for c, r in res.items():
             star = "*" if r.get("separate_process") else ""
             name = c + star + (f" ({100 * r['traced_share']:.0f}% traced)" if "traced_share" in r else "")
+            memory = f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""
+            if "gpu_peak_mb" in r and res["keras"].get("gpu_peak_mb"):
+                memory = f"{r['gpu_peak_mb'] / res['keras']['gpu_peak_mb']:.2f}x ({r['gpu_peak_mb']:.0f} MB GPU)"
             rows.append((m, name, f"{r['step_ms']:.2f}",
                          spread(r["round_step_ratios"]) if "round_step_ratios" in r else f"{r['step_ratio']:.2f}",
                          spread(r["round_cpu_ratios"]) if "round_cpu_ratios" in r else "",
-                         f"{r['first_ratio']:.2f}x", f"{r['memory_ratio']:.2f}x" if "memory_ratio" in r else ""))
+                         f"{r['first_ratio']:.2f}x", memory))
     table = tabulate(rows, headers=["model", "contender", "step ms", "step / fit (min/med/max)",
                                     "cpu / fit (min/med/max)", "first step / fit", "peak mem / fit"])
     print(table)

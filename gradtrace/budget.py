@@ -122,9 +122,10 @@ class Budget:
             self.recent.append(None)  # breaks adjacency: an untimed call sits between its neighbours
             return
         per_step = seconds / max(int(steps), 1)
+        warm = self.warming_up()  # (the reference is the warm-up's: fixed once it is over)
         self.times[kind].append(per_step)
         last = self.recent[-1] if self.recent else None
-        if last is not None and {kind, last[0]} == {"guarded", "ungated"}:
+        if warm and last is not None and {kind, last[0]} == {"guarded", "ungated"}:
             mine = {kind: per_step, last[0]: last[1]}
             self.reference.append(mine["guarded"] / max(mine["ungated"], 1e-12))
         self.recent.append((kind, per_step))

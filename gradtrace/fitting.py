@@ -132,19 +132,9 @@ def fit(
       and its guarded steps while training and traces as often as keeps the
       traced steps' extra time within this share of the step time (0.05: 5%),
       and at least every ``trace_at_least_every`` steps (default 100). Every
-      step still checks the loss and every weight gradient for NaN/Inf. The
-      budget counts the whole cost against an ungated step; where the guard
-      alone costs more than the budget, gradtrace says so once, with the
-      figures, and traces as rarely as ``trace_at_least_every`` allows. The
-      run's ``tracing()`` says how often it traced (see :mod:`gradtrace.budget`).
-    - ``guard``: how an update waits for the checks. ``"step"`` (default): a
-      step with a finding is held whole (every weight's update waits for every
-      check). ``"variable"``: each variable's update, its optimizer slots
-      included, is held only if its own gradient has NaN/Inf, so no update
-      waits for the others; no NaN/Inf ever enters a weight or slot, but such a
-      step updates the variables whose gradients were finite, and detectors
-      that halt stop training after the step. ``None``: nothing is held;
-      findings are reported at their step (see :mod:`gradtrace.step.gate`).
+      step still checks the loss and every weight gradient for NaN/Inf
+      (see :mod:`gradtrace.budget`).
+    - ``guard``: ``"step"`` (default), ``"variable"`` or ``None``: see :mod:`gradtrace.step.gate`.
     - ``tensorboard_dir``: write per-layer scalars and histograms there every
       ``tensorboard_every`` steps (default 100), and each anomaly as a text
       event (see :mod:`gradtrace.tensorboard`).

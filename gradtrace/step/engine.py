@@ -29,11 +29,9 @@ class Engine:
         self.detectors = list(detectors)
         for d in self.detectors:
             d.reset()  # a new engine traces anew: its detectors start with fresh state
-        self.actions = dict(actions)  # detector name -> action
-        self.guard = guard  # how an update waits for the checks (see gradtrace.step.gate)
+        self.actions, self.guard = dict(actions), guard  # detector name -> action; see gradtrace.step.gate
         self.tap = tap
-        # the per-layer history's device buffer is written at every traced step (benchmarks/overhead.py
-        # turns it off to measure what it costs)
+        # the per-layer history's device buffer, written at every traced step (off: benchmarks/overhead.py)
         self.keep_history = keep_history
         # ids are made safe before the lookup only where a detector reports the bad ones (the step is then
         # held); otherwise a bad id fails the lookup exactly as under model.fit
@@ -238,23 +236,11 @@ class Engine:
                     "gradients": dict(zip(paths, u.output_gradients)),
                     "weight_gradients": list(zip(tvars, grads)),
                 }
-            committed = update.committed = gate.gate(ctx, update, original, grads, tvars, changed,
-                                                     self._guard_for(optimizer), optimizer)
+            guard = gate.guard_for(self.guard, optimizer, self.warn_once)
+            committed = update.committed = gate.gate(ctx, update, original, grads, tvars, changed, guard, optimizer)
             ctx.updates.append(update)
         ctx.held = tf.logical_or(ctx.held, tf.logical_not(committed))
         return committed
-
-    def _guard_for(self, optimizer):
-        """The guard this optimizer's update gets: ``"variable"`` falls back to the step gate (with a warning)
-        where the optimizer does not update one variable at a time, or under a strategy."""
-        if self.guard != "variable":
-            return self.guard
-        if distribute.current() is None and compat.updates_one_variable_at_a_time(optimizer):
-            return "variable"
-        self.warn_once(f"guard:{id(optimizer)}", f"guard='variable' needs an optimizer that updates one variable at "
-                       f"a time, outside a distribution strategy; {type(optimizer).__name__} here does not, so its "
-                       "updates are held whole (guard='step').")
-        return "step"
 
     def _checked(self, ctx, segment, optimizer, u) -> GatedUpdate:
         """The update's statistics, and every detector's check of them (in-graph)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from gradtrace import _keras_compat as compat
 from gradtrace import distribute
 from gradtrace import hooks
 
@@ -83,6 +84,18 @@ def check_guard(guard):
                          "NaN/Inf: cheaper, but the other variables of such a step are updated) or None (nothing "
                          "held: findings are reported, halting detectors stop training after the step).")
     return guard
+
+
+def guard_for(guard, optimizer, warn_once):
+    """The guard ``optimizer``'s update gets: ``"variable"`` falls back to the step gate (said once through
+    ``warn_once(key, message)``) where the optimizer does not update one variable at a time, or under a
+    strategy."""
+    if guard != "variable" or (distribute.current() is None and compat.updates_one_variable_at_a_time(optimizer)):
+        return guard
+    warn_once(f"guard:{id(optimizer)}", f"guard='variable' needs an optimizer that updates one variable at a time, "
+              f"outside a distribution strategy; {type(optimizer).__name__} here does not, so its updates are held "
+              "whole (guard='step').")
+    return "step"
 
 
 def per_variable(ctx, optimizer, original, grads, variables, hold):
