@@ -6,14 +6,15 @@
 - *guarded*: the loss, Embedding ids, labels and every weight gradient checked
   for NaN/Inf, and the update held as the ``guard`` says (see
   :mod:`gradtrace.step.gate`);
-- *ungated*: the same checks, but the update waits for none of them: the
+- *plain*: the model's own step, unwatched, as ``model.fit`` runs it: the
   reference the budget is counted against, timed while the budget warms up.
 
-The budget counts the whole cost against the ungated step: what the guard adds
-(``G``: the guarded step's time over the ungated one's) and what tracing adds
-(``T``: the traced step's time over the guarded one's). Tracing one call in
-``k`` costs ``G (T + k - 1) / k`` ungated steps per step, so the interval is
-the smallest ``k`` that keeps that within ``1 + overhead``::
+The budget counts the whole cost against the plain step: what the guard adds
+(``G``: the guarded step's time, with gradtrace's host work per call, over the
+plain one's) and what tracing adds (``T``: the traced step's time over the
+guarded one's). Tracing one call in ``k`` costs ``G (T + k - 1) / k`` plain
+steps per step, so the interval is the smallest ``k`` that keeps that within
+``1 + overhead``::
 
     k = ceil(G (T - 1) / (1 + overhead - G)),  1 <= k <= longest_gap
 
@@ -26,12 +27,15 @@ Each ratio is the median over adjacent timed calls of the two kinds (among the
 last ``WINDOW`` such pairs), so that the machine's load, which drifts, cancels
 out of each pair. The first call of each kind is not timed (it traces and
 compiles). Until the traced and guarded steps have ``WARMUP`` timings and the
-ungated one twice as many, they take turns in :data:`CYCLE`, so that each pair
+plain one twice as many, they take turns in :data:`CYCLE`, so that each pair
 meets in both orders (a call runs a little slower after a heavier one); after
-that the ungated step is not run again (the guard ratio is the warm-up's: about
-25 calls), and at an interval of 1 one call in ``WINDOW`` is
-still guarded, so that there are pairs to measure. During the warm-up's
-ungated calls a finding is reported at its step but not held.
+that the plain step is not run again (the guard ratio is the warm-up's: about
+25 calls), and at an interval of 1 one call in ``WINDOW`` is still guarded, so
+that there are pairs to measure. gradtrace's host work after a call (periodic
+checks, the history's drain) is timed apart and its mean per call added to the
+guard's cost. The warm-up's 9 plain calls are model.fit's own steps: nothing
+checks them (a NaN one of them makes is found at the next checked step, in the
+weights).
 
 The budget lives with the compiled steps (one per model, detectors and compile
 state, as they are): a second ``fit`` of the same model starts from what the
@@ -48,11 +52,11 @@ from typing import Optional
 
 import numpy as np
 
-WARMUP = 4  # timed calls of the traced and the guarded step before the interval is chosen (twice as many ungated)
+WARMUP = 4  # timed calls of the traced and the guarded step before the interval is chosen (twice as many plain)
 WINDOW = 16  # timed calls (and adjacent pairs) kept per kind
-KINDS = ("traced", "guarded", "ungated")
+KINDS = ("traced", "guarded", "plain")
 # the warm-up's order: each pair of kinds meets in both orders (a call runs slower after a heavier one)
-CYCLE = ("traced", "guarded", "ungated", "ungated", "guarded")
+CYCLE = ("traced", "guarded", "plain", "plain", "guarded")
 
 
 def check_overhead(overhead, longest_gap):
@@ -68,17 +72,18 @@ def check_overhead(overhead, longest_gap):
 
 class Budget:
     """Chooses, call by call, which kind of step runs next (see the module docstring). ``guard``: the guard
-    of the guarded step (``None``: it has no gate, so it is its own reference and no ungated step is run)."""
+    of the guarded step (``None``: no detector holds an update; the plain step is still the reference)."""
 
     def __init__(self, overhead, longest_gap=100, guard="step"):
         check_overhead(overhead, longest_gap)
         self.overhead = float(overhead)
         self.longest_gap = int(longest_gap)
         self.guard = guard
-        self.kinds = KINDS if guard is not None else KINDS[:2]
+        self.kinds = KINDS
+        self.host = deque(maxlen=4 * WINDOW)  # gradtrace's host seconds after each watched call
         self.times = {k: deque(maxlen=WINDOW) for k in KINDS}
         self.recent = deque(maxlen=4 * WINDOW)  # (kind, seconds per step) of the timed calls, in order
-        self.reference = deque(maxlen=2 * WINDOW)  # guarded / ungated time of adjacent calls (the warm-up's)
+        self.reference = deque(maxlen=2 * WINDOW)  # guarded / plain time of adjacent calls (the warm-up's)
         self._compiled = {k: False for k in KINDS}
         self.kind_calls = {k: 0 for k in KINDS}
         self.interval = 1
@@ -89,13 +94,12 @@ class Budget:
         self._said = False
 
     def warming_up(self) -> bool:
-        return any(len(self.times[k]) < (2 * WARMUP if k == "ungated" else WARMUP) for k in self.kinds)
+        return any(len(self.times[k]) < (2 * WARMUP if k == "plain" else WARMUP) for k in self.kinds)
 
     def next_kind(self) -> str:
-        """The kind of the next call: ``"traced"``, ``"guarded"`` or ``"ungated"``."""
+        """The kind of the next call: ``"traced"``, ``"guarded"`` or ``"plain"``."""
         if self.warming_up():
-            cycle = CYCLE if "ungated" in self.kinds else ("traced", "guarded")
-            return cycle[self.calls % len(cycle)]
+            return CYCLE[self.calls % len(CYCLE)]
         if self.since_guarded + 1 >= WINDOW and self.longest_gap > 1:
             # tracing every step: still time the guarded step now and then, or a few slow guarded
             # calls early on (a garbage collection) would keep it tracing every step for good
@@ -125,19 +129,23 @@ class Budget:
         warm = self.warming_up()  # (the reference is the warm-up's: fixed once it is over)
         self.times[kind].append(per_step)
         last = self.recent[-1] if self.recent else None
-        if warm and last is not None and {kind, last[0]} == {"guarded", "ungated"}:
+        if warm and last is not None and {kind, last[0]} == {"guarded", "plain"}:
             mine = {kind: per_step, last[0]: last[1]}
-            self.reference.append(mine["guarded"] / max(mine["ungated"], 1e-12))
+            self.reference.append(mine["guarded"] / max(mine["plain"], 1e-12))
         self.recent.append((kind, per_step))
         if not self.warming_up():
             self.interval = self.choose()
 
+    def observe_host(self, seconds, steps=1):
+        """gradtrace's host work after a watched call (periodic checks, the history's drain) took ``seconds``."""
+        self.host.append(max(float(seconds), 0.0) / max(int(steps), 1))
+
     def _ratio(self, a, b) -> Optional[float]:
-        """The median of ``a``'s time over ``b``'s across adjacent calls of the two (guarded and ungated: the
+        """The median of ``a``'s time over ``b``'s across adjacent calls of the two (guarded and plain: the
         warm-up's; traced and guarded: among the last ``4 * WINDOW`` calls), with none, of their medians."""
         if not self.times[a] or not self.times[b]:
             return None
-        if (a, b) == ("guarded", "ungated"):
+        if (a, b) == ("guarded", "plain"):
             ratios = list(self.reference)
         else:
             items = list(self.recent)
@@ -155,12 +163,13 @@ class Budget:
 
     @property
     def guard_cost(self):
-        """The guarded step's extra time, as a share of the ungated step's (0 without a gate; None until
-        both are timed)."""
-        if "ungated" not in self.kinds:
-            return 0.0
-        g = self._ratio("guarded", "ungated")
-        return None if g is None else max(g - 1.0, 0.0)
+        """The guarded step's extra time, with gradtrace's host work per call, as a share of the plain step's
+        (None until both are timed)."""
+        g = self._ratio("guarded", "plain")
+        if g is None:
+            return None
+        host = float(np.mean(self.host)) / max(float(np.median(self.times["plain"])), 1e-12) if self.host else 0.0
+        return max(g - 1.0 + host, 0.0)
 
     @property
     def kept(self) -> Optional[bool]:
@@ -179,7 +188,7 @@ class Budget:
         return int(min(max(math.ceil(need - 1e-9), 1), self.longest_gap))
 
     def expected(self) -> Optional[float]:
-        """The whole cost at the chosen interval, as a ratio to the ungated step."""
+        """The whole cost at the chosen interval, as a ratio to the plain step."""
         cost, guard = self.cost, self.guard_cost
         if cost is None or guard is None:
             return None
@@ -197,12 +206,12 @@ class Budget:
                            "no NaN/Inf ever enters a weight or slot, but a step that holds one variable updates the "
                            "others), ",
                    "variable": ""}.get(self.guard, "")
+        free = "" if self.guard is None else "guard=None (nothing held: findings are reported at their step), "
         return (f"overhead={self.overhead:g} cannot be kept on this model: the guarded step alone costs "
-                f"{g:.2f}x a step whose update waits for no check (guard={self.guard!r}, median of "
-                f"{len(self.reference)} adjacent pairs). gradtrace goes on guarding every step "
-                f"and traces one step in {self.interval} (trace_at_least_every), about {whole:.2f}x in all. "
-                f"For less: {cheaper}guard=None (nothing held: findings are reported at their step), or a larger "
-                "overhead=.")
+                f"{g:.2f}x model.fit's own step (guard={self.guard!r}; the median of {len(self.reference)} adjacent "
+                f"pairs in the first calls, with gradtrace's host work). gradtrace goes on guarding every step and "
+                f"traces one step in {self.interval} (trace_at_least_every), about {whole:.2f}x in all. For less: "
+                f"{cheaper}{free}or a larger overhead=.")
 
     def summary(self) -> dict:
         """The budget, the interval it chose last, the traced step's and the guard's measured extra cost,

@@ -137,7 +137,9 @@ class Run:
             fired = logs.pop(FIRED, None) if isinstance(logs, dict) else None
             logs = self.after_call(plan, traced, summary, logs, fired)
             self.schedule.timed(traced, time.perf_counter() - start, summary or self.log.total != found)
+            host = time.perf_counter()
             self.after_step(traced)
+            self.schedule.host_work(time.perf_counter() - host)
             if self.halted and len(self.verify_batches) == 1:
                 self._take_next_batches(iterator)
             return logs

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import warnings
 
-from gradtrace.step import TRACED, UNGATED, UNTRACED, Plan
+from gradtrace.step import TRACED, PLAIN, UNTRACED, Plan
 
-_PLANS = {"traced": TRACED, "guarded": UNTRACED, "ungated": UNGATED}
+_PLANS = {"traced": TRACED, "guarded": UNTRACED, "plain": PLAIN}
 
 
 class Schedule:
@@ -51,6 +51,11 @@ class Schedule:
             said = self.budget.verdict()
             if said:
                 warnings.warn(f"gradtrace: {said}", stacklevel=3)
+
+    def host_work(self, seconds):
+        """gradtrace's host work after a watched call took ``seconds`` (the budget counts it)."""
+        if self.budget is not None and self._kind != "plain":
+            self.budget.observe_host(seconds, int(getattr(self.model, "steps_per_execution", 1) or 1))
 
     def tracing(self) -> dict:
         """How often this run traced: ``calls`` of the step, ``traced_calls``, and under an overhead budget

@@ -43,8 +43,8 @@ from gradtrace.step.plan import (
     INSPECT,
     KEY,
     STOPPING,
+    PLAIN,
     TRACED,
-    UNGATED,
     UNTRACED,
     GatedUpdate,
     Layout,
@@ -54,5 +54,5 @@ from gradtrace.step.plan import (
     Variant,
 )
 
-__all__ = ["DETECTOR_SCOPE", "FIRED", "INSPECT", "KEY", "STOPPING", "TRACED", "UNGATED", "UNTRACED", "Engine", "GatedUpdate",
+__all__ = ["DETECTOR_SCOPE", "FIRED", "INSPECT", "KEY", "STOPPING", "PLAIN", "TRACED", "UNTRACED", "Engine", "GatedUpdate",
            "Layout", "Plan", "Segment", "StepContext", "StepOutput", "Variant"]

@@ -51,6 +51,7 @@ class Engine:
         self._optimizer_hooks = [hooks.OptimizerHook(o, self.on_apply, self.outside_step) for _, o in optimizers]
         self.keep_batch = not bool(getattr(model, "jit_compile", False))
         self._warned = set()
+        self._plain = False  # a plain (unwatched) step is running: see unwatched()
 
     # -- variants and the functions that run them --------------------------------------------
     def variant(self, plan) -> Variant:
@@ -86,9 +87,12 @@ class Engine:
         return step
 
     def train_function(self, plan):
-        """The train function Keras builds around the watched step (iterator in, logs out), made once."""
+        """The train function Keras builds around the watched step (iterator in, logs out), made once; for
+        :data:`PLAIN`, around the model's own step, unwatched."""
         variant = self.variant(plan)
-        if variant.function is None:
+        if variant.function is None and plan.mode == "plain":
+            variant.function = self.unwatched(compat.make_train_function(self.model, self.model_train_step))
+        elif variant.function is None:
             step = self.step_function(plan, reports_fired=True)
             if self.keep_batch or self.model.run_eagerly or distribute.replicas_of(self.model) > 1:
                 # (under a strategy, XLA is Keras' own: a nested XLA function would cross the replicas'
@@ -143,8 +147,22 @@ class Engine:
             self._warned.add(key)
             warnings.warn(f"gradtrace: {message}", stacklevel=2)
 
+    def unwatched(self, function):
+        """``function`` (the model's own step, or yours) run as it is: its updates are not outside updates."""
+
+        def plain(*args, **kwargs):
+            self._plain = True
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._plain = False
+
+        return plain
+
     def outside_step(self, optimizer):
         """An optimizer update applied outside the watched step (a callback, a second loop)."""
+        if self._plain:
+            return
         name = self._optimizer_label.get(id(optimizer), getattr(optimizer, "name", "optimizer"))
         self.warn_once(f"outside:{id(optimizer)}", f"an update of {name} was applied outside the training step "
                        "(from a callback or another loop?); gradtrace does not watch it and applies it as it is.")

@@ -133,7 +133,6 @@ def gate(ctx, update, original, grads, variables, changed, guard="step", optimiz
     otherwise. A step that commits nothing (a held step measured in full, a replay) is always held."""
     if not ctx.plan.commits:
         return restored(ctx.rollback, ctx.saved)
-    guard = guard if ctx.plan.gated else None
     blocking = ctx.blocking if guard == "step" else []
     if not blocking and changed is None and guard != "variable":
         # (a stop earlier in this execution still holds the rest of it: a variable read, nothing waits)

@@ -29,15 +29,15 @@ class Plan:
       (commit, detect nothing: the redo of a snapshotted step), ``"report"`` (measure every
       statistic, commit nothing: a held step, measured in full), ``"inspect"`` (measure every
       statistic, run the detectors, commit nothing, keep every tensor: replay);
-    - ``summary_bins``: also measure every statistic and histograms (TensorBoard);
-    - ``gated``: the update waits for the checks as the engine's guard says (False: it waits for none,
-      what an overhead budget times as its reference step).
+    - ``summary_bins``: also measure every statistic and histograms (TensorBoard).
+
+    Mode ``"plain"`` is not watched at all: the model's own step, as ``model.fit`` runs it (what an
+    overhead budget times as its reference).
     """
 
     traced: bool = True
     mode: str = "train"
     summary_bins: int = 0
-    gated: bool = True
 
     @property
     def detects(self) -> bool:
@@ -59,7 +59,7 @@ class Plan:
 
 TRACED = Plan(True)
 UNTRACED = Plan(False)
-UNGATED = Plan(False, gated=False)
+PLAIN = Plan(False, "plain")
 INSPECT = Plan(True, "inspect")
 
 
