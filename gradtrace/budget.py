@@ -25,17 +25,20 @@ call in ``longest_gap`` (``trace_at_least_every``) with the guard it was given.
 
 Each ratio is the median over adjacent timed calls of the two kinds (among the
 last ``WINDOW`` such pairs), so that the machine's load, which drifts, cancels
-out of each pair. The first call of each kind is not timed (it traces and
-compiles). Until the traced and guarded steps have ``WARMUP`` timings and the
-plain one twice as many, they take turns in :data:`CYCLE`, so that each pair
-meets in both orders (a call runs a little slower after a heavier one); after
-that the plain step is not run again (the guard ratio is the warm-up's: about
-25 calls), and at an interval of 1 one call in ``WINDOW`` is still guarded, so
-that there are pairs to measure. gradtrace's host work after a call (periodic
-checks, the history's drain) is timed apart and its mean per call added to the
-guard's cost. The warm-up's 9 plain calls are model.fit's own steps: nothing
-checks them (a NaN one of them makes is found at the next checked step, in the
-weights).
+out of each pair. The first ``UNTIMED`` calls of each kind are not timed (the
+first traces and compiles, the second still warms up). The warm-up: traced and guarded calls in
+turn (the first call traced) until each has ``WARMUP`` timings; then the
+*calibration*, guarded and plain calls in the order :data:`CALIBRATION` (each
+meets the other in both orders, away from traced calls, after which a call runs
+a little slower) until the plain step has ``2 * WARMUP`` timings: about 30
+calls in all. After the calibration the plain step is not
+run again (the guard ratio is the calibration's), and at an interval of 1 one
+call in ``WINDOW`` is still guarded, so that there are pairs to measure.
+gradtrace's host work after a call (periodic checks, the history's drain) is
+timed apart; its mean after guarded calls is added to the guard's cost, after
+traced calls to tracing's. The calibration's 10 plain calls are ``model.fit``'s
+own steps: nothing checks them (a NaN one of them makes is found at the next
+checked step, in the weights).
 
 The budget lives with the compiled steps (one per model, detectors and compile
 state, as they are): a second ``fit`` of the same model starts from what the
@@ -52,11 +55,13 @@ from typing import Optional
 
 import numpy as np
 
-WARMUP = 4  # timed calls of the traced and the guarded step before the interval is chosen (twice as many plain)
+WARMUP = 4  # timed calls of the traced step before the interval is chosen (of the plain step: twice as many)
 WINDOW = 16  # timed calls (and adjacent pairs) kept per kind
 KINDS = ("traced", "guarded", "plain")
-# the warm-up's order: each pair of kinds meets in both orders (a call runs slower after a heavier one)
-CYCLE = ("traced", "guarded", "plain", "plain", "guarded")
+UNTIMED = 2  # the first calls of each kind are not timed: the first compiles, the second still warms up
+# the calibration's order: guarded and plain meet in both orders, and away from traced calls, which leave the
+# next call a little slower
+CALIBRATION = ("guarded", "plain", "plain", "guarded")
 
 
 def check_overhead(overhead, longest_gap):
@@ -80,11 +85,11 @@ class Budget:
         self.longest_gap = int(longest_gap)
         self.guard = guard
         self.kinds = KINDS
-        self.host = deque(maxlen=4 * WINDOW)  # gradtrace's host seconds after each watched call
+        # gradtrace's host seconds per step after each watched call, by kind (the drain follows traced calls)
+        self.host = {"traced": deque(maxlen=WINDOW), "guarded": deque(maxlen=4 * WINDOW)}
         self.times = {k: deque(maxlen=WINDOW) for k in KINDS}
         self.recent = deque(maxlen=4 * WINDOW)  # (kind, seconds per step) of the timed calls, in order
         self.reference = deque(maxlen=2 * WINDOW)  # guarded / plain time of adjacent calls (the warm-up's)
-        self._compiled = {k: False for k in KINDS}
         self.kind_calls = {k: 0 for k in KINDS}
         self.interval = 1
         self.since_traced = 0  # calls since the last traced one
@@ -92,14 +97,25 @@ class Budget:
         self.calls = 0
         self.traced_calls = 0
         self._said = False
+        self._calibration = None  # the call the calibration started at
+
+    def calibrating(self) -> bool:
+        """The plain step's timings are still being taken (beside the guarded step's)."""
+        return len(self.times["plain"]) < 2 * WARMUP
 
     def warming_up(self) -> bool:
-        return any(len(self.times[k]) < (2 * WARMUP if k == "plain" else WARMUP) for k in self.kinds)
+        return self.calibrating() or len(self.times["traced"]) < WARMUP or len(self.times["guarded"]) < WARMUP
 
     def next_kind(self) -> str:
         """The kind of the next call: ``"traced"``, ``"guarded"`` or ``"plain"``."""
-        if self.warming_up():
-            return CYCLE[self.calls % len(CYCLE)]
+        if self.calls == 0:
+            return "traced"  # the first step is traced whatever the budget
+        if len(self.times["traced"]) < WARMUP or len(self.times["guarded"]) < WARMUP:
+            return "guarded" if self.kind_calls["traced"] > self.kind_calls["guarded"] else "traced"
+        if self.calibrating():
+            if self._calibration is None:
+                self._calibration = self.calls
+            return CALIBRATION[(self.calls - self._calibration) % len(CALIBRATION)]
         if self.since_guarded + 1 >= WINDOW and self.longest_gap > 1:
             # tracing every step: still time the guarded step now and then, or a few slow guarded
             # calls early on (a garbage collection) would keep it tracing every step for good
@@ -118,27 +134,29 @@ class Budget:
         self.traced_calls += kind == "traced"
         self.since_traced = 0 if kind == "traced" else self.since_traced + 1
         self.since_guarded = 0 if kind == "guarded" else self.since_guarded + 1
-        if not self._compiled[kind]:
-            self._compiled[kind] = True
-            self.recent.append(None)
-            return
-        if seconds is None or seconds <= 0:
+        if seconds is None or seconds <= 0 or self.kind_calls[kind] <= UNTIMED:
             self.recent.append(None)  # breaks adjacency: an untimed call sits between its neighbours
             return
         per_step = seconds / max(int(steps), 1)
-        warm = self.warming_up()  # (the reference is the warm-up's: fixed once it is over)
+        calibrating = self.calibrating()  # (the reference is the calibration's: fixed once it is over)
         self.times[kind].append(per_step)
         last = self.recent[-1] if self.recent else None
-        if warm and last is not None and {kind, last[0]} == {"guarded", "plain"}:
+        if calibrating and last is not None and {kind, last[0]} == {"guarded", "plain"}:
             mine = {kind: per_step, last[0]: last[1]}
             self.reference.append(mine["guarded"] / max(mine["plain"], 1e-12))
         self.recent.append((kind, per_step))
         if not self.warming_up():
             self.interval = self.choose()
 
-    def observe_host(self, seconds, steps=1):
-        """gradtrace's host work after a watched call (periodic checks, the history's drain) took ``seconds``."""
-        self.host.append(max(float(seconds), 0.0) / max(int(steps), 1))
+    def observe_host(self, kind, seconds, steps=1):
+        """gradtrace's host work after a watched call of ``kind`` (periodic checks, the history's drain) took
+        ``seconds``."""
+        if kind in self.host:
+            self.host[kind].append(max(float(seconds), 0.0) / max(int(steps), 1))
+
+    def _host(self, kind, per):
+        """The mean host work after calls of ``kind``, as a share of ``per`` seconds."""
+        return float(np.mean(self.host[kind])) / max(per, 1e-12) if self.host[kind] else 0.0
 
     def _ratio(self, a, b) -> Optional[float]:
         """The median of ``a``'s time over ``b``'s across adjacent calls of the two (guarded and plain: the
@@ -157,9 +175,13 @@ class Budget:
 
     @property
     def cost(self):
-        """The traced step's extra time, as a share of the guarded step's (None until both are timed)."""
+        """The traced step's extra time, with its host work, as a share of the guarded step's (None until both
+        are timed)."""
         t = self._ratio("traced", "guarded")
-        return None if t is None else max(t - 1.0, 0.0)
+        if t is None:
+            return None
+        guarded = float(np.median(self.times["guarded"]))
+        return max(t - 1.0 + self._host("traced", guarded) - self._host("guarded", guarded), 0.0)
 
     @property
     def guard_cost(self):
@@ -168,8 +190,7 @@ class Budget:
         g = self._ratio("guarded", "plain")
         if g is None:
             return None
-        host = float(np.mean(self.host)) / max(float(np.median(self.times["plain"])), 1e-12) if self.host else 0.0
-        return max(g - 1.0 + host, 0.0)
+        return max(g - 1.0 + self._host("guarded", float(np.median(self.times["plain"]))), 0.0)
 
     @property
     def kept(self) -> Optional[bool]:

@@ -54,8 +54,8 @@ class Schedule:
 
     def host_work(self, seconds):
         """gradtrace's host work after a watched call took ``seconds`` (the budget counts it)."""
-        if self.budget is not None and self._kind != "plain":
-            self.budget.observe_host(seconds, int(getattr(self.model, "steps_per_execution", 1) or 1))
+        if self.budget is not None:
+            self.budget.observe_host(self._kind, seconds, int(getattr(self.model, "steps_per_execution", 1) or 1))
 
     def tracing(self) -> dict:
         """How often this run traced: ``calls`` of the step, ``traced_calls``, and under an overhead budget
