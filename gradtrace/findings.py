@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from gradtrace import stats as st
 from gradtrace.anomaly import build_anomalies
 from gradtrace.step import INSPECT, KEY, Plan
 
@@ -59,6 +60,8 @@ def read(run, variant, segments, complete=False) -> Optional[Findings]:
         if not committed and out.data is None:
             out.data, out.dist_data = variant.captured_batch(seg, run.model.distribute_strategy)
         columns = None if complete else seg.columns
+        if not complete:
+            matrix = st.uncounted(matrix)  # NaN/Inf flags, not counts (a held step is measured again below)
         if not complete and not committed and out.dist_data is not None:
             # The step was held, so its pre-step state is intact: measure everything (exact
             # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.

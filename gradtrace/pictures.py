@@ -195,7 +195,7 @@ def plot_snapshot(path):
             order.append(path_)
         row = matrix[r["index"]]
         key = {"gradient": "out-grad", "weight_gradient": "weight-grad"}.get(r["kind"])
-        if row[COL["nan"]] + row[COL["inf"]] > 0:
+        if row[COL["nan"]] != 0 or row[COL["inf"]] != 0:
             bad.add((path_, key or "dead/sat"))
         if key:
             values.setdefault((path_, key), []).append(float(row[COL["norm"]]))

@@ -185,7 +185,7 @@ def _replay(snap, model, optimizer, data, own=None):
         anomalies = build_anomalies(variant.detectors, engine.actions, table, extra.fired.numpy(),
                                     extra.values.numpy(), matrix, snap.step, snap.manifest["epoch"])
         origin = None
-        if np.any(matrix[:, COL["nan"]] + matrix[:, COL["inf"]] > 0):
+        if np.any((matrix[:, COL["nan"]] != 0) | (matrix[:, COL["inf"]] != 0)):
             origin = _origin(model, data, tap) if own_fn is None else _origin_own(snap, model, optimizer, own_fn,
                                                                                  data, tap)
     return Replay(

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from gradtrace.detectors.base import Detector
 from gradtrace.graph import base_path
-from gradtrace.stats import COL
+from gradtrace.stats import COL, count
 
 # Where to look for the origin, in order: the data, the forward pass in execution
 # order, the loss, the backward pass in backward order, and the weights.
@@ -91,7 +91,7 @@ class NaN(Detector):
                 "on_anomaly='halt' (or 'snapshot') a non-finite update never reaches the weights. Reload the "
                 "weights from before it (a checkpoint) to go on.")
             return
-        made_nan = matrix[origin][COL["nan"]] > 0  # an overflow makes Inf; 0 * Inf of a derivative makes NaN
+        made_nan = matrix[origin][COL["nan"]] != 0  # an overflow makes Inf; 0 * Inf of a derivative makes NaN
         overflow = getattr(self, "_loss_scaled", False)
         if row.kind == "gradient" and table.graph is not None and made_nan and not overflow:
             # The first non-finite output gradient (nearest the loss) holds NaN made by the backward
@@ -155,24 +155,32 @@ class NaN(Detector):
                 "(clipnorm=1.0 on the optimizer).")
 
     def backward_message(self, layer_row, grad_row, stats_row):
-        n = int(stats_row[COL["nan"]] + stats_row[COL["inf"]])
+        counts = [count(stats_row[COL[c]]) for c in ("nan", "inf")]
+        n = "" if None in counts else f"{sum(counts)} "
         if layer_row.kind == "loss":
-            return (f"the loss is finite, but its backward pass produced {n} NaN/Inf in the gradient of the model's "
+            return (f"the loss is finite, but its backward pass produced {n}NaN/Inf in the gradient of the model's "
                     f"output ({grad_row.path}): a function with an infinite derivative at the values it got.")
         return (f"{layer_row.path} ({layer_row.layer_class}): its forward output and output gradient are finite, "
-                f"but its backward pass produced {n} NaN/Inf in the gradient of its input ({grad_row.path}'s output): "
+                f"but its backward pass produced {n}NaN/Inf in the gradient of its input ({grad_row.path}'s output): "
                 "a function with an infinite derivative at the values it got.")
 
     def message(self, row, value, stats_row, others=0):
-        n_nan, n_inf = int(stats_row[COL["nan"]]), int(stats_row[COL["inf"]])
-        what = " and ".join(p for p in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if p)
+        n_nan, n_inf = (stats_row[COL[c]] for c in ("nan", "inf"))
+
+        def said(n, what):  # a count, or (flagged on a step that was applied, not counted) the word alone
+            return "" if n == 0 else what if count(n) is None else f"{int(n)} {what}"
+
+        what = " and ".join(p for p in (said(n_nan, "NaN"), said(n_inf, "Inf")) if p)
         size = int(stats_row[COL["size"]])
+        of = "of"
+        if count(n_nan) is None or count(n_inf) is None:  # the word alone: "NaN among 384 values"
+            what, of = f"{what} (not counted: the step was applied)", "among"
         tail = f"; {others} other tensor(s) of this step are non-finite downstream of it" if others else ""
         if row.kind in _DATA_NAMES:
             src = f"the batch's {_DATA_NAMES[row.kind]}" + (f" ({row.name})" if row.name else "")
-            return f"{what} of {size} values in {src}: the data is to blame, not a layer{tail}."
+            return f"{what} {of} {size} values in {src}: the data is to blame, not a layer{tail}."
         if row.kind == "loss":
-            return f"the loss is {what.split()[-1]} while every layer output was finite{tail}."
+            return f"the loss is {'Inf' if n_inf else 'NaN'} while every layer output was finite{tail}."
         part = {
             "output": "output",
             "gradient": "output gradient",
@@ -184,4 +192,5 @@ class NaN(Detector):
         if getattr(self, "_loss_scaled", False) and row.kind in ("gradient", "weight_gradient"):
             scaled = (f"; the gradients overflowed on {self.loss_scale_patience} steps in a row although the "
                       "loss-scale optimizer kept lowering the scale, so this is not an occasional skipped step")
-        return f"{row.path} ({row.layer_class}){first} produced {what} of {size} values in its {part}{tail}{scaled}."
+        return (f"{row.path} ({row.layer_class}){first} produced {what} {of} {size} values in its {part}{tail}"
+                f"{scaled}.")

@@ -284,7 +284,7 @@ class Engine:
         segment.layout = Layout(table, tuple(detectors), None if columns is None else frozenset(columns),
                                 histogram_rows)
         update = GatedUpdate(table, matrix, fired_m, values_m, tf.reduce_any(fired_m, axis=1), collector.faults,
-                             collector.exact_counts, histograms)
+                             histograms)
         if plan.mode == "train":
             update.record = records.record_for(segment, update, ctx, keep_batch=self.keep_batch)
         return update

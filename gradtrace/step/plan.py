@@ -86,7 +86,6 @@ class GatedUpdate:
     values: object  # [detectors, rows]
     per_detector: object  # [detectors]
     faults: object  # [replicas, rows] or None
-    exact_counts: object  # matrix -> the matrix with exact NaN/Inf counts (what a record keeps)
     histograms: object = None
     committed: object = None
     record: object = None
