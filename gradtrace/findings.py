@@ -61,7 +61,8 @@ def read(run, variant, segments, complete=False) -> Optional[Findings]:
             out.data, out.dist_data = variant.captured_batch(seg, run.model.distribute_strategy)
         columns = None if complete else seg.columns
         if not complete:
-            matrix = st.uncounted(matrix)  # NaN/Inf flags, not counts (a held step is measured again below)
+            # a layer's NaN/Inf are flags, not counts (a held step is measured again below)
+            matrix = st.uncounted(matrix, [r.kind for r in seg.table.rows])
         if not complete and not committed and out.dist_data is not None:
             # The step was held, so its pre-step state is intact: measure everything (exact
             # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.

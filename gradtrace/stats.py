@@ -395,10 +395,12 @@ class Collector:
     the sum is NaN, or infinite; a tensor holding a NaN or an Inf always has a
     non-finite sum). With every statistic (``needs=ALL_BASE``: the step that
     gets reported, TensorBoard summary steps, replay) they are exact counts.
-    (Counting them on the step where a detector fired would keep every
-    captured tensor alive until the detectors decide: measured 0.09x of a
-    deep MLP's step and 0.13x of a CNN's, so a held step is counted when it
-    is measured again, and an applied one reports its flags as uncounted.)
+    (Counting them in a layer's tensors on the step where a detector fired
+    would keep every captured tensor alive until the detectors decide:
+    measured 0.09x of a deep MLP's step and 0.13x of a CNN's. So the record
+    counts them exactly in the batch and the loss only; a held step is
+    counted in full when it is measured again, and an applied one reports a
+    layer's flags as uncounted.)
     """
 
     def __init__(self):
@@ -459,6 +461,11 @@ class Collector:
         matrix, self.faults = self._finish(self._local(needs))
         table.derived = dict(self.derived)
         return table, matrix, (lambda: matrix) if needs >= ALL_BASE else (lambda: self._finish(self._local(ALL_BASE))[0])
+
+    def counted_exactly(self, matrix):
+        """:func:`counted_exactly` on this step (under a strategy the flags stay: counts would cross replicas)."""
+        return matrix if self._replicas is not None else counted_exactly(matrix, [r.kind for r in self.rows],
+                                                                           self._counted)
 
     def _local(self, which):
         """This replica's ``(base [rows, len(BASE)], nan [rows], inf [rows], alive [units])``."""
@@ -624,13 +631,33 @@ class Collector:
 
 
 
-def uncounted(matrix):
-    """A step's own matrix (NumPy), read on the host after it was applied: its ``nan`` and ``inf`` columns
-    are flags (1: the row's sum was NaN, or infinite), not counts, so they are marked ``-1`` ("present, not
-    counted"); :func:`count` reads them. A held step is measured again in full, with exact counts."""
+# the rows a firing step counts NaN/Inf in exactly: the batch and the loss (alive anyway, or a scalar); a
+# layer's output or gradient is only flagged (see Collector)
+COUNTED_KINDS = ("input", "target", "loss")
+
+
+def counted_exactly(matrix, kinds, counted):
+    """In-graph, on the step where a detector fired (the record's branch): ``matrix`` with exact NaN/Inf
+    counts for the rows of :data:`COUNTED_KINDS` (``kinds``: each row's kind; ``counted``: each row's tensor
+    whose NaN/Inf are counted, or None)."""
+    rows = [i for i, (k, t) in enumerate(zip(kinds, counted)) if k in COUNTED_KINDS and t is not None]
+    if not rows:
+        return matrix
+    pairs = [nonfinite_counts(counted[i]) for i in rows]
+    counts = tf.stack([tf.stack([tf.cast(a, tf.float32), tf.cast(b, tf.float32)]) for a, b in pairs])
+    index = [[i, COL[c]] for i in rows for c in ("nan", "inf")]
+    return tf.tensor_scatter_nd_update(matrix, tf.constant(index, tf.int32), tf.reshape(counts, [-1]))
+
+
+def uncounted(matrix, kinds):
+    """A step's own matrix (NumPy), read on the host after it was applied: the ``nan`` and ``inf`` columns of
+    a layer's rows are flags (1: the row's sum was NaN, or infinite), not counts, so they are marked ``-1``
+    ("present, not counted"); :func:`count` reads them. The rows of :data:`COUNTED_KINDS` were counted
+    (:func:`counted_exactly`); a held step is measured again in full, with exact counts."""
     out = np.array(matrix, dtype=np.float32, copy=True)
+    flagged = np.array([k not in COUNTED_KINDS for k in kinds], dtype=bool)
     for c in ("nan", "inf"):
-        out[:, COL[c]] = -np.abs(out[:, COL[c]])
+        out[flagged, COL[c]] = -np.abs(out[flagged, COL[c]])
     return out
 
 

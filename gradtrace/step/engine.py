@@ -181,7 +181,7 @@ class Engine:
         ctx, data = start(self, variant, data, body, reports_fired)
         with ctx.trace.active(ctx):
             logs = self.model_train_step(data) if body is None else body()
-        logs = self._finish_logs(ctx, logs)
+        logs = finish_logs(self, ctx, logs)
         fired = None
         if ctx.reports_fired and ctx.updates and ctx.plan.mode == "train":
             fired = tf.reduce_any(tf.stack([u.record.any.read_value() for u in ctx.updates]))
@@ -190,36 +190,6 @@ class Engine:
         if fired is not None and isinstance(logs, dict):
             logs = dict(logs)
             logs[FIRED] = fired
-        return logs
-
-    def _finish_logs(self, ctx, logs):
-        """After the step's body: the metric accumulators put back where the step was held (after its logs
-        were read), the statistics handed back (a step that returns them), the records written."""
-        plan = ctx.plan
-
-        def restore_metrics():
-            return gate.restored(ctx.metric_vars, ctx.saved_metrics)
-
-        if not ctx.updates:  # the step applied no update gradtrace could see: nothing was watched
-            if ctx.metric_vars and plan.mode == "force":  # a redo held for its replaced ids
-                tf.cond(ctx.held, restore_metrics, lambda: tf.constant(False))
-            if self.model.trainable_weights and plan.mode == "train":
-                self.warn_once("no_update", f"{type(self.model).__name__}.train_step applied no update through an "
-                               f"optimizer gradtrace sees ({', '.join(self.optimizer_names) or 'none'}), so nothing "
-                               "in it was checked; it trains exactly as under model.fit. Use the model's optimizers "
-                               "(attributes of the model) with apply_gradients or apply to have it watched.")
-            return logs
-        if plan.returns_result:
-            restore_metrics()
-            logs = dict(logs) if isinstance(logs, dict) else {"outputs": logs}  # your own step's outputs
-            logs[KEY] = [u.output(ctx.step) for u in ctx.updates]
-            return logs
-        if ctx.metric_vars:  # a held step leaves the metric accumulators as they were (after its logs were read)
-            tf.cond(ctx.held, restore_metrics, lambda: tf.constant(False))
-        if plan.mode == "train":
-            for u in ctx.updates:
-                u.record.write(u, ctx.step, logs, ctx.data, ctx.stopping, plan.every_statistic, plan.traced,
-                               self.keep_history)
         return logs
 
     # -- the hooked optimizer update -------------------------------------------------------------
@@ -284,7 +254,7 @@ class Engine:
         segment.layout = Layout(table, tuple(detectors), None if columns is None else frozenset(columns),
                                 histogram_rows)
         update = GatedUpdate(table, matrix, fired_m, values_m, tf.reduce_any(fired_m, axis=1), collector.faults,
-                             histograms)
+                             collector.counted_exactly, histograms)
         if plan.mode == "train":
             update.record = records.record_for(segment, update, ctx, keep_batch=self.keep_batch)
         return update
@@ -305,3 +275,34 @@ def run_checks(detectors, view, rows):
         fired.append(tf.cast(tf.reshape(f, [rows]), tf.bool))
         values.append(tf.cast(tf.reshape(v, [rows]), tf.float32))
     return tf.stack(fired), tf.stack(values)
+
+
+def finish_logs(engine, ctx, logs):
+    """After the step's body: the metric accumulators put back where the step was held (after its logs
+    were read), the statistics handed back (a step that returns them), the records written."""
+    plan = ctx.plan
+
+    def restore_metrics():
+        return gate.restored(ctx.metric_vars, ctx.saved_metrics)
+
+    if not ctx.updates:  # the step applied no update gradtrace could see: nothing was watched
+        if ctx.metric_vars and plan.mode == "force":  # a redo held for its replaced ids
+            tf.cond(ctx.held, restore_metrics, lambda: tf.constant(False))
+        if engine.model.trainable_weights and plan.mode == "train":
+            engine.warn_once("no_update", f"{type(engine.model).__name__}.train_step applied no update through an "
+                           f"optimizer gradtrace sees ({', '.join(engine.optimizer_names) or 'none'}), so nothing "
+                           "in it was checked; it trains exactly as under model.fit. Use the model's optimizers "
+                           "(attributes of the model) with apply_gradients or apply to have it watched.")
+        return logs
+    if plan.returns_result:
+        restore_metrics()
+        logs = dict(logs) if isinstance(logs, dict) else {"outputs": logs}  # your own step's outputs
+        logs[KEY] = [u.output(ctx.step) for u in ctx.updates]
+        return logs
+    if ctx.metric_vars:  # a held step leaves the metric accumulators as they were (after its logs were read)
+        tf.cond(ctx.held, restore_metrics, lambda: tf.constant(False))
+    if plan.mode == "train":
+        for u in ctx.updates:
+            u.record.write(u, ctx.step, logs, ctx.data, ctx.stopping, plan.every_statistic, plan.traced,
+                           engine.keep_history)
+    return logs

@@ -86,6 +86,7 @@ class GatedUpdate:
     values: object  # [detectors, rows]
     per_detector: object  # [detectors]
     faults: object  # [replicas, rows] or None
+    exact_counts: object  # matrix -> the matrix with the batch's and the loss's exact NaN/Inf counts (the record's)
     histograms: object = None
     committed: object = None
     record: object = None

@@ -90,7 +90,8 @@ class Record:
         def fill():
             self.fired.assign(update.fired)
             self.values.assign(update.values)
-            self.stats.assign(update.matrix)  # (nan/inf: flags unless every_statistic; see findings)
+            # nan/inf: exact in the batch and the loss, flags in a layer's tensors (see gradtrace.stats)
+            self.stats.assign(update.matrix if every_statistic else update.exact_counts(update.matrix))
             self.step.assign(step)
             self.committed.assign(update.committed)
             if self.faults is not None:
