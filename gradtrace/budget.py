@@ -28,10 +28,10 @@ last ``WINDOW`` such pairs), so that the machine's load, which drifts, cancels
 out of each pair. The first ``UNTIMED`` calls of each kind are not timed (the
 first traces and compiles, the second still warms up). The warm-up: traced and guarded calls in
 turn (the first call traced) until each has ``WARMUP`` timings; then the
-*calibration*, guarded and plain calls in the order :data:`CALIBRATION` (each
-meets the other in both orders, away from traced calls, after which a call runs
-a little slower) until the plain step has ``2 * WARMUP`` timings: about 30
-calls in all. After the calibration the plain step is not
+*calibration*, runs of ``BLOCK`` plain and ``BLOCK`` guarded calls in turn
+(:data:`CALIBRATION`; a call right after the other step's runs a little slower,
+so each run's median is compared with the next run's, in both orders) until the
+plain step has ``2 * WARMUP`` timings: about 40 calls in all. After the calibration the plain step is not
 run again (the guard ratio is the calibration's), and at an interval of 1 one
 call in ``WINDOW`` is still guarded, so that there are pairs to measure.
 gradtrace's host work after a call (periodic checks, the history's drain) is
@@ -61,7 +61,8 @@ KINDS = ("traced", "guarded", "plain")
 UNTIMED = 2  # the first calls of each kind are not timed: the first compiles, the second still warms up
 # the calibration's order: guarded and plain meet in both orders, and away from traced calls, which leave the
 # next call a little slower
-CALIBRATION = ("guarded", "plain", "plain", "guarded")
+BLOCK = 4  # calls of one kind in a row in the calibration: a call right after the other step's runs slower
+CALIBRATION = ("plain",) * BLOCK + ("guarded",) * BLOCK
 
 
 def check_overhead(overhead, longest_gap):
@@ -89,7 +90,7 @@ class Budget:
         self.host = {"traced": deque(maxlen=WINDOW), "guarded": deque(maxlen=4 * WINDOW)}
         self.times = {k: deque(maxlen=WINDOW) for k in KINDS}
         self.recent = deque(maxlen=4 * WINDOW)  # (kind, seconds per step) of the timed calls, in order
-        self.reference = deque(maxlen=2 * WINDOW)  # guarded / plain time of adjacent calls (the warm-up's)
+        self.blocks = []  # the calibration's runs of one kind: [kind, [seconds per step, ...]]
         self.kind_calls = {k: 0 for k in KINDS}
         self.interval = 1
         self.since_traced = 0  # calls since the last traced one
@@ -140,13 +141,21 @@ class Budget:
         per_step = seconds / max(int(steps), 1)
         calibrating = self.calibrating()  # (the reference is the calibration's: fixed once it is over)
         self.times[kind].append(per_step)
-        last = self.recent[-1] if self.recent else None
-        if calibrating and last is not None and {kind, last[0]} == {"guarded", "plain"}:
-            mine = {kind: per_step, last[0]: last[1]}
-            self.reference.append(mine["guarded"] / max(mine["plain"], 1e-12))
+        if calibrating and self._calibration is not None:
+            if not self.blocks or self.blocks[-1][0] != kind:
+                self.blocks.append([kind, []])
+            self.blocks[-1][1].append(per_step)
         self.recent.append((kind, per_step))
         if not self.warming_up():
             self.interval = self.choose()
+
+    @property
+    def reference(self) -> list:
+        """The calibration's guarded / plain ratios: the median of each block over the median of the block
+        of the other kind next to it (both orders)."""
+        medians = [(k, float(np.median(t))) for k, t in self.blocks if t]
+        return [(a[1] / max(b[1], 1e-12)) if a[0] == "guarded" else (b[1] / max(a[1], 1e-12))
+                for a, b in zip(medians, medians[1:]) if {a[0], b[0]} == {"guarded", "plain"}]
 
     def observe_host(self, kind, seconds, steps=1):
         """gradtrace's host work after a watched call of ``kind`` (periodic checks, the history's drain) took
@@ -164,7 +173,7 @@ class Budget:
         if not self.times[a] or not self.times[b]:
             return None
         if (a, b) == ("guarded", "plain"):
-            ratios = list(self.reference)
+            ratios = self.reference
         else:
             items = list(self.recent)
             ratios = [(x[1] / max(y[1], 1e-12)) if x[0] == a else (y[1] / max(x[1], 1e-12))
@@ -229,8 +238,8 @@ class Budget:
                    "variable": ""}.get(self.guard, "")
         free = "" if self.guard is None else "guard=None (nothing held: findings are reported at their step), "
         return (f"overhead={self.overhead:g} cannot be kept on this model: the guarded step alone costs "
-                f"{g:.2f}x model.fit's own step (guard={self.guard!r}; the median of {len(self.reference)} adjacent "
-                f"pairs in the first calls, with gradtrace's host work). gradtrace goes on guarding every step and "
+                f"{g:.2f}x model.fit's own step (guard={self.guard!r}; measured in the first calls, in runs of "
+                f"{BLOCK} of each, with gradtrace's host work). gradtrace goes on guarding every step and "
                 f"traces one step in {self.interval} (trace_at_least_every), about {whole:.2f}x in all. For less: "
                 f"{cheaper}{free}or a larger overhead=.")
 
