@@ -70,7 +70,7 @@ def check_overhead(overhead, longest_gap):
     if overhead is not None and (isinstance(overhead, bool) or not isinstance(overhead, (int, float, np.floating))
                                  or not 0.0 < float(overhead) <= 1.0):
         raise ValueError(f"overhead={overhead!r} is not allowed: it must be a number in (0, 1], the share of the "
-                         "step time tracing may add (0.05: at most 5%), or None to trace every step.")
+                         "time of model.fit's step gradtrace may add (0.05: at most 5%), or None to trace every step.")
     if isinstance(longest_gap, bool) or not isinstance(longest_gap, (int, np.integer)) or longest_gap < 1:
         raise ValueError(f"trace_at_least_every={longest_gap!r} is not allowed: it must be an integer >= 1 (the "
                          "most steps between two traced steps under an overhead budget).")
@@ -85,7 +85,6 @@ class Budget:
         self.overhead = float(overhead)
         self.longest_gap = int(longest_gap)
         self.guard = guard
-        self.kinds = KINDS
         # gradtrace's host seconds per step after each watched call, by kind (the drain follows traced calls)
         self.host = {"traced": deque(maxlen=WINDOW), "guarded": deque(maxlen=4 * WINDOW)}
         self.times = {k: deque(maxlen=WINDOW) for k in KINDS}
@@ -232,16 +231,19 @@ class Budget:
             return None
         self._said = True
         g, whole = 1.0 + self.guard_cost, self.expected()
-        cheaper = {"step": "guard='variable' (each variable's update waits only for its own gradient's check: "
-                           "no NaN/Inf ever enters a weight or slot, but a step that holds one variable updates the "
-                           "others), ",
-                   "variable": ""}.get(self.guard, "")
-        free = "" if self.guard is None else "guard=None (nothing held: findings are reported at their step), "
+        choices = []
+        if self.guard == "step":
+            choices.append("guard='variable' (each variable's update waits only for its own gradient's check: no "
+                           "NaN/Inf ever enters a weight or slot, but a step that holds one variable updates the "
+                           "others)")
+        if self.guard is not None:
+            choices.append("guard=None (nothing held: findings are reported at their step)")
+        choices.append("a larger overhead=" if choices else "a larger overhead= (the checks alone cost this much)")
         return (f"overhead={self.overhead:g} cannot be kept on this model: the guarded step alone costs "
                 f"{g:.2f}x model.fit's own step (guard={self.guard!r}; measured in the first calls, in runs of "
                 f"{BLOCK} of each, with gradtrace's host work). gradtrace goes on guarding every step and "
                 f"traces one step in {self.interval} (trace_at_least_every), about {whole:.2f}x in all. For less: "
-                f"{cheaper}{free}or a larger overhead=.")
+                + ", or ".join(choices) + ".")
 
     def summary(self) -> dict:
         """The budget, the interval it chose last, the traced step's and the guard's measured extra cost,

@@ -90,6 +90,10 @@ def test_the_guard_is_counted_and_a_budget_it_exceeds_is_said_once():
     b = Budget(0.05, guard="variable")
     _feed(b, 2.6, 1.3, WARM, plain_s=1.0)
     assert "(each variable" not in b.verdict()  # the cheaper guard is the one in use
+    b = Budget(0.05, guard=None)  # no detector holds anything: the checks alone cost 30%
+    _feed(b, 2.6, 1.3, WARM, plain_s=1.0)
+    said = b.verdict()
+    assert "guard=None" in said and "guard=None (" not in said and "the checks alone cost this much" in said
 
 
 @pytest.mark.parametrize("bad, match", [
