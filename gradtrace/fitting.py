@@ -129,11 +129,11 @@ def fit(
       every weight gradient for NaN/Inf, and one that refuses an update is
       traced again, uncommitted, to name its layer.
     - ``overhead``: a budget instead of ``trace_every``: gradtrace times its traced
-      and its guarded steps while training and traces as often as keeps the
-      traced steps' extra time within this share of the step time (0.05: 5%),
+      and guarded steps against model.fit's and traces as often as keeps its
+      whole extra time within this share of model.fit's step (0.05: 5%),
       and at least every ``trace_at_least_every`` steps (default 100). Every
-      step still checks the loss and every weight gradient for NaN/Inf
-      (see :mod:`gradtrace.budget`).
+      step checks the loss and every weight gradient for NaN/Inf, but for
+      the 10 model.fit steps its calibration times (see :mod:`gradtrace.budget`).
     - ``guard``: ``"step"`` (default), ``"variable"`` or ``None``: see :mod:`gradtrace.step.gate`.
     - ``tensorboard_dir``: write per-layer scalars and histograms there every
       ``tensorboard_every`` steps (default 100), and each anomaly as a text
