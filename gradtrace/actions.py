@@ -91,7 +91,8 @@ def act(run, found, record, data=None, dist_data=None, stage="step", more_record
             from gradtrace.reporting import format_report
 
             table = format_report(run, steps=[record.step]) if stage == "step" else ""
-            print(f"gradtrace: halted at step {record.step}; {stopped_how(stage, record.epoch, run.engine.guard)}.\n" + table,
+            how = stopped_how(stage, record.epoch, run.engine.guard)
+            print(f"gradtrace: halted at step {record.step}; {how}.\n" + table,
                   flush=True)
     return None
 

@@ -53,7 +53,8 @@ def layer_table(table, matrix, blamed=(), columns=None) -> str:
         gnorm = col(g[0], "norm") if g else None
         wnorm = math.sqrt(sum(col(x, "norm") ** 2 for x in w)) if w and col(w[0], "norm") is not None else None
         flags = []
-        bad = [x for rows in entry.values() for x in rows if matrix[x.index][COL["nan"]] != 0 or matrix[x.index][COL["inf"]] != 0]
+        bad = [x for rows in entry.values() for x in rows
+               if matrix[x.index][COL["nan"]] != 0 or matrix[x.index][COL["inf"]] != 0]
         if bad:
             flags.append("non-finite:" + ",".join(sorted({x.kind for x in bad})))
         source = getattr(table, "derived", {}).get(r.index)

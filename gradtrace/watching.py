@@ -22,8 +22,8 @@ class Watch(keras.callbacks.Callback):
 
     Takes the options of :func:`gradtrace.fit` (``detectors``, ``on_anomaly``,
     ``snapshot_dir``, ``trace_every``, ``max_snapshots``, ``tensorboard_dir``,
-    ``tensorboard_every``, ``overhead``, ``trace_at_least_every``, ``verify_hints``, ``guard``) and gives the same detection,
-    halting, anomalies and
+    ``tensorboard_every``, ``overhead``, ``trace_at_least_every``, ``verify_hints``, ``guard``) and gives the
+    same detection, halting, anomalies and
     report: ``watch.anomalies``, ``watch.run`` (for :func:`gradtrace.report`), and
     ``history.anomalies`` / ``history.gradtrace`` on the History of the fit.
 

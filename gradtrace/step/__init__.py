@@ -54,5 +54,5 @@ from gradtrace.step.plan import (
     Variant,
 )
 
-__all__ = ["DETECTOR_SCOPE", "FIRED", "INSPECT", "KEY", "STOPPING", "PLAIN", "TRACED", "UNTRACED", "Engine", "GatedUpdate",
-           "Layout", "Plan", "Segment", "StepContext", "StepOutput", "Variant"]
+__all__ = ["DETECTOR_SCOPE", "FIRED", "INSPECT", "KEY", "STOPPING", "PLAIN", "TRACED", "UNTRACED", "Engine",
+           "GatedUpdate", "Layout", "Plan", "Segment", "StepContext", "StepOutput", "Variant"]
