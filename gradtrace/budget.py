@@ -98,6 +98,7 @@ class Budget:
         self.traced_calls = 0
         self._said = False
         self._calibration = None  # the call the calibration started at
+        self._reference = None  # the calibration's ratios, once it is over
 
     def calibrating(self) -> bool:
         """The plain step's timings are still being taken (beside the guarded step's)."""
@@ -122,13 +123,9 @@ class Budget:
             return "guarded"
         return "traced" if self.since_traced + 1 >= self.interval else "guarded"
 
-    def trace_next(self) -> bool:
-        return self.next_kind() == "traced"
-
     def observe(self, kind, seconds, steps=1):
-        """A call of kind ``kind`` (a bool: traced or guarded) ran ``steps`` steps in ``seconds`` (``None``:
-        not timed, e.g. a finding was handled during it)."""
-        kind = {True: "traced", False: "guarded"}.get(kind, kind) if isinstance(kind, bool) else kind
+        """A call of kind ``kind`` ran ``steps`` steps in ``seconds`` (``None``: not timed, e.g. a finding was
+        handled during it)."""
         self.calls += 1
         self.kind_calls[kind] += 1
         self.traced_calls += kind == "traced"
@@ -151,10 +148,15 @@ class Budget:
     @property
     def reference(self) -> list:
         """The calibration's guarded / plain ratios: the median of each block over the median of the block
-        of the other kind next to it (both orders)."""
+        of the other kind next to it (both orders); worked out once, when the calibration is over."""
+        if self._reference is not None:
+            return self._reference
         medians = [(k, float(np.median(t))) for k, t in self.blocks if t]
-        return [(a[1] / max(b[1], 1e-12)) if a[0] == "guarded" else (b[1] / max(a[1], 1e-12))
-                for a, b in zip(medians, medians[1:]) if {a[0], b[0]} == {"guarded", "plain"}]
+        ratios = [(a[1] / max(b[1], 1e-12)) if a[0] == "guarded" else (b[1] / max(a[1], 1e-12))
+                  for a, b in zip(medians, medians[1:]) if {a[0], b[0]} == {"guarded", "plain"}]
+        if not self.calibrating():
+            self._reference = ratios
+        return ratios
 
     def observe_host(self, kind, seconds, steps=1):
         """gradtrace's host work after a watched call of ``kind`` (periodic checks, the history's drain) took

@@ -62,7 +62,7 @@ def read(run, variant, segments, complete=False) -> Optional[Findings]:
         columns = None if complete else seg.columns
         if not complete:
             # a layer's NaN/Inf are flags, not counts (a held step is measured again below)
-            matrix = st.uncounted(matrix, [r.kind for r in seg.table.rows])
+            matrix = st.uncounted(matrix, [r.kind for r in seg.table.rows], replicas=faults is not None)
         if not complete and not committed and out.dist_data is not None:
             # The step was held, so its pre-step state is intact: measure everything (exact
             # NaN/Inf counts, std, min, max, weights) by running it again, committing nothing.

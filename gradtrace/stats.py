@@ -649,13 +649,14 @@ def counted_exactly(matrix, kinds, counted):
     return tf.tensor_scatter_nd_update(matrix, tf.constant(index, tf.int32), tf.reshape(counts, [-1]))
 
 
-def uncounted(matrix, kinds):
+def uncounted(matrix, kinds, replicas=False):
     """A step's own matrix (NumPy), read on the host after it was applied: the ``nan`` and ``inf`` columns of
     a layer's rows are flags (1: the row's sum was NaN, or infinite), not counts, so they are marked ``-1``
     ("present, not counted"); :func:`count` reads them. The rows of :data:`COUNTED_KINDS` were counted
-    (:func:`counted_exactly`); a held step is measured again in full, with exact counts."""
+    (:func:`counted_exactly`), except under a strategy (``replicas``); a held step is measured again in full,
+    with exact counts."""
     out = np.array(matrix, dtype=np.float32, copy=True)
-    flagged = np.array([k not in COUNTED_KINDS for k in kinds], dtype=bool)
+    flagged = np.array([replicas or k not in COUNTED_KINDS for k in kinds], dtype=bool)
     for c in ("nan", "inf"):
         out[flagged, COL[c]] = -np.abs(out[flagged, COL[c]])
     return out

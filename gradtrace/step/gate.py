@@ -100,14 +100,16 @@ def guard_for(guard, optimizer, warn_once):
 
 def per_variable(ctx, optimizer, original, grads, variables, hold):
     """``guard="variable"``: the optimizer's ``update_step`` of each variable runs only if the gradient it is
-    given (after Keras' clipping) is free of NaN/Inf and ``hold`` is False; returns whether every variable
+    given (after Keras' clipping) has a finite sum (no NaN/Inf) and ``hold`` is False; returns whether every variable
     was updated. When one was not, the rollback variables (BatchNorm statistics) get their saved values
     back: the forward pass that made them is the one that went wrong."""
     inner = optimizer.update_step
     oks = []
 
     def update_step(gradient, variable, learning_rate):
-        ok = tf.logical_and(all_finite([gradient]), tf.logical_not(hold))
+        # one reduction: a tensor holding a NaN or an Inf always has a non-finite sum
+        values = gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+        ok = tf.logical_and(tf.math.is_finite(tf.reduce_sum(values)), tf.logical_not(hold))
         oks.append(ok)
 
         def update():
