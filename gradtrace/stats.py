@@ -149,9 +149,12 @@ class StatsView:
     """What a detector's in-graph check sees: columns of the packed matrix, by name."""
 
     def __init__(self, table: Table, matrix, step=None, ids=None, loss_scaled=False, alive=None,
-                 unit_rows=(), examples=None, lookups=None):
+                 unit_rows=(), examples=None, lookups=None, columns=None):
         self.table = table
         self.matrix = matrix
+        # {column: [rows]}, each made only of what it needs (Collector.columns): a check that reads the
+        # ``nan`` column waits for the rows' sums, not for every statistic; None: read off ``matrix``
+        self.columns = columns
         self.step = step
         # per-unit activity of ReLU-family outputs (when "dead_frac" is computed): ``alive`` is a
         # [units] 0/1 vector, 1 where the unit was non-zero somewhere in the (global) batch, in the
@@ -169,6 +172,8 @@ class StatsView:
         self._batches = {}  # row indices -> their LookupBatch (lookup_batch)
 
     def __getitem__(self, name):
+        if self.columns is not None:
+            return self.columns[name]
         return self.matrix[:, COL[name]]
 
     def lookup_batch(self, index=None):
@@ -266,6 +271,7 @@ def ids_stats(ids, input_dim):
 
 
 _IDS_LIMIT = np.iinfo(np.int64).max
+IDS_BASE = ("min", "max", "size", "bad", "bad_value", "bad_index")  # what ids_block measures
 
 
 def ids_block(items):
@@ -322,11 +328,13 @@ def nonfinite_counts(t):
 
 
 def derive(base, nan=None, inf=None, update_ratio=None):
-    """Turn a ``[rows, len(BASE)]`` matrix of base quantities into the ``[rows, columns]`` statistics."""
-    b = {k: base[:, i] for i, k in enumerate(BASE)}
+    """The statistics columns (``{column: [rows]}``) from the base quantities (``{name: [rows]}``, or a
+    ``[rows, len(BASE)]`` matrix). Each column depends only on the base quantities it is made of, so a
+    detector that reads ``nan`` waits for the rows' sums, not for every statistic."""
+    b = base if isinstance(base, dict) else {k: base[:, i] for i, k in enumerate(BASE)}
     n = tf.maximum(b["size"], 1.0)
     zero = tf.zeros_like(b["s"])
-    cols = {
+    return {
         "mean": b["s"] / n,
         "std": tf.sqrt(tf.maximum(b["sqdev"], 0.0) / n),
         "min": b["min"],
@@ -343,7 +351,28 @@ def derive(base, nan=None, inf=None, update_ratio=None):
         "bad_index": b["bad_index"],
         "saturated": b["saturated"],
     }
-    return tf.stack([cols[c] for c in COLUMNS], axis=1)
+
+
+def packed(columns):
+    """``{column: [rows]}`` as the ``[rows, len(COLUMNS)]`` matrix."""
+    return tf.stack([columns[c] for c in COLUMNS], axis=1)
+
+
+def _stitch(blocks, indices, rows):
+    """``{name: [rows]}`` from blocks (``{name: [len(ix)]}``) of the rows ``indices``: a quantity no block has
+    is 0 in every row; one that some blocks have is 0 in the others' rows."""
+    positions = [tf.constant(ix, tf.int32) for ix in indices]
+    out = {}
+    for name in BASE:
+        parts = [b.get(name) for b in blocks]
+        out[name] = tf.zeros([rows], tf.float32) if all(p is None for p in parts) else tf.dynamic_stitch(
+            positions, [tf.zeros([len(ix)]) if p is None else p for p, ix in zip(parts, indices)])
+    return out
+
+
+def _split(block, names=BASE):
+    """A ``[rows, len(BASE)]`` block as ``{name: [rows]}`` (only ``names``: the others are 0)."""
+    return {name: block[:, _B[name]] for name in names}
 
 
 _SAME = object()
@@ -381,26 +410,18 @@ ALL_BASE = frozenset(BASE)
 class Collector:
     """Collects the rows of one step and computes all their statistics at once.
 
-    ``add`` registers a row with either a float tensor (its statistics are
-    computed) or a dict of ready-made values (Embedding ids). ``build``
-    returns the :class:`Table` and the packed ``[rows, columns]`` matrix.
+    ``add`` registers a row with a float tensor (its statistics are computed) or ready-made values
+    (Embedding ids); ``build`` returns the :class:`Table` and the packed ``[rows, columns]`` matrix, and
+    keeps :attr:`columns` (``{column: [rows]}``, each made only of its own base quantities).
 
-    Cost per step is what matters here (a deep model has hundreds of rows):
-    each tensor costs one ``reduce_sum``, plus one reduction per further
-    quantity a detector needs (``l2_loss`` for norms, the per-unit maximum for
-    dead ReLUs, ...); the rows are then assembled one
-    column at a time, and there is no ``tf.cond`` (a cond costs about as much
-    as the ops of its branches, taken or not). So when only some statistics
-    are needed, ``nan`` and ``inf`` are flags read off the tensor's sum (1 if
-    the sum is NaN, or infinite; a tensor holding a NaN or an Inf always has a
-    non-finite sum). With every statistic (``needs=ALL_BASE``: the step that
-    gets reported, TensorBoard summary steps, replay) they are exact counts.
-    (Counting them in a layer's tensors on the step where a detector fired
-    would keep every captured tensor alive until the detectors decide:
-    measured 0.09x of a deep MLP's step and 0.13x of a CNN's. So the record
-    counts them exactly in the batch and the loss only; a held step is
-    counted in full when it is measured again, and an applied one reports a
-    layer's flags as uncounted.)
+    Cost per step is what matters (a deep model has hundreds of rows): each tensor costs one ``reduce_sum``,
+    plus one reduction per further quantity a detector needs (``l2_loss`` for norms, the per-unit maximum
+    for dead ReLUs, ...), assembled one column at a time, with no ``tf.cond``. So unless every statistic is
+    asked for (a reported step, TensorBoard summaries, replay: exact counts), ``nan`` and ``inf`` are flags
+    read off the tensor's sum (a tensor holding a NaN or an Inf always has a non-finite sum). Counting them
+    in a layer's tensors where a detector fired would keep every captured tensor alive until the detectors
+    decide (measured: 0.09x of a deep MLP's step, 0.13x of a CNN's), so the record counts them exactly in
+    the batch and the loss only; a held step is counted in full when it is measured again.
     """
 
     def __init__(self):
@@ -457,10 +478,13 @@ class Collector:
         self.faults = None
         if not self.rows:
             empty = tf.zeros([0, len(COLUMNS)], tf.float32)
+            self.columns = {c: tf.zeros([0], tf.float32) for c in COLUMNS}
             return table, empty, lambda: empty
-        matrix, self.faults = self._finish(self._local(needs))
+        self.columns, self.faults = self._finish(self._local(needs))
+        matrix = packed(self.columns)
         table.derived = dict(self.derived)
-        return table, matrix, (lambda: matrix) if needs >= ALL_BASE else (lambda: self._finish(self._local(ALL_BASE))[0])
+        return table, matrix, (lambda: matrix) if needs >= ALL_BASE else (
+            lambda: packed(self._finish(self._local(ALL_BASE))[0]))
 
     def counted_exactly(self, matrix):
         """:func:`counted_exactly` on this step (under a strategy the flags stay: counts would cross replicas)."""
@@ -468,7 +492,8 @@ class Collector:
                                                                            self._counted)
 
     def _local(self, which):
-        """This replica's ``(base [rows, len(BASE)], nan [rows], inf [rows], alive [units])``."""
+        """This replica's ``(base {name: [rows]}, nan [rows], inf [rows], alive [units])``: each base quantity
+        stitched from its own sources (a column waits only for what it is made of)."""
         full = which >= ALL_BASE
         counted = list(self._counted)
         tensor_rows, value_rows, zero_rows, ids_rows = [], [], [], []
@@ -487,21 +512,21 @@ class Collector:
                 tensor = counted[i] = tensor()
             tensor_rows.append((i, tensor, relu, activation))
 
-        indices, blocks, alive = [], [], []
+        indices, blocks, alive = [], [], None  # blocks: {name: [rows of the block]}
         if tensor_rows:
             block, alive = self._tensor_block(tensor_rows, which)
             indices.append([i for i, *_ in tensor_rows])
             blocks.append(block)
         if value_rows:
             indices.append([i for i, _ in value_rows])
-            blocks.append(tf.stack([v for _, v in value_rows]))
+            blocks.append(_split(tf.stack([v for _, v in value_rows])))
         if ids_rows:
             indices.append([i for i, _ in ids_rows])
-            blocks.append(ids_block([(v.ids, v.input_dim) for _, v in ids_rows]))
+            blocks.append(_split(ids_block([(v.ids, v.input_dim) for _, v in ids_rows]), IDS_BASE))
         if zero_rows:
             indices.append(zero_rows)
-            blocks.append(tf.zeros([len(zero_rows), len(BASE)], tf.float32))
-        base = tf.dynamic_stitch([tf.constant(ix, tf.int32) for ix in indices], blocks)
+            blocks.append({})
+        base = _stitch(blocks, indices, len(self.rows))
 
         has_counted = np.array([t is not None for t in counted])
         if full:
@@ -509,7 +534,7 @@ class Collector:
             nan = tf.stack([tf.cast(a, tf.float32) for a, _ in pairs])
             inf = tf.stack([tf.cast(b, tf.float32) for _, b in pairs])
         else:
-            s = base[:, _B["s"]]
+            s = base["s"]
             keep = tf.constant(has_counted)
             nan = tf.where(keep & tf.math.is_nan(s), 1.0, 0.0)
             inf = tf.where(keep & tf.math.is_inf(s), 1.0, 0.0)
@@ -531,16 +556,18 @@ class Collector:
                 self._always[i] = self._always.get(i, frozenset()) | extra
         block, alive = self._computed_block([items[k] for k in computed], which)
         position = {k: p for p, k in enumerate(computed)}
-        gather = [position[sources.get(k, k)] for k in range(len(items))]
-        block = tf.gather(block, gather)
+        gather = tf.constant([position[sources.get(k, k)] for k in range(len(items))], tf.int32)
+        out = {name: tf.gather(v, gather) for name, v in block.items()}
         # what depends on the row's own activation and units (derived rows have neither) stays 0
-        own = np.zeros([len(items), len(BASE)], bool)
-        own[list(sources), _B["dead_frac"]] = True
-        own[list(sources), _B["saturated"]] = True
-        return tf.where(tf.constant(own), 0.0, block), alive
+        own = np.zeros([len(items)], bool)
+        own[list(sources)] = True
+        for name in ("dead_frac", "saturated"):
+            if name in out:
+                out[name] = tf.where(tf.constant(own), 0.0, out[name])
+        return out, alive
 
     def _computed_block(self, items, which):
-        """``[len(items), len(BASE)]`` for tensor rows, one column (one stack) at a time."""
+        """``{name: [len(items)]}`` for tensor rows, one column (one stack) at a time."""
         zero = tf.constant(0.0)
         cols = {name: [] for name in BASE}
         units, unit_rows = [], []
@@ -577,28 +604,28 @@ class Collector:
             alive = tf.cast(tf.concat(units, 0) > 0, tf.float32)
             if "dead_frac" in which:
                 columns["dead_frac"] = dead_fractions(1.0 - alive, unit_rows, count)
-        zeros = tf.zeros([count], tf.float32)
-        block = tf.stack([columns.get(name, zeros) for name in BASE], axis=1)
-        return block, alive
+        return columns, alive
 
     def _finish(self, local):
-        """Combine across replicas (if any) and derive the ``[rows, columns]`` matrix."""
+        """Combine across replicas (if any) and derive the statistics: ``({column: [rows]}, faults)``."""
         base, nan, inf, alive = local
         faults = None
         # [units] of the ReLU-family rows (``unit_rows``): 1 where the unit fired in the batch; None when
         # the step did not compute them (no detector reads dead units)
         self.alive = alive if alive.shape.rank == 1 and alive.shape[0] != 0 else None
         if self._replicas is not None:
-            gathered, alive_total = self._replicas.gather(tf.concat([base, nan[:, None], inf[:, None]], 1), alive)
+            local_matrix = tf.stack([base[k] for k in BASE] + [nan, inf], axis=1)
+            gathered, alive_total = self._replicas.gather(local_matrix, alive)
             base, nan, inf, faults = combine(gathered, alive_total, self.unit_rows(),
                                                # weights are the same on every replica: taken from replica 0
                                                np.array([r.kind == "weight" for r in self.rows], dtype=bool))
+            base = _split(base)
             self.alive = None if self.alive is None else tf.cast(alive_total > 0, tf.float32)
         ratio = None
         if self._ratios and self._lr is not None:
             g_idx = [g for g, _ in self._ratios]
             w_idx = [w for _, w in self._ratios]
-            norms = tf.sqrt(base[:, _B["ss"]])
+            norms = tf.sqrt(base["ss"])
             w_norms = tf.gather(norms, w_idx)  # 0 where a light weight row was not measured
             values = tf.where(w_norms > 0, self._lr * tf.gather(norms, g_idx) / (w_norms + 1e-12), 0.0)
             ratio = tf.scatter_nd(tf.constant(g_idx, tf.int32)[:, None], values, [len(self.rows)])

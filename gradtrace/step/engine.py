@@ -244,8 +244,8 @@ class Engine:
                             loss_scaled=isinstance(optimizer, keras.optimizers.LossScaleOptimizer),
                             lookups=collector.lookups, alive=collector.alive,
                             unit_rows=collector.unit_rows() if collector.alive is not None else [],
-                            examples=tf.cast(examples, tf.float32))
-        fired_m, values_m = run_checks(detectors, view, len(table))
+                            examples=tf.cast(examples, tf.float32), columns=collector.columns)
+        fired_m, values_m, fired = run_checks(detectors, view, len(table))
         histogram_rows = histograms = None
         if plan.summary_bins:
             histogram_rows, histograms = collector.histograms(matrix, ("output", "gradient"), plan.summary_bins)
@@ -254,17 +254,19 @@ class Engine:
         segment.layout = Layout(table, tuple(detectors), None if columns is None else frozenset(columns),
                                 histogram_rows)
         update = GatedUpdate(table, matrix, fired_m, values_m, tf.reduce_any(fired_m, axis=1), collector.faults,
-                             collector.counted_exactly, histograms)
+                             collector.counted_exactly, histograms, blocks=blocks(fired, ctx.blocking))
         if plan.mode == "train":
             update.record = records.record_for(segment, update, ctx, keep_batch=self.keep_batch)
         return update
 
 
 def run_checks(detectors, view, rows):
-    """Every detector's in-graph check of one update: ``(fired, values)``, both ``[detectors, rows]``. Each
+    """Every detector's in-graph check of one update: ``(fired, values, each)``, the first two ``[detectors,
+    rows]``, ``each`` every detector's own ``[rows]`` flags (what a gate waits for: those alone). Each
     runs under its own name scope, so an op of its that fails at run time names it."""
     if not detectors or not rows:
-        return tf.zeros([len(detectors), rows], tf.bool), tf.zeros([len(detectors), rows], tf.float32)
+        none = tf.zeros([len(detectors), rows], tf.bool)
+        return none, tf.zeros([len(detectors), rows], tf.float32), [none[i] for i in range(len(detectors))]
     fired, values = [], []
     for d in detectors:
         try:
@@ -274,7 +276,14 @@ def run_checks(detectors, view, rows):
             raise DetectorError(d.name, "check", e) from e
         fired.append(tf.cast(tf.reshape(f, [rows]), tf.bool))
         values.append(tf.cast(tf.reshape(v, [rows]), tf.float32))
-    return tf.stack(fired), tf.stack(values)
+    return tf.stack(fired), tf.stack(values), fired
+
+
+def blocks(fired, blocking):
+    """Whether a blocking detector fired, made of their own checks alone (``fired``: each detector's flags),
+    not of the stack of every detector's: the update then runs beside the other checks and the statistics
+    only they read. None when no detector blocks."""
+    return tf.reduce_any(tf.stack([tf.reduce_any(fired[i]) for i in blocking])) if blocking else None
 
 
 def finish_logs(engine, ctx, logs):

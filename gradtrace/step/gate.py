@@ -147,6 +147,6 @@ def gate(ctx, update, original, grads, variables, changed, guard="step", optimiz
         hold = tf.logical_or(hold, changed)
     if guard == "variable":
         return per_variable(ctx, optimizer, original, grads, variables, hold)
-    block = tf.logical_or(tf.reduce_any(tf.gather(update.per_detector, blocking)), hold) if blocking else hold
+    block = tf.logical_or(update.blocks, hold) if blocking else hold
     # (the statistics, and so block, are the same on every replica)
     return gated(block, original, grads, variables, ctx.rollback, ctx.saved)

@@ -90,6 +90,7 @@ class GatedUpdate:
     histograms: object = None
     committed: object = None
     record: object = None
+    blocks: object = None  # a blocking detector fired (a boolean made of their checks alone); None: none blocks
 
     def output(self, step) -> StepOutput:
         return StepOutput(self.fired, self.values, self.matrix, step, self.committed, self.faults)
