@@ -51,7 +51,8 @@ IN_PROCESS = ["keras", "keras_again", "gradtrace", "gradtrace_budget5", "gradtra
 # embedding_rows and embedding_collapse (now on) joined them, to measure what those five cost per step
 # gradtrace_nohistory: every default detector, without the per-layer history's device buffer (gradtrace.history),
 # to measure what keeping the history costs per step
-# gradtrace_nan: the nan detector alone (capture, one sum per tensor, the gate): the floor of a traced step
+# gradtrace_nan: the nan detector alone (capture, one sum per tensor, the gate): the floor of a traced step;
+# gradtrace_nan_noguard: the same with guard=None (capture and sums, nothing waits): the floor without the gate
 # gradtrace_guard: only the first step traced, every other step guarded (the loss, ids, labels and one sum per
 # weight gradient checked for NaN/Inf): what the budget mode costs at its least
 # gradtrace_every16: trace_every=16
@@ -64,8 +65,9 @@ IN_PROCESS = ["keras", "keras_again", "gradtrace", "gradtrace_budget5", "gradtra
 # gradtrace_variable / gradtrace_budget5_variable / gradtrace_guard_variable: the same with guard="variable" (each
 # variable's update waits only for its own gradient's NaN/Inf check); gradtrace_noguard: every step with guard=None
 GUARDS = ["gradtrace_variable", "gradtrace_budget5_variable", "gradtrace_guard_variable", "gradtrace_noguard"]
-OPTIONAL = GUARDS + ["gradtrace_first6", "gradtrace_prev10", "gradtrace_prev15", "gradtrace_prev19", "gradtrace_nohistory", "gradtrace_nan", "gradtrace_every16",
-            "gradtrace_warn"]
+OPTIONAL = GUARDS + ["gradtrace_first6", "gradtrace_prev10", "gradtrace_prev15", "gradtrace_prev19",
+                     "gradtrace_nohistory", "gradtrace_nan", "gradtrace_nan_noguard", "gradtrace_every16",
+                     "gradtrace_warn"]
 FIRST6 = ["nan", "embedding_out_of_range", "exploding", "vanishing", "dead_relu", "unused_embedding"]
 PREV10 = ["nan", "embedding_out_of_range", "head_mismatch", "scale_growth", "no_gradient", "exploding", "vanishing",
           "dead_relu", "unused_embedding", "embedding_twins"]
@@ -235,11 +237,11 @@ def run_fit(contender, model, x, y, batch, steps, logdir):
 
         every = 10 ** 9 if contender.startswith("gradtrace_guard") else 16 if contender == "gradtrace_every16" else 1
         budget = 0.05 if contender.startswith("gradtrace_budget5") else None
-        guard = "variable" if contender.endswith("_variable") else None if contender == "gradtrace_noguard" else "step"
+        guard = "variable" if contender.endswith("_variable") else None if contender.endswith("_noguard") else "step"
         prev15 = [d for d in gradtrace.detectors.DEFAULT if d not in NEW4]
         prev19 = [d for d in gradtrace.detectors.DEFAULT if d != "update_size"]
         detectors = {"gradtrace_first6": FIRST6, "gradtrace_prev10": PREV10, "gradtrace_prev15": prev15,
-                     "gradtrace_prev19": prev19, "gradtrace_nan": ["nan"]}.get(contender)
+                     "gradtrace_prev19": prev19, "gradtrace_nan": ["nan"], "gradtrace_nan_noguard": ["nan"]}.get(contender)
         on_anomaly = "warn" if contender == "gradtrace_warn" else None
         if contender == "gradtrace_nohistory":
             # the engine gradtrace.fit will take from its cache, without the history's device buffer

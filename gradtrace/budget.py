@@ -204,7 +204,11 @@ class Budget:
 
     @property
     def kept(self) -> Optional[bool]:
-        """Whether the budget can be kept: the guard alone costs less than it (None until measured)."""
+        """Whether the budget can be kept: the guard alone costs less than it (None until measured). Once the
+        fit was told it cannot (:meth:`verdict`), it stays so: the host work counted in the guard's cost moves
+        as the run goes on, and what was said is what gradtrace does."""
+        if self._said:
+            return False
         g = self.guard_cost
         return None if g is None else g < self.overhead
 
@@ -212,7 +216,7 @@ class Budget:
         cost, guard = self.cost, self.guard_cost
         if cost is None or guard is None:
             return 1
-        if guard >= self.overhead:
+        if self._said or guard >= self.overhead:
             return self.longest_gap
         g = 1.0 + guard
         need = g * cost / (1.0 + self.overhead - g)

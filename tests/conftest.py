@@ -29,6 +29,11 @@ def pytest_collection_modifyitems(session, config, items):
     if config.option.collectonly:
         return
     modules = {item.module.__name__.rsplit(".", 1)[-1] for item in items}
+    # they run one at a time, in the order the suite reaches their tests (modules run alphabetically)
+    if "test_distribute" in modules or "test_replay_matrix" in modules:
+        from tests.test_distribute import start_scenarios as start_distribute
+
+        start_distribute()
     if "test_process" in modules:
         from tests.test_process import start_scenarios
 
@@ -37,10 +42,6 @@ def pytest_collection_modifyitems(session, config, items):
         from tests.test_replay_matrix import start_scenarios as start_matrix
 
         start_matrix()
-    if "test_distribute" in modules or "test_replay_matrix" in modules:
-        from tests.test_distribute import start_scenarios as start_distribute
-
-        start_distribute()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -32,3 +32,11 @@ def test_gate_benchmark_runs_every_variant(capsys):
     assert [r[1] for r in rows] == gate.VARIANTS
     assert all(float(r[2]) > 0 for r in rows) and rows[0][3] == "1.00/1.00/1.00"
     assert "keras_lossscale" in capsys.readouterr().out
+
+
+def test_step_parts_times_the_compiled_functions():
+    import step_parts
+
+    rows = step_parts.main(["--models", "depth_10", "--variants", "guarded", "--rounds", "1", "--calls", "1"])
+    assert [r[1] for r in rows] == ["plain", "guarded"] and rows[0][3] == "1.00/1.00/1.00"
+    assert all(float(r[2]) > 0 for r in rows)

@@ -245,7 +245,7 @@ class Engine:
                             lookups=collector.lookups, alive=collector.alive,
                             unit_rows=collector.unit_rows() if collector.alive is not None else [],
                             examples=tf.cast(examples, tf.float32), columns=collector.columns)
-        fired_m, values_m, fired = run_checks(detectors, view, len(table))
+        fired_m, values_m, each = run_checks(detectors, view, len(table))
         histogram_rows = histograms = None
         if plan.summary_bins:
             histogram_rows, histograms = collector.histograms(matrix, ("output", "gradient"), plan.summary_bins)
@@ -254,7 +254,7 @@ class Engine:
         segment.layout = Layout(table, tuple(detectors), None if columns is None else frozenset(columns),
                                 histogram_rows)
         update = GatedUpdate(table, matrix, fired_m, values_m, tf.reduce_any(fired_m, axis=1), collector.faults,
-                             collector.counted_exactly, histograms, blocks=blocks(fired, ctx.blocking))
+                             collector.counted_exactly, histograms, blocks=blocks(detectors, each, ctx.blocking))
         if plan.mode == "train":
             update.record = records.record_for(segment, update, ctx, keep_batch=self.keep_batch)
         return update
@@ -262,11 +262,12 @@ class Engine:
 
 def run_checks(detectors, view, rows):
     """Every detector's in-graph check of one update: ``(fired, values, each)``, the first two ``[detectors,
-    rows]``, ``each`` every detector's own ``[rows]`` flags (what a gate waits for: those alone). Each
+    rows]``, ``each`` every detector's own ``([rows] flags, [rows] values)`` (what a gate waits for). Each
     runs under its own name scope, so an op of its that fails at run time names it."""
     if not detectors or not rows:
         none = tf.zeros([len(detectors), rows], tf.bool)
-        return none, tf.zeros([len(detectors), rows], tf.float32), [none[i] for i in range(len(detectors))]
+        zeros = tf.zeros([len(detectors), rows], tf.float32)
+        return none, zeros, [(none[i], zeros[i]) for i in range(len(detectors))]
     fired, values = [], []
     for d in detectors:
         try:
@@ -276,14 +277,27 @@ def run_checks(detectors, view, rows):
             raise DetectorError(d.name, "check", e) from e
         fired.append(tf.cast(tf.reshape(f, [rows]), tf.bool))
         values.append(tf.cast(tf.reshape(v, [rows]), tf.float32))
-    return tf.stack(fired), tf.stack(values), fired
+    return tf.stack(fired), tf.stack(values), list(zip(fired, values))
 
 
-def blocks(fired, blocking):
-    """Whether a blocking detector fired, made of their own checks alone (``fired``: each detector's flags),
-    not of the stack of every detector's: the update then runs beside the other checks and the statistics
-    only they read. None when no detector blocks."""
-    return tf.reduce_any(tf.stack([tf.reduce_any(fired[i]) for i in blocking])) if blocking else None
+def blocks(detectors, each, blocking):
+    """Whether a blocking detector fired (``each``: every detector's ``(flags, values)``; None when none
+    blocks). Made of the blocking detectors' checks, and of every check of a detector that is not built in
+    (yours may fail at run time: its step is then held, not applied), not of the built-in non-blocking
+    ones': the update runs beside those and the statistics only they read."""
+    if not blocking:
+        return None
+    fired = tf.reduce_any(tf.stack([tf.reduce_any(each[i][0]) for i in blocking]))
+    yours = [t for d, pair in zip(detectors, each) if not built_in(d) for t in pair]
+    if yours:
+        with tf.control_dependencies(yours):
+            fired = tf.identity(fired)
+    return fired
+
+
+def built_in(detector) -> bool:
+    """A detector of gradtrace's own (its class, not a subclass of yours)."""
+    return type(detector).__module__.startswith("gradtrace.detectors.")
 
 
 def finish_logs(engine, ctx, logs):
