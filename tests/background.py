@@ -4,8 +4,8 @@ Some checks need a process of their own (logical CPUs set before TensorFlow star
 fresh process to compare with). Most of the suite runs in one thread of the pytest process,
 so these run on the machine's other core while it does, one at a time, in the order they were
 asked for: ``start`` queues one, ``result`` waits for it and reads what it wrote. (Started all at
-once, six TensorFlow processes and the suite shared 2 cores and some tests ran 10-50x slower than
-alone: the suite took 17 minutes.)
+once, six TensorFlow processes and the suite shared 2 cores, and some tests ran 10-50x slower than
+alone.)
 """
 
 import json
