@@ -328,10 +328,10 @@ def nonfinite_counts(t):
 
 
 def derive(base, nan=None, inf=None, update_ratio=None):
-    """The statistics columns (``{column: [rows]}``) from the base quantities (``{name: [rows]}``, or a
-    ``[rows, len(BASE)]`` matrix). Each column depends only on the base quantities it is made of, so a
-    detector that reads ``nan`` waits for the rows' sums, not for every statistic."""
-    b = base if isinstance(base, dict) else {k: base[:, i] for i, k in enumerate(BASE)}
+    """The statistics columns (``{column: [rows]}``) from the base quantities (``{name: [rows]}``). Each
+    column depends only on the base quantities it is made of, so a detector that reads ``nan`` waits for
+    the rows' sums, not for every statistic."""
+    b = base
     n = tf.maximum(b["size"], 1.0)
     zero = tf.zeros_like(b["s"])
     return {

@@ -23,6 +23,7 @@ _QUEUE: list = []  # names not started yet, in order
 _LOCK = threading.Condition()
 _DIR = None
 _STOPPED = False
+RUN_LIMIT = 900  # seconds one scenario process may run before it is killed (its result then fails its tests)
 
 
 class Run:
@@ -64,7 +65,11 @@ def _runner():
             run = _RUNS[_QUEUE.pop(0)]
             with open(run.log, "w") as log:
                 run.proc = subprocess.Popen(run.cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-        run.proc.wait()
+        try:  # one that hangs must not keep those queued behind it from running
+            run.proc.wait(timeout=RUN_LIMIT)
+        except subprocess.TimeoutExpired:
+            run.proc.kill()
+            run.proc.wait()
         run.done.set()
 
 
